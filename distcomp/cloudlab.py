@@ -18,11 +18,12 @@ vars `distcomp_manager_address`, the manager's LAN address that every worker con
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ from typing import Any
 RSPEC_NS = "http://www.geni.net/resources/rspec/3"
 EMULAB_NS = "http://www.protogeni.net/resources/rspec/ext/emulab/1"
 DEFAULT_MANAGER = "node0"
+
+CLI_OPTIONS = {"manager": "--manager", "lan": "--lan", "user": "--user",
+               "skip_off_lan": "--skip-off-lan"}
+"""How error messages tell the user to change a choice; the inventory script names its
+environment variables instead."""
 
 
 def _q(tag: str, ns: str = RSPEC_NS) -> str:
@@ -53,12 +59,20 @@ class Login:
 
 
 @dataclass(frozen=True)
+class LanAddress:
+    """A node's `<ip>` on one LAN; the netmask is optional in the schema."""
+
+    address: str
+    network: str | None
+
+
+@dataclass(frozen=True)
 class Node:
     """What the inventory needs from one `<node>` of the manifest."""
 
     name: str
     logins: tuple[Login, ...]
-    lan_addresses: dict[str, str]
+    lan_addresses: dict[str, LanAddress]
     hardware_type: str | None
 
 
@@ -112,14 +126,14 @@ def parse_manifest(data: bytes) -> Manifest:
             "save the experiment's Manifest tab once it is ready"
         )
 
-    interface_addresses: dict[str, str] = {}
+    interface_addresses: dict[str, LanAddress] = {}
     nodes = []
     for element in node_elements:
         name = element.get("client_id")
         if not name:
             raise ManifestError("a <node> has no client_id attribute")
         for interface in element.findall(_q("interface")):
-            address = _ipv4_of(interface)
+            address = _ipv4_of(name, interface)
             if address and interface.get("client_id"):
                 interface_addresses[interface.get("client_id", "")] = address
         nodes.append((name, element))
@@ -141,10 +155,21 @@ def parse_manifest(data: bytes) -> Manifest:
     )
 
 
-def _ipv4_of(interface: ET.Element) -> str | None:
+def _ipv4_of(node: str, interface: ET.Element) -> LanAddress | None:
     for ip in interface.findall(_q("ip")):
-        if ip.get("address") and ip.get("type", "ipv4").lower() == "ipv4":
-            return ip.get("address")
+        address = ip.get("address")
+        if not address or ip.get("type", "ipv4").lower() != "ipv4":
+            continue
+        netmask = ip.get("netmask")
+        try:
+            ipaddress.IPv4Address(address)
+            network = (str(ipaddress.IPv4Interface(f"{address}/{netmask}").network)
+                       if netmask else None)
+        except ValueError:
+            raise ManifestError(
+                f"node {node} has an invalid IPv4 address {address!r}/{netmask!r}"
+            ) from None
+        return LanAddress(address=address, network=network)
     return None
 
 
@@ -168,8 +193,10 @@ def _lan_members(root: ET.Element) -> dict[str, list[str]]:
 
 
 def _node_lan_addresses(
-    element: ET.Element, lan_members: dict[str, list[str]], interface_addresses: dict[str, str]
-) -> dict[str, str]:
+    element: ET.Element,
+    lan_members: dict[str, list[str]],
+    interface_addresses: dict[str, LanAddress],
+) -> dict[str, LanAddress]:
     own = [i.get("client_id") for i in element.findall(_q("interface")) if i.get("client_id")]
     addresses = {}
     for lan, members in lan_members.items():
@@ -211,6 +238,7 @@ def build_inventory(
     lan: str | None = None,
     user: str | None = None,
     skip_off_lan: bool = False,
+    options: Mapping[str, str] = CLI_OPTIONS,
 ) -> Inventory:
     """Choose manager, LAN and login user, and lay the nodes out as Ansible groups.
 
@@ -219,36 +247,39 @@ def build_inventory(
     name it); the user is the first login the manifest lists, the experiment's creator.
     A node that is not on the chosen LAN cannot reach the manager's LAN address, so it is an
     error unless `skip_off_lan`, which leaves such nodes out of the inventory.
+
+    `distcomp_experiment_network` is set per host, not in the `all` vars, because
+    group_vars/all.yml next to the inventory would override an `all` var from the inventory.
     """
     names = [node.name for node in manifest.nodes]
     manager = manager or DEFAULT_MANAGER
     if manager not in names:
-        raise ManifestError(
-            f"no node named {manager} (nodes: {', '.join(names)}); choose one with --manager"
-        )
-    lan = _choose_lan(manifest, lan)
+        raise ManifestError(f"no node named {manager} (nodes: {', '.join(names)}); "
+                            f"choose one with {options['manager']}")
+    lan = _choose_lan(manifest, lan, options)
     user = user or _first_user(manifest)
 
     hostvars: dict[str, dict[str, Any]] = {}
     skipped = []
     for node in manifest.nodes:
         address = node.lan_addresses.get(lan)
+        if address is None and skip_off_lan and node.name != manager:
+            skipped.append(node.name)
+            continue
+        if address is None and node.name == manager:
+            raise ManifestError(f"manager node {node.name} has no address on LAN {lan}")
         if address is None:
-            if skip_off_lan and node.name != manager:
-                skipped.append(node.name)
-                continue
-            raise ManifestError(
-                f"{'manager ' if node.name == manager else ''}node {node.name} has no address "
-                f"on LAN {lan}"
-                + ("" if node.name == manager else "; pass --skip-off-lan to leave it out")
-            )
-        login = _login_for(node, user)
+            raise ManifestError(f"node {node.name} has no address on LAN {lan}; "
+                                f"use {options['skip_off_lan']} to leave it out")
+        login = _login_for(node, user, options)
         variables: dict[str, Any] = {
             "ansible_host": login.hostname,
             "ansible_port": login.port,
             "ansible_user": login.username,
-            "distcomp_node_address": address,
+            "distcomp_node_address": address.address,
         }
+        if address.network:
+            variables["distcomp_experiment_network"] = address.network
         if node.hardware_type:
             variables["cloudlab_hardware_type"] = node.hardware_type
         hostvars[node.name] = variables
@@ -265,7 +296,7 @@ def build_inventory(
     )
 
 
-def _choose_lan(manifest: Manifest, lan: str | None) -> str:
+def _choose_lan(manifest: Manifest, lan: str | None, options: Mapping[str, str]) -> str:
     if not manifest.lans:
         raise ManifestError(
             "no LAN with IPv4 addresses; distcomp needs its nodes on one experiment LAN "
@@ -273,9 +304,11 @@ def _choose_lan(manifest: Manifest, lan: str | None) -> str:
         )
     choices = ", ".join(manifest.lans)
     if lan is not None and lan not in manifest.lans:
-        raise ManifestError(f"no LAN named {lan} (LANs: {choices}); choose one with --lan")
+        raise ManifestError(
+            f"no LAN named {lan} (LANs: {choices}); choose one with {options['lan']}"
+        )
     if lan is None and len(manifest.lans) > 1:
-        raise ManifestError(f"several LANs ({choices}); choose one with --lan")
+        raise ManifestError(f"several LANs ({choices}); choose one with {options['lan']}")
     return lan or manifest.lans[0]
 
 
@@ -289,7 +322,7 @@ def _first_user(manifest: Manifest) -> str:
     )
 
 
-def _login_for(node: Node, user: str) -> Login:
+def _login_for(node: Node, user: str, options: Mapping[str, str]) -> Login:
     if not node.logins:
         raise ManifestError(
             f"node {node.name} has no login (<services><login>); save the manifest again once "
@@ -300,7 +333,7 @@ def _login_for(node: Node, user: str) -> Login:
             return login
     users = ", ".join(dict.fromkeys(login.username for login in node.logins))
     raise ManifestError(f"no login for user {user} on node {node.name} (users: {users}); "
-                        "choose one with --user")
+                        f"choose one with {options['user']}")
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -318,9 +351,10 @@ def inventory_from_file(
     lan: str | None = None,
     user: str | None = None,
     skip_off_lan: bool = False,
+    options: Mapping[str, str] = CLI_OPTIONS,
 ) -> Inventory:
     """The whole pipeline the CLI and the inventory script share."""
-    return build_inventory(load_manifest(path), manager, lan, user, skip_off_lan)
+    return build_inventory(load_manifest(path), manager, lan, user, skip_off_lan, options)
 
 
 def to_script_json(inventory: Inventory) -> dict[str, Any]:
