@@ -1,0 +1,674 @@
+"""The Redis data model: every key and every state transition of distcomp lives in this file.
+
+Keys (``P`` is the namespace prefix, default ``distcomp``)::
+
+    P:seq              counter giving each task its FIFO position
+    P:t:<id>           hash: one task (its spec, state, attempt, result)
+    P:q:<bucket>       zset: todo tasks of one resource class, score = -priority*2^32 + seq
+    P:buckets          set: resource classes whose P:q:<bucket> may be non-empty
+    P:s:running        zset: running task ids by start time   (for listing)
+    P:s:finished       zset: finished task ids by end time
+    P:s:failed         zset: failed task ids by end time
+    P:run:<worker>     set: ids running on that worker
+    P:counts           hash: todo/running/finished/failed counts (O(1) status)
+    P:workers          set: every worker name ever registered
+    P:w:<worker>       hash: the worker's identity, capacity and last reported load
+    P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
+    P:cancel           set: running ids whose workers must kill them
+    P:stop             string: time of the last stop-workers request
+
+Task states are ``todo``, ``running`` (with ``worker`` and ``attempt``), ``finished`` and
+``failed``. Every transition is one Lua script, so it is atomic and a concurrent reader never
+sees a task in two places or in none. A running task can only be reported by the worker and
+attempt that claimed it (fencing): a late report from a taken-over attempt is rejected.
+
+Claims are bounded: todo tasks are bucketed by resource class (memory and cores, in powers of
+two), each bucket ordered by priority then FIFO. A claim looks at the head (plus a short
+look-ahead) of each bucket whose class can fit, so its cost depends on the number of resource
+classes, not on the number of queued tasks. The scripts build key names from the prefix inside
+Lua, which standalone Redis allows; distcomp does not support Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import redis
+
+from .spec import TaskSpec
+
+SUBMIT_CHUNK = 1000
+CLAIM_LOOKAHEAD = 16
+STATES = ("todo", "running", "finished", "failed")
+
+_LUA_COMMON = r"""
+local P = ARGV[1]
+local function bucket_of(mem_mb, cpu)
+  local m, v = 0, 1
+  while v < mem_mb do v = v * 2; m = m + 1 end
+  local q = math.ceil(cpu * 4 - 1e-9)
+  local c, w = 0, 1
+  while w < q do w = w * 2; c = c + 1 end
+  if q == 0 then c = -1 end
+  return 'm' .. m .. 'c' .. c
+end
+local function to_todo(id, tkey)
+  local f = redis.call('HMGET', tkey, 'req_mem', 'cpu', 'score')
+  local b = bucket_of(tonumber(f[1]), tonumber(f[2]))
+  redis.call('ZADD', P .. ':q:' .. b, f[3], id)
+  redis.call('SADD', P .. ':buckets', b)
+  redis.call('HSET', tkey, 'state', 'todo', 'worker', '')
+  redis.call('HINCRBY', P .. ':counts', 'todo', 1)
+end
+local function leave_running(id, worker)
+  redis.call('SREM', P .. ':run:' .. worker, id)
+  redis.call('ZREM', P .. ':s:running', id)
+  redis.call('HINCRBY', P .. ':counts', 'running', -1)
+end
+local function to_failed(id, tkey, now)
+  redis.call('HSET', tkey, 'state', 'failed')
+  redis.call('ZADD', P .. ':s:failed', now, id)
+  redis.call('HINCRBY', P .. ':counts', 'failed', 1)
+end
+local function owned(tkey, worker, attempt)
+  local s = redis.call('HMGET', tkey, 'state', 'worker', 'attempt')
+  return s[1] == 'running' and s[2] == worker and s[3] == attempt
+end
+-- A report whose reply was lost is sent again by the worker: answer it with the outcome
+-- recorded the first time instead of rejecting it, so the worker keeps the output files.
+local function replayed(tkey, worker, attempt)
+  local r = redis.call('HGET', tkey, 'reported')
+  local prefix = worker .. '#' .. attempt .. '#'
+  if r and string.sub(r, 1, #prefix) == prefix then return tonumber(string.sub(r, #prefix + 1)) end
+  return 0
+end
+local function reported(tkey, worker, attempt, outcome)
+  redis.call('HSET', tkey, 'reported', worker .. '#' .. attempt .. '#' .. outcome)
+  return outcome
+end
+local function set_result(tkey, first)
+  for i = first, #ARGV, 2 do redis.call('HSET', tkey, ARGV[i], ARGV[i + 1]) end
+end
+"""
+
+# ARGV: P, now, then 10 fields per task.
+_SUBMIT = _LUA_COMMON + r"""
+local now = ARGV[2]
+local added, existing = 0, 0
+local n = (#ARGV - 2) / 10
+local seq = redis.call('INCRBY', P .. ':seq', n) - n
+for i = 0, n - 1 do
+  local a = 3 + i * 10
+  local id = ARGV[a]
+  local tkey = P .. ':t:' .. id
+  if redis.call('EXISTS', tkey) == 1 then
+    existing = existing + 1
+  else
+    seq = seq + 1
+    local prio = tonumber(ARGV[a + 2])
+    local score = string.format('%.0f', -prio * 4294967296 + seq)
+    redis.call('HSET', tkey, 'type', ARGV[a + 1], 'priority', ARGV[a + 2], 'mem', ARGV[a + 3],
+      'req_mem', ARGV[a + 3], 'cpu', ARGV[a + 4], 'params', ARGV[a + 5], 'timeout', ARGV[a + 6],
+      'cwd', ARGV[a + 7], 'env', ARGV[a + 8], 'max_retries', ARGV[a + 9], 'seq', seq,
+      'score', score, 'submitted', now, 'attempt', 0, 'failures', 0, 'evictions', 0,
+      'failed_on', ',', 'last_fail', 0)
+    to_todo(id, tkey)
+    added = added + 1
+  end
+end
+return {added, existing}
+"""
+
+# ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead
+_CLAIM = _LUA_COMMON + r"""
+local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
+local live = nil
+local function others_alive(failed_on)
+  if live == nil then
+    live = {}
+    for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+      if redis.call('EXISTS', P .. ':lease:' .. w) == 1 then live[#live + 1] = w end
+    end
+  end
+  for _, w in ipairs(live) do
+    if w ~= worker and not string.find(failed_on, ',' .. w .. ',', 1, true) then return true end
+  end
+  return false
+end
+local function avoided(failed_on, last_fail)
+  if not string.find(failed_on, ',' .. worker .. ',', 1, true) then return false end
+  if now - tonumber(last_fail) >= avoid_window then return false end
+  return others_alive(failed_on)
+end
+local buckets = redis.call('SMEMBERS', P .. ':buckets')
+local claimed = {}
+while #claimed < max_n do
+  local best, best_score, best_bucket, best_mem, best_cpu = nil, nil, nil, 0, 0
+  for _, b in ipairs(buckets) do
+    local m, c = string.match(b, '^m(%d+)c(-?%d+)$')
+    m, c = tonumber(m), tonumber(c)
+    local mem_floor = 0
+    if m > 0 then mem_floor = 2 ^ (m - 1) end
+    local cpu_floor = 0
+    if c > 0 then cpu_floor = 2 ^ (c - 1) / 4 end
+    if mem_floor <= free_mem and cpu_floor <= free_cpu + 1e-9 then
+      local head = redis.call('ZRANGE', P .. ':q:' .. b, 0, lookahead - 1, 'WITHSCORES')
+      for i = 1, #head, 2 do
+        local score = tonumber(head[i + 1])
+        if best_score ~= nil and score >= best_score then break end
+        local f = redis.call('HMGET', P .. ':t:' .. head[i], 'req_mem', 'cpu', 'failed_on',
+          'last_fail')
+        local mem, cpu = tonumber(f[1]), tonumber(f[2])
+        if mem <= free_mem and cpu <= free_cpu + 1e-9 and not avoided(f[3], f[4]) then
+          best, best_score, best_bucket, best_mem, best_cpu = head[i], score, b, mem, cpu
+          break
+        end
+      end
+    end
+  end
+  if best == nil then break end
+  local qkey = P .. ':q:' .. best_bucket
+  redis.call('ZREM', qkey, best)
+  if redis.call('ZCARD', qkey) == 0 then
+    redis.call('SREM', P .. ':buckets', best_bucket)
+    for i, b in ipairs(buckets) do if b == best_bucket then table.remove(buckets, i) break end end
+  end
+  local tkey = P .. ':t:' .. best
+  local attempt = redis.call('HINCRBY', tkey, 'attempt', 1)
+  redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
+  redis.call('SADD', P .. ':run:' .. worker, best)
+  redis.call('ZADD', P .. ':s:running', now, best)
+  redis.call('HINCRBY', P .. ':counts', 'todo', -1)
+  redis.call('HINCRBY', P .. ':counts', 'running', 1)
+  local t = redis.call('HMGET', tkey, 'type', 'params', 'cwd', 'env', 'timeout', 'req_mem',
+    'cpu')
+  claimed[#claimed + 1] = {best, attempt, t[1], t[2], t[3], t[4], t[5], t[6], t[7]}
+  free_mem = free_mem - best_mem
+  free_cpu = free_cpu - best_cpu
+end
+return claimed
+"""
+
+# ARGV: P, id, worker, attempt, now, then result field/value pairs.
+_FINISH = _LUA_COMMON + r"""
+local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
+local tkey = P .. ':t:' .. id
+if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
+leave_running(id, worker)
+set_result(tkey, 6)
+redis.call('HSET', tkey, 'state', 'finished', 'reason', '')
+redis.call('ZADD', P .. ':s:finished', ARGV[5], id)
+redis.call('HINCRBY', P .. ':counts', 'finished', 1)
+redis.call('SREM', P .. ':cancel', id)
+return reported(tkey, worker, attempt, 1)
+"""
+
+# ARGV: P, id, worker, attempt, now, retryable (1/0), then result pairs (incl. reason).
+# Returns 0 rejected (fenced), 1 failed for good, 2 put back in todo for a retry.
+_FAIL = _LUA_COMMON + r"""
+local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local tkey = P .. ':t:' .. id
+if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
+leave_running(id, worker)
+set_result(tkey, 7)
+redis.call('SREM', P .. ':cancel', id)
+local failures = redis.call('HINCRBY', tkey, 'failures', 1)
+if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries')) then
+  local failed_on = redis.call('HGET', tkey, 'failed_on')
+  if not string.find(failed_on, ',' .. worker .. ',', 1, true) then
+    redis.call('HSET', tkey, 'failed_on', failed_on .. worker .. ',')
+  end
+  redis.call('HSET', tkey, 'last_fail', now)
+  to_todo(id, tkey)
+  return reported(tkey, worker, attempt, 2)
+end
+to_failed(id, tkey, now)
+return reported(tkey, worker, attempt, 1)
+"""
+
+# ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, then pairs.
+_EVICT = _LUA_COMMON + r"""
+local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local tkey = P .. ':t:' .. id
+if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
+leave_running(id, worker)
+set_result(tkey, 10)
+redis.call('SREM', P .. ':cancel', id)
+local evictions = redis.call('HINCRBY', tkey, 'evictions', 1)
+local peak = tonumber(ARGV[6])
+if peak > tonumber(redis.call('HGET', tkey, 'req_mem')) then
+  redis.call('HSET', tkey, 'req_mem', peak)
+end
+if evictions > tonumber(ARGV[7]) then
+  redis.call('HSET', tkey, 'reason', ARGV[9])
+  to_failed(id, tkey, now)
+  return reported(tkey, worker, attempt, 1)
+end
+redis.call('HSET', tkey, 'reason', ARGV[8])
+to_todo(id, tkey)
+return reported(tkey, worker, attempt, 2)
+"""
+
+# ARGV: P, id, worker, attempt, reason. Back to todo without counting a failure or eviction.
+_REQUEUE = _LUA_COMMON + r"""
+local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
+local tkey = P .. ':t:' .. id
+if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
+leave_running(id, worker)
+redis.call('HSET', tkey, 'reason', ARGV[5])
+to_todo(id, tkey)
+return reported(tkey, worker, attempt, 2)
+"""
+
+# ARGV: P, worker, reason. Every task running on the worker goes back to todo.
+_REQUEUE_WORKER = _LUA_COMMON + r"""
+local worker = ARGV[2]
+local ids = redis.call('SMEMBERS', P .. ':run:' .. worker)
+for _, id in ipairs(ids) do
+  local tkey = P .. ':t:' .. id
+  leave_running(id, worker)
+  redis.call('HSET', tkey, 'reason', ARGV[3])
+  to_todo(id, tkey)
+end
+return #ids
+"""
+
+# ARGV: P. Requeue the running tasks of every worker whose lease has expired.
+_REAP = _LUA_COMMON + r"""
+local n = 0
+for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+  if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
+    local ids = redis.call('SMEMBERS', P .. ':run:' .. w)
+    for _, id in ipairs(ids) do
+      local tkey = P .. ':t:' .. id
+      leave_running(id, w)
+      redis.call('HSET', tkey, 'reason', 'requeued: worker ' .. w .. ' stopped renewing its lease')
+      to_todo(id, tkey)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# ARGV: P, worker, token, ttl_ms, force (1/0), then info field/value pairs.
+# Returns {1, ids left running under this name} or {0, holder's info} when the name is taken.
+_REGISTER = _LUA_COMMON + r"""
+local worker, token = ARGV[2], ARGV[3]
+local lkey = P .. ':lease:' .. worker
+local holder = redis.call('GET', lkey)
+if holder and holder ~= token and ARGV[5] ~= '1' then
+  return {0, redis.call('HGETALL', P .. ':w:' .. worker)}
+end
+redis.call('SET', lkey, token, 'PX', ARGV[4])
+redis.call('SADD', P .. ':workers', worker)
+local wkey = P .. ':w:' .. worker
+redis.call('DEL', wkey)
+set_result(wkey, 6)
+return {1, redis.call('SMEMBERS', P .. ':run:' .. worker)}
+"""
+
+# ARGV: P, worker, token, ttl_ms, then stats pairs.
+# Returns {status, stop_time, ids to cancel, ids the queue thinks run here}; status 1 renewed,
+# 2 re-acquired after it had expired, 0 another instance holds the name.
+_HEARTBEAT = _LUA_COMMON + r"""
+local worker, token = ARGV[2], ARGV[3]
+local lkey = P .. ':lease:' .. worker
+local holder = redis.call('GET', lkey)
+local status = 1
+if holder == false then status = 2 elseif holder ~= token then return {0, '', {}, {}} end
+redis.call('SET', lkey, token, 'PX', ARGV[4])
+set_result(P .. ':w:' .. worker, 5)
+local run = P .. ':run:' .. worker
+return {status, redis.call('GET', P .. ':stop') or '',
+        redis.call('SINTER', P .. ':cancel', run), redis.call('SMEMBERS', run)}
+"""
+
+# ARGV: P, worker, token. The worker leaves cleanly.
+_DEREGISTER = _LUA_COMMON + r"""
+local lkey = P .. ':lease:' .. ARGV[2]
+if redis.call('GET', lkey) == ARGV[3] then redis.call('DEL', lkey) end
+redis.call('HSET', P .. ':w:' .. ARGV[2], 'stopped', '1')
+return 1
+"""
+
+# ARGV: P, now, ids... Cancel: todo -> failed now; running -> flagged for its worker to kill.
+_CANCEL = _LUA_COMMON + r"""
+local now = ARGV[2]
+local done, flagged = 0, 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local tkey = P .. ':t:' .. id
+  local f = redis.call('HMGET', tkey, 'state', 'req_mem', 'cpu')
+  if f[1] == 'todo' then
+    local b = bucket_of(tonumber(f[2]), tonumber(f[3]))
+    redis.call('ZREM', P .. ':q:' .. b, id)
+    if redis.call('ZCARD', P .. ':q:' .. b) == 0 then redis.call('SREM', P .. ':buckets', b) end
+    redis.call('HINCRBY', P .. ':counts', 'todo', -1)
+    redis.call('HSET', tkey, 'reason', 'cancelled', 'ended', now)
+    to_failed(id, tkey, now)
+    done = done + 1
+  elseif f[1] == 'running' then
+    redis.call('SADD', P .. ':cancel', id)
+    flagged = flagged + 1
+  end
+end
+return {done, flagged}
+"""
+
+# ARGV: P, ids... failed -> todo with fresh retry and eviction budgets.
+_RETRY = _LUA_COMMON + r"""
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local tkey = P .. ':t:' .. id
+  if redis.call('HGET', tkey, 'state') == 'failed' then
+    redis.call('ZREM', P .. ':s:failed', id)
+    redis.call('HINCRBY', P .. ':counts', 'failed', -1)
+    redis.call('HSET', tkey, 'failures', 0, 'evictions', 0, 'failed_on', ',', 'reason',
+      'retried by user')
+    to_todo(id, tkey)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: P, id, field/value pairs. Annotate a running task (pid, host) for its own worker.
+_ANNOTATE = _LUA_COMMON + r"""
+local tkey = P .. ':t:' .. ARGV[2]
+if redis.call('HGET', tkey, 'state') ~= 'running' then return 0 end
+set_result(tkey, 3)
+return 1
+"""
+
+
+class LeaseLost(RuntimeError):
+    """This worker no longer holds its lease: another instance took the name over."""
+
+
+@dataclass
+class Claim:
+    task_id: str
+    attempt: int
+    type: str
+    params: str
+    cwd: str
+    env: dict[str, str]
+    timeout_s: float
+    mem_mb: int
+    cpu: float
+
+
+@dataclass
+class Beat:
+    status: int
+    stop_time: float
+    cancel: list[str]
+    running: set[str]
+
+
+def _flat(pairs: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for key, value in pairs.items():
+        out += [key, "" if value is None else value]
+    return out
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Queue:
+    """All reads and writes of distcomp's Redis state go through this class."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "distcomp") -> None:
+        self.r = client
+        self.ns = namespace
+        self._scripts = {
+            name: client.register_script(src)
+            for name, src in (
+                ("submit", _SUBMIT), ("claim", _CLAIM), ("finish", _FINISH), ("fail", _FAIL),
+                ("evict", _EVICT), ("requeue", _REQUEUE), ("requeue_worker", _REQUEUE_WORKER),
+                ("reap", _REAP), ("register", _REGISTER), ("heartbeat", _HEARTBEAT),
+                ("deregister", _DEREGISTER), ("cancel", _CANCEL), ("retry", _RETRY),
+                ("annotate", _ANNOTATE),
+            )
+        }
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.ns, *parts))
+
+    def _run(self, name: str, *args: Any, client: Any = None) -> Any:
+        return self._scripts[name](args=[self.ns, *args], client=client)
+
+    # -- submission -------------------------------------------------------------------------
+    def submit(self, specs: Sequence[TaskSpec], now: float | None = None) -> tuple[int, int]:
+        """Add tasks; ones already known (same id) are left as they are. Returns (added, existing).
+
+        Tasks go in chunks, each chunk one atomic script, all chunks in one pipeline round trip
+        per batch of chunks, so 100k tasks load in seconds.
+        """
+        now = time.time() if now is None else now
+        added = existing = 0
+        pipe = self.r.pipeline(transaction=False)
+        pending = 0
+        for start in range(0, len(specs), SUBMIT_CHUNK):
+            args: list[Any] = [repr(now)]
+            for spec in specs[start:start + SUBMIT_CHUNK]:
+                args += [
+                    spec.task_id, spec.type, spec.priority, spec.mem_mb, repr(float(spec.min_cpu)),
+                    spec.params, "" if spec.timeout_s is None else repr(spec.timeout_s),
+                    spec.cwd or "", json.dumps(spec.env) if spec.env else "", spec.max_retries,
+                ]
+            self._run("submit", *args, client=pipe)
+            pending += 1
+            if pending == 20:
+                for a, e in pipe.execute():
+                    added, existing = added + a, existing + e
+                pending = 0
+        if pending:
+            for a, e in pipe.execute():
+                added, existing = added + a, existing + e
+        return added, existing
+
+    # -- worker lifecycle -------------------------------------------------------------------
+    def register(self, worker: str, token: str, ttl_ms: int, info: dict[str, Any],
+                 force: bool = False) -> tuple[bool, Any]:
+        ok, payload = self._run("register", worker, token, ttl_ms, int(force), *_flat(info))
+        if ok:
+            return True, [_str(x) for x in payload]
+        return False, {_str(payload[i]): _str(payload[i + 1]) for i in range(0, len(payload), 2)}
+
+    def heartbeat(self, worker: str, token: str, ttl_ms: int, stats: dict[str, Any]) -> Beat:
+        status, stop, cancel, running = self._run("heartbeat", worker, token, ttl_ms,
+                                                  *_flat(stats))
+        return Beat(int(status), float(stop or 0), [_str(x) for x in cancel],
+                    {_str(x) for x in running})
+
+    def deregister(self, worker: str, token: str) -> None:
+        self._run("deregister", worker, token)
+
+    def reap(self) -> int:
+        return int(self._run("reap"))
+
+    def requeue_worker(self, worker: str, reason: str) -> int:
+        return int(self._run("requeue_worker", worker, reason))
+
+    def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
+              avoid_window_s: float = 60.0) -> list[Claim] | None:
+        """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone."""
+        rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
+                         repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD)
+        if rows == -1:
+            return None
+        claims = []
+        for row in rows:
+            tid, attempt, ttype, params, cwd, env, timeout, mem, cpu = (
+                row[0], row[1], *(_str(x) for x in row[2:]))
+            claims.append(Claim(
+                task_id=_str(tid), attempt=int(attempt), type=ttype, params=params, cwd=cwd,
+                env=json.loads(env) if env else {}, timeout_s=float(timeout or 0),
+                mem_mb=int(float(mem)), cpu=float(cpu),
+            ))
+        return claims
+
+    # -- reports (each fenced by worker + attempt) ------------------------------------------
+    def finish(self, task_id: str, worker: str, attempt: int, result: dict[str, Any],
+               client: Any = None) -> Any:
+        return self._run("finish", task_id, worker, attempt, repr(time.time()), *_flat(result),
+                         client=client)
+
+    def fail(self, task_id: str, worker: str, attempt: int, result: dict[str, Any],
+             retryable: bool, client: Any = None) -> Any:
+        return self._run("fail", task_id, worker, attempt, repr(time.time()), int(retryable),
+                         *_flat(result), client=client)
+
+    def evict(self, task_id: str, worker: str, attempt: int, peak_mb: int, budget: int,
+              reason: str, budget_reason: str, result: dict[str, Any],
+              client: Any = None) -> Any:
+        return self._run("evict", task_id, worker, attempt, repr(time.time()), peak_mb, budget,
+                         reason, budget_reason, *_flat(result), client=client)
+
+    def requeue(self, task_id: str, worker: str, attempt: int, reason: str,
+                client: Any = None) -> Any:
+        return self._run("requeue", task_id, worker, attempt, reason, client=client)
+
+    def annotate(self, task_id: str, fields: dict[str, Any], client: Any = None) -> Any:
+        return self._run("annotate", task_id, *_flat(fields), client=client)
+
+    def pipeline(self) -> Any:
+        return self.r.pipeline(transaction=False)
+
+    # -- operator commands ------------------------------------------------------------------
+    def cancel(self, ids: Iterable[str]) -> tuple[int, int]:
+        done = flagged = 0
+        for chunk in _chunks(ids, 1000):
+            d, f = self._run("cancel", repr(time.time()), *chunk)
+            done, flagged = done + d, flagged + f
+        return done, flagged
+
+    def retry(self, ids: Iterable[str]) -> int:
+        return sum(int(self._run("retry", *chunk)) for chunk in _chunks(ids, 1000))
+
+    def stop_workers(self) -> None:
+        self.r.set(self.key("stop"), repr(time.time()))
+
+    # -- reads ------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        raw = self.r.hgetall(self.key("counts"))
+        counts = {s: int(raw.get(s.encode(), 0)) for s in STATES}
+        counts["total"] = sum(counts[s] for s in STATES)
+        return counts
+
+    def task(self, task_id: str) -> dict[str, str] | None:
+        raw = self.r.hgetall(self.key("t", task_id))
+        return {_str(k): _str(v) for k, v in raw.items()} if raw else None
+
+    def resolve(self, prefix: str) -> list[str]:
+        """Ids that start with ``prefix`` (a full id is a direct lookup, a prefix a scan)."""
+        if self.r.exists(self.key("t", prefix)):
+            return [prefix]
+        if not prefix or not all(c in "0123456789abcdef" for c in prefix):
+            return []
+        pattern = self.key("t", prefix) + "*"
+        cut = len(self.key("t", ""))
+        return sorted({_str(k)[cut:] for k in self.r.scan_iter(match=pattern, count=10000)})
+
+    def ids_in_state(self, state: str, limit: int | None = None) -> list[str]:
+        """Ids in one state: todo in claim order, the others by time."""
+        stop = -1 if limit is None else limit - 1
+        if state == "todo":
+            merged: list[tuple[float, str]] = []
+            for b in self.r.smembers(self.key("buckets")):
+                rows = self.r.zrange(self.key("q", _str(b)), 0, stop, withscores=True)
+                merged += [(score, _str(tid)) for tid, score in rows]
+            merged.sort()
+            return [tid for _, tid in merged[:limit]]
+        return [_str(x) for x in self.r.zrange(self.key("s", state), 0, stop)]
+
+    def iter_ids_in_state(self, state: str) -> Iterator[str]:
+        if state == "todo":
+            yield from self.ids_in_state("todo")
+            return
+        start = 0
+        while True:
+            rows = self.r.zrange(self.key("s", state), start, start + 999)
+            if not rows:
+                return
+            yield from (_str(x) for x in rows)
+            start += len(rows)
+
+    def running_on(self, worker: str) -> set[str]:
+        return {_str(x) for x in self.r.smembers(self.key("run", worker))}
+
+    def workers(self) -> list[dict[str, Any]]:
+        names = sorted(_str(n) for n in self.r.smembers(self.key("workers")))
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.key("w", name))
+            pipe.pttl(self.key("lease", name))
+            pipe.scard(self.key("run", name))
+        rows = pipe.execute()
+        out = []
+        for i, name in enumerate(names):
+            info = {_str(k): _str(v) for k, v in rows[3 * i].items()}
+            pttl, running = rows[3 * i + 1], rows[3 * i + 2]
+            ttl_ms = int(float(info.get("ttl_ms", 0) or 0))
+            alive = pttl > 0
+            out.append({
+                "name": name,
+                "alive": alive,
+                "heartbeat_age": round((ttl_ms - pttl) / 1000, 1) if alive else None,
+                "running": running,
+                "host": info.get("host", ""),
+                "pid": int(info.get("pid", 0) or 0),
+                "cores": float(info.get("cores", 0) or 0),
+                "cores_used": float(info.get("cores_used", 0) or 0),
+                "mem_total": int(info.get("mem_total", 0) or 0),
+                "mem_used": int(info.get("mem_used", 0) or 0),
+                "done": int(info.get("done", 0) or 0),
+                "evicted": int(info.get("evicted", 0) or 0),
+                "started": float(info.get("started", 0) or 0),
+                "last_seen": float(info.get("hb", 0) or 0),
+            })
+        return out
+
+    def workers_alive(self) -> int:
+        names = [_str(n) for n in self.r.smembers(self.key("workers"))]
+        if not names:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.key("lease", name))
+        return sum(pipe.execute())
+
+    def purge(self) -> int:
+        """Delete every key of this namespace (and nothing else)."""
+        deleted = 0
+        batch: list[bytes] = []
+        for k in self.r.scan_iter(match=self.ns + ":*", count=10000):
+            batch.append(k)
+            if len(batch) >= 5000:
+                deleted += self.r.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.r.unlink(*batch)
+        return deleted
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,244 @@
+"""Task specifications and taskfile parsing.
+
+A taskfile holds one task a line, in either of two formats chosen per line:
+
+* the colon format of the system distcomp replaces, kept byte-compatible:
+  ``type:priority:min_dram_gb:min_cpu:params`` where ``params`` is everything after the fourth
+  colon (it may contain colons itself);
+* JSON Lines: a line starting with ``{`` is one JSON object with the same fields plus the optional
+  ``timeout_s``, ``cwd``, ``env`` and ``max_retries``.
+
+Parsing is pure (no I/O besides reading the bytes) so that validation can be all-or-nothing:
+the caller gets every good task and every bad line, and decides whether to write anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+TASK_TYPES = ("shell", "python")
+MAX_LINE_BYTES = 64 * 1024
+# Priorities are folded with a sequence number into one exact double (see queue.py), so they
+# must stay well inside 2**20.
+MAX_PRIORITY = 999_999
+MAX_DRAM_GB = 1024 * 1024  # 1 PiB: anything larger is a typo, not a real node
+MAX_CPU = 100_000
+MAX_RETRIES_LIMIT = 1000
+MAX_TIMEOUT_S = 365 * 24 * 3600
+DEFAULT_MAX_RETRIES = 3
+JSON_FIELDS = frozenset(
+    {"type", "priority", "min_dram_gb", "min_cpu", "params", "timeout_s", "cwd", "env",
+     "max_retries"}
+)
+
+
+class SpecError(ValueError):
+    """A task line that cannot be accepted; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the user asked for. Everything here is part of the task's identity."""
+
+    type: str
+    priority: int
+    min_dram_gb: float
+    min_cpu: float
+    params: str
+    timeout_s: float | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    def canonical(self) -> str:
+        """Normalized content: equal for tasks that mean the same thing (``2`` == ``2.0 GB``)."""
+        doc: dict[str, Any] = {
+            "type": self.type,
+            "priority": self.priority,
+            "min_dram_gb": float(self.min_dram_gb),
+            "min_cpu": float(self.min_cpu),
+            "params": self.params,
+            "max_retries": self.max_retries,
+        }
+        if self.timeout_s is not None:
+            doc["timeout_s"] = float(self.timeout_s)
+        if self.cwd is not None:
+            doc["cwd"] = self.cwd
+        if self.env:
+            doc["env"] = self.env
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def task_id(self) -> str:
+        """Stable id: the same content always maps to the same id, so resubmission adds nothing."""
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+
+    @property
+    def mem_mb(self) -> int:
+        return math.ceil(self.min_dram_gb * 1024)
+
+
+@dataclass
+class ParseResult:
+    tasks: list[TaskSpec]
+    errors: list[tuple[int, str]]  # (line number, reason)
+    duplicates: int = 0
+
+
+def _number(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SpecError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SpecError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def _check_priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"priority must be an integer, got {value!r}")
+    if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise SpecError(f"priority {value} is out of range (-{MAX_PRIORITY}..{MAX_PRIORITY})")
+    return value
+
+
+def _check_resource(value: Any, what: str, limit: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{what} must be a finite number, got {value!r}")
+    if value < 0:
+        raise SpecError(f"{what} must be >= 0, got {value!r}")
+    if value > limit:
+        raise SpecError(f"{what} {value!r} is larger than any node ({limit:g} at most)")
+    return float(value)
+
+
+def _check_type(value: Any) -> str:
+    if value not in TASK_TYPES:
+        raise SpecError(f"unknown task type {value!r} (expected one of: {', '.join(TASK_TYPES)})")
+    return value
+
+
+def _check_params(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SpecError(f"params must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise SpecError("params is empty: nothing to run")
+    if "\0" in value:
+        raise SpecError("params contains a NUL byte")
+    return value
+
+
+def parse_colon_line(line: str) -> TaskSpec:
+    parts = line.split(":", 4)
+    if len(parts) < 5:
+        raise SpecError(
+            f"expected type:priority:min_dram_gb:min_cpu:params, found {len(parts)} field(s)"
+        )
+    ttype, prio, dram, cpu, params = (p.strip() for p in parts)
+    if not prio.lstrip("+-").isdigit():
+        raise SpecError(f"priority must be an integer, got {prio!r}")
+    return TaskSpec(
+        type=_check_type(ttype),
+        priority=_check_priority(int(prio)),
+        min_dram_gb=_check_resource(_number(dram, "min_dram_gb"), "min_dram_gb", MAX_DRAM_GB),
+        min_cpu=_check_resource(_number(cpu, "min_cpu"), "min_cpu", MAX_CPU),
+        params=_check_params(params),
+    )
+
+
+def parse_json_line(line: str) -> TaskSpec:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(doc, dict):
+        raise SpecError("a JSON task must be an object")
+    unknown = sorted(set(doc) - JSON_FIELDS)
+    if unknown:
+        raise SpecError(f"unknown field(s): {', '.join(unknown)}")
+    for required in ("type", "params"):
+        if required not in doc:
+            raise SpecError(f"missing field {required!r}")
+    timeout = doc.get("timeout_s")
+    if timeout is not None:
+        timeout = _check_resource(timeout, "timeout_s", MAX_TIMEOUT_S)
+        if timeout == 0:
+            raise SpecError("timeout_s must be > 0 (omit it for no timeout)")
+    cwd = doc.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+        raise SpecError("cwd must be a non-empty string")
+    env = doc.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and "\0" not in k
+        and isinstance(v, str) and "\0" not in v
+        for k, v in env.items()
+    ):
+        raise SpecError("env must be an object mapping variable names to strings")
+    retries = doc.get("max_retries", DEFAULT_MAX_RETRIES)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not (
+        0 <= retries <= MAX_RETRIES_LIMIT
+    ):
+        raise SpecError(f"max_retries must be an integer from 0 to {MAX_RETRIES_LIMIT}")
+    return TaskSpec(
+        type=_check_type(doc["type"]),
+        priority=_check_priority(doc.get("priority", 0)),
+        min_dram_gb=_check_resource(doc.get("min_dram_gb", 0), "min_dram_gb", MAX_DRAM_GB),
+        min_cpu=_check_resource(doc.get("min_cpu", 1), "min_cpu", MAX_CPU),
+        params=_check_params(doc["params"]),
+        timeout_s=timeout,
+        cwd=cwd,
+        env=dict(sorted(env.items())),
+        max_retries=retries,
+    )
+
+
+def parse_line(raw: bytes) -> TaskSpec | None:
+    """Parse one line (without its newline). Returns None for blank lines and comments."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise SpecError(f"line is {len(raw)} bytes, longer than the {MAX_LINE_BYTES} byte limit")
+    if b"\0" in raw:
+        raise SpecError("line contains a NUL byte (is this a binary file?)")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"not valid UTF-8 (byte {exc.object[exc.start]:#04x} at column "
+                        f"{exc.start + 1})") from None
+    line = line.removesuffix("\r").strip()
+    if not line or line.startswith("#"):
+        return None
+    if line.startswith("{"):
+        return parse_json_line(line)
+    return parse_colon_line(line)
+
+
+def parse_taskfile(data: bytes) -> ParseResult:
+    """Parse a whole taskfile. Duplicate tasks inside one file are kept once."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    tasks: list[TaskSpec] = []
+    errors: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            spec = parse_line(raw)
+        except SpecError as exc:
+            errors.append((lineno, str(exc)))
+            continue
+        if spec is None:
+            continue
+        task_id = spec.task_id
+        if task_id in seen:
+            duplicates += 1
+            continue
+        seen.add(task_id)
+        tasks.append(spec)
+    return ParseResult(tasks=tasks, errors=errors, duplicates=duplicates)
