@@ -1,0 +1,437 @@
+"""The ``distcomp`` command: the contract the playbooks, tests and people use (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from typing import Any, Callable
+
+import redis
+
+from . import __version__
+from .config import Config, ConfigError, load, parse_size
+from .queue import STATES, Queue
+from .spec import parse_taskfile
+
+EXIT_OPERATIONAL = 1
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_OPERATIONAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _emit(args: argparse.Namespace, doc: Any, human: str) -> None:
+    print(json.dumps(doc, sort_keys=True) if getattr(args, "json", False) else human)
+
+
+def _connect(args: argparse.Namespace) -> Queue:
+    cfg: Config = args.cfg
+    client = cfg.client()
+    client.ping()
+    return Queue(client, cfg.namespace)
+
+
+# -- submit ------------------------------------------------------------------------------------
+def _read_taskfile(path: str) -> tuple[str, bytes]:
+    if path == "-":
+        return "<stdin>", sys.stdin.buffer.read()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file", EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror}", EXIT_BAD_INPUT) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CliError(f"{path}: is a directory, expected a taskfile", EXIT_BAD_INPUT)
+    try:
+        with open(path, "rb") as fh:
+            return path, fh.read()
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror}", EXIT_BAD_INPUT) from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    name, data = _read_taskfile(args.file)
+    parsed = parse_taskfile(data)
+    for lineno, reason in parsed.errors:
+        print(f"{name}:{lineno}: {reason}", file=sys.stderr)
+    if parsed.errors and not args.skip_invalid:
+        print(f"distcomp: error: {name}: {len(parsed.errors)} invalid line(s); nothing was "
+              f"submitted (fix them, or use --skip-invalid to submit the valid lines)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not parsed.tasks:
+        raise CliError(f"{name}: no tasks in file (only blank lines, comments or invalid lines)",
+                       EXIT_BAD_INPUT)
+    queue = _connect(args)
+    added, existing = queue.submit(parsed.tasks)
+    existing += parsed.duplicates
+    doc = {"added": added, "existing": existing, "invalid": len(parsed.errors)}
+    human = f"{name}: added {added} task(s), {existing} already queued"
+    if parsed.duplicates:
+        human += f" ({parsed.duplicates} duplicate line(s) in the file)"
+    if parsed.errors:
+        human += f", skipped {len(parsed.errors)} invalid line(s)"
+    _emit(args, doc, human)
+    return 0
+
+
+# -- status, watch, wait -----------------------------------------------------------------------
+def _status_doc(queue: Queue) -> dict[str, int]:
+    doc = queue.counts()
+    doc["workers_alive"] = queue.workers_alive()
+    return doc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    queue.reap()
+    doc: dict[str, Any] = _status_doc(queue)
+    if args.state:
+        ids = queue.ids_in_state(args.state, args.limit)
+        tasks = []
+        for tid in ids:
+            t = queue.task(tid) or {}
+            tasks.append({"id": tid, "state": t.get("state"), "priority": int(t.get("priority", 0)),
+                          "worker": t.get("worker") or None, "attempt": int(t.get("attempt", 0)),
+                          "reason": t.get("reason") or None, "params": t.get("params")})
+        doc["tasks"] = tasks
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+        return 0
+    print("  ".join(f"{s} {doc[s]}" for s in STATES)
+          + f"  (total {doc['total']}, workers alive {doc['workers_alive']})")
+    for t in doc.get("tasks", []):
+        extra = f" on {t['worker']}" if t["worker"] else ""
+        why = f"  [{t['reason']}]" if t["reason"] and t["state"] != "finished" else ""
+        print(f"{t['id']}  {t['state']:<8} p{t['priority']:<4} a{t['attempt']}{extra}  "
+              f"{_short(t['params'], 60)}{why}")
+    return 0
+
+
+def _short(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _progress_line(doc: dict[str, int], rate: float) -> str:
+    done = doc["finished"] + doc["failed"]
+    total = max(doc["total"], 1)
+    width = 30
+    filled = int(width * done / total)
+    remaining = doc["todo"] + doc["running"]
+    eta = f"{remaining / rate:,.0f}s" if rate > 0 else "?"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{doc['total']} "
+            f"({100 * done / total:.1f}%)  running {doc['running']}  failed {doc['failed']}  "
+            f"{rate:,.1f} tasks/s  ETA {eta}")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    tty = sys.stdout.isatty()
+    window: list[tuple[float, int]] = []
+    try:
+        while True:
+            queue.reap()
+            doc = _status_doc(queue)
+            now = time.monotonic()
+            window.append((now, doc["finished"] + doc["failed"]))
+            window = [w for w in window if now - w[0] <= 30] or window[-1:]
+            span = window[-1][0] - window[0][0]
+            rate = (window[-1][1] - window[0][1]) / span if span > 0 else 0.0
+            line = _progress_line(doc, rate) + f"  workers {doc['workers_alive']}"
+            print("\r" + line + "\033[K" if tty else line, end="" if tty else "\n", flush=True)
+            if doc["todo"] + doc["running"] == 0:
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    if tty:
+        print()
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+        queue.reap()
+        doc = _status_doc(queue)
+        if doc["todo"] + doc["running"] == 0:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo and "
+                           f"{doc['running']} running")
+        time.sleep(args.interval)
+    _emit(args, {"finished": doc["finished"], "failed": doc["failed"]},
+          f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
+    return EXIT_OPERATIONAL if doc["failed"] else 0
+
+
+# -- workers, show -----------------------------------------------------------------------------
+def cmd_workers(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    rows = queue.workers()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    if not rows:
+        print("no workers have registered yet")
+        return 0
+    print(f"{'NAME':<16} {'ALIVE':<5} {'HB AGE':>6} {'RUN':>4} {'CORES':>11} {'MEMORY':>19} "
+          f"{'DONE':>7}")
+    for w in rows:
+        age = "-" if w["heartbeat_age"] is None else f"{w['heartbeat_age']:.1f}s"
+        mem = f"{w['mem_used'] / 2**30:.1f}/{w['mem_total'] / 2**30:.1f} GiB"
+        print(f"{w['name']:<16} {'yes' if w['alive'] else 'no':<5} {age:>6} {w['running']:>4} "
+              f"{w['cores_used']:>5g}/{w['cores']:<5g} {mem:>19} {w['done']:>7}")
+    return 0
+
+
+def _resolve(queue: Queue, prefix: str) -> str:
+    ids = queue.resolve(prefix)
+    if not ids:
+        raise CliError(f"unknown task id {prefix!r} (see `distcomp status --state todo` for ids)")
+    if len(ids) > 1:
+        raise CliError(f"task id prefix {prefix!r} is ambiguous: matches {len(ids)} tasks")
+    return ids[0]
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    tid = _resolve(queue, args.id)
+    task = queue.task(tid) or {}
+    doc: dict[str, Any] = {"id": tid}
+    for key in ("state", "type", "params", "priority", "worker", "attempt", "exit_code",
+                "reason", "started", "ended", "wall_s", "peak_mem", "failures", "evictions",
+                "host", "cwd", "timeout", "max_retries", "submitted", "stdout_tail",
+                "stderr_tail"):
+        doc[key] = task.get(key, "")
+    doc["min_dram_gb"] = int(task.get("mem", 0)) / 1024
+    doc["min_cpu"] = float(task.get("cpu", 0))
+    doc["env"] = json.loads(task["env"]) if task.get("env") else {}
+    for key in ("priority", "attempt", "failures", "evictions", "peak_mem", "max_retries"):
+        doc[key] = int(doc[key]) if doc[key] not in ("", None) else None
+    for key in ("exit_code",):
+        doc[key] = int(doc[key]) if doc[key] not in ("", None) else None
+    for key in ("started", "ended", "wall_s", "submitted", "timeout"):
+        doc[key] = float(doc[key]) if doc[key] not in ("", None) else None
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+        return 0
+    for key, value in doc.items():
+        if key in ("stdout_tail", "stderr_tail") or value in ("", None, {}):
+            continue
+        if key in ("started", "ended", "submitted"):
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        print(f"{key:<12} {value}")
+    for key in ("stdout_tail", "stderr_tail"):
+        if doc[key]:
+            print(f"--- {key} ---")
+            print(doc[key].rstrip("\n"))
+    return 0
+
+
+# -- operator actions --------------------------------------------------------------------------
+def _ids(queue: Queue, args: argparse.Namespace, state: str) -> list[str]:
+    if args.all and args.ids:
+        raise CliError("give task ids or --all, not both", EXIT_BAD_INPUT)
+    if args.all:
+        return list(queue.iter_ids_in_state(state))
+    if not args.ids:
+        raise CliError("give task ids, or --all", EXIT_BAD_INPUT)
+    return [_resolve(queue, i) for i in args.ids]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    n = queue.retry(_ids(queue, args, "failed"))
+    _emit(args, {"retried": n}, f"{n} failed task(s) back in the queue")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    ids = _ids(queue, args, "todo") if not args.all else (
+        list(queue.iter_ids_in_state("todo")) + list(queue.iter_ids_in_state("running")))
+    done, flagged = queue.cancel(ids)
+    _emit(args, {"cancelled": done + flagged, "queued": done, "running": flagged},
+          f"cancelled {done} queued task(s); {flagged} running task(s) will be killed")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    n = queue.requeue_worker(args.worker, f"requeued by operator from worker {args.worker}")
+    _emit(args, {"requeued": n}, f"{n} task(s) of {args.worker} back in the queue")
+    return 0
+
+
+def cmd_stop_workers(args: argparse.Namespace) -> int:
+    queue = _connect(args)
+    queue.stop_workers()
+    _emit(args, {"stop_requested": True},
+          "asked every running worker to finish its tasks and exit")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise CliError(f"purge deletes every key of namespace {args.cfg.namespace!r}; "
+                       f"add --yes to confirm", EXIT_BAD_INPUT)
+    queue = _connect(args)
+    n = queue.purge()
+    _emit(args, {"deleted_keys": n}, f"deleted {n} key(s) of namespace {queue.ns!r}")
+    return 0
+
+
+# -- worker ------------------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import Worker
+
+    wc = args.cfg.worker
+    for opt in ("name", "results_dir", "workdir", "python", "cores", "max_tasks",
+                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace"):
+        value = getattr(args, opt)
+        if value is not None:
+            setattr(wc, opt, value)
+    for opt in ("memory_limit", "memory_reserve", "evict_below"):
+        value = getattr(args, opt)
+        if value is not None:
+            setattr(wc, opt, parse_size(value, f"--{opt.replace('_', '-')}"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    queue = _connect(args)
+    return Worker(args.cfg, queue, drain=args.drain, exit_when_empty=args.exit_when_empty).run()
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distcomp",
+        description="Queue and run bags of independent jobs on a cluster (Redis-backed).")
+    p.add_argument("--version", action="version", version=f"distcomp {__version__}")
+    p.add_argument("--config", help="INI config file (default: $DISTCOMP_CONFIG, then "
+                                     "/etc/distcomp/distcomp.conf if present)")
+    p.add_argument("--redis", help="Redis URL (default: $DISTCOMP_REDIS_URL, the config file, "
+                                    "then redis://127.0.0.1:6379/0)")
+    p.add_argument("--password-file", help="file holding the Redis password")
+    p.add_argument("--namespace", help="key prefix, to share one Redis (default: distcomp)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    sp = command("submit", cmd_submit, "queue the tasks of a taskfile (all or nothing)")
+    sp.add_argument("file", help="taskfile, or - for standard input")
+    sp.add_argument("--skip-invalid", action="store_true",
+                    help="submit the valid lines even if some are invalid (still reported)")
+
+    sp = command("status", cmd_status, "queue counts, optionally the tasks of one state")
+    sp.add_argument("--state", choices=STATES, help="list tasks in this state")
+    sp.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
+
+    sp = command("watch", cmd_watch, "live progress bar, rate and ETA until the queue is empty",
+                 json_flag=False)
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+
+    sp = command("wait", cmd_wait, "block until no task is todo or running")
+    sp.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between checks")
+
+    command("workers", cmd_workers, "workers with liveness and load")
+
+    sp = command("show", cmd_show, "one task: spec, state, result and output tails")
+    sp.add_argument("id", help="task id (a unique prefix is enough)")
+
+    sp = command("retry", cmd_retry, "put failed tasks back in the queue")
+    sp.add_argument("ids", nargs="*")
+    sp.add_argument("--all", action="store_true", help="every failed task")
+
+    sp = command("cancel", cmd_cancel, "cancel queued tasks; running ones are killed")
+    sp.add_argument("ids", nargs="*")
+    sp.add_argument("--all", action="store_true", help="every queued and running task")
+
+    sp = command("requeue", cmd_requeue, "put the running tasks of one worker back in the queue")
+    sp.add_argument("--worker", required=True)
+
+    command("stop-workers", cmd_stop_workers,
+            "ask every worker to finish its running tasks and exit (exit status 10)")
+
+    sp = command("purge", cmd_purge, "delete every key of this namespace (not the database)")
+    sp.add_argument("--yes", action="store_true", help="confirm")
+
+    sp = command("worker", cmd_worker, "run the worker daemon on this node", json_flag=False)
+    sp.add_argument("--name", help="worker name (default: config, then host name)")
+    sp.add_argument("--results-dir", help="where task output files go (shared mount)")
+    sp.add_argument("--workdir", help="default working directory of tasks")
+    sp.add_argument("--python", help="interpreter for python tasks")
+    sp.add_argument("--cores", type=float, help="cores to offer (default: usable CPUs)")
+    sp.add_argument("--memory-limit", help="cap memory capacity, e.g. 3G")
+    sp.add_argument("--memory-reserve", help="memory left for the OS, e.g. 512M")
+    sp.add_argument("--evict-below", help="evict when available memory drops below, e.g. 256M")
+    sp.add_argument("--max-tasks", type=int, help="at most this many tasks at once")
+    sp.add_argument("--default-timeout", type=float, help="seconds, for tasks without one")
+    sp.add_argument("--heartbeat-ttl", type=float, help="lease time-to-live in seconds")
+    sp.add_argument("--eviction-budget", type=int, help="evictions before a task fails")
+    sp.add_argument("--kill-grace", type=float, help="seconds between TERM and KILL")
+    sp.add_argument("--drain", action="store_true",
+                    help="on SIGTERM let running tasks finish instead of requeueing them")
+    sp.add_argument("--exit-when-empty", action="store_true",
+                    help="exit once the queue has nothing todo or running")
+    sp.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"])
+
+    from .cloudlab import add_inventory_command
+    add_inventory_command(sub)
+    return p
+
+
+def _describe_redis_error(cfg: Config, exc: Exception) -> str:
+    url = cfg.redacted_url()
+    text = str(exc)
+    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text or "invalid password" \
+            in text:
+        return (f"Redis at {url} refused the password (check DISTCOMP_REDIS_PASSWORD, "
+                f"--password-file or the config file)")
+    if "NOAUTH" in text or "Authentication required" in text:
+        return (f"Redis at {url} requires a password: set DISTCOMP_REDIS_PASSWORD, "
+                f"--password-file or [redis] password_file")
+    if "WRONGTYPE" in text:
+        return (f"Redis at {url} holds keys under namespace {cfg.namespace!r} that are not "
+                f"distcomp's: choose another --namespace")
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"cannot reach Redis at {url}: {text.rstrip('.')}"
+    return f"Redis at {url} answered with an error: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.cfg = load(args.config, args.redis, args.password_file, args.namespace)
+        return args.func(args)
+    except CliError as exc:
+        print(f"distcomp: error: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"distcomp: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except redis.RedisError as exc:
+        print(f"distcomp: error: {_describe_redis_error(args.cfg, exc)}", file=sys.stderr)
+        return EXIT_OPERATIONAL
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,189 @@
+"""What this node can give: cores and memory, honouring cgroup limits (v1 and v2).
+
+psutil sees the whole machine. Inside a container or a systemd unit with ``MemoryMax`` the real
+ceiling is the cgroup's, so capacity and available memory take the smaller of the two. Process
+trees are measured by session id from one pass over /proc, which also catches children that
+re-parented themselves away from the task's main process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNLIMITED = 1 << 60
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """One level of the cgroup path that has a limit."""
+
+    limit_file: Path
+    usage_file: Path
+    stat_file: Path
+    inactive_key: str
+
+    def limit(self) -> int:
+        text = _read(self.limit_file)
+        if text is None or text == "max":
+            return _UNLIMITED
+        return int(text)
+
+    def usage(self) -> int:
+        """Memory in use, minus inactive page cache the kernel can drop before it OOM-kills."""
+        used = int(_read(self.usage_file) or 0)
+        stat = _read(self.stat_file) or ""
+        for line in stat.splitlines():
+            key, _, value = line.partition(" ")
+            if key == self.inactive_key:
+                return max(0, used - int(value))
+        return used
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """(v1 memory path, v2 path) of this process from /proc/self/cgroup."""
+    v1 = v2 = None
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    return v1, v2
+
+
+def memory_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> list[CgroupMemory]:
+    """Every cgroup level from this process up to the root that may carry a memory limit."""
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
+    v1, v2 = _cgroup_paths(proc_cgroup)
+    levels: list[CgroupMemory] = []
+    if v1 is not None and (root / "memory").is_dir():
+        base = root / "memory"
+        path = Path(v1)
+        for ancestor in [path, *path.parents]:
+            d = base / str(ancestor).lstrip("/")
+            if (d / "memory.limit_in_bytes").exists():
+                levels.append(CgroupMemory(d / "memory.limit_in_bytes",
+                                           d / "memory.usage_in_bytes", d / "memory.stat",
+                                           "total_inactive_file"))
+    elif v2 is not None and (root / "cgroup.controllers").exists():
+        path = Path(v2)
+        for ancestor in [path, *path.parents]:
+            d = root / str(ancestor).lstrip("/")
+            if (d / "memory.max").exists():
+                levels.append(CgroupMemory(d / "memory.max", d / "memory.current",
+                                           d / "memory.stat", "inactive_file"))
+    return levels
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float | None:
+    """CPU quota in cores (v2 cpu.max or v1 cfs quota), the tightest along the path."""
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
+    best: float | None = None
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers = parts[1].split(",")
+        path = Path(parts[2])
+        for ancestor in [path, *path.parents]:
+            rel = str(ancestor).lstrip("/")
+            quota = None
+            if parts[0] == "0" and parts[1] == "":
+                text = _read(root / rel / "cpu.max")
+                if text and not text.startswith("max"):
+                    q, p = text.split()
+                    quota = int(q) / int(p)
+            elif "cpu" in controllers:
+                q = _read(root / "cpu,cpuacct" / rel / "cpu.cfs_quota_us") or _read(
+                    root / "cpu" / rel / "cpu.cfs_quota_us")
+                p = _read(root / "cpu,cpuacct" / rel / "cpu.cfs_period_us") or _read(
+                    root / "cpu" / rel / "cpu.cfs_period_us")
+                if q and p and int(q) > 0:
+                    quota = int(q) / int(p)
+            if quota is not None:
+                best = quota if best is None else min(best, quota)
+    return best
+
+
+def usable_cores() -> float:
+    cores = float(len(os.sched_getaffinity(0)))
+    quota = cgroup_cpu_limit()
+    return min(cores, quota) if quota else cores
+
+
+def memory_capacity(cgroups: list[CgroupMemory] | None = None) -> int:
+    """The smaller of physical memory and every cgroup limit above this process."""
+    total = psutil.virtual_memory().total
+    for cg in memory_cgroups() if cgroups is None else cgroups:
+        total = min(total, cg.limit())
+    return total
+
+
+def memory_available(cgroups: list[CgroupMemory]) -> int:
+    """Memory that can still be allocated before the kernel (or a cgroup) runs out."""
+    avail = psutil.virtual_memory().available
+    for cg in cgroups:
+        limit = cg.limit()
+        if limit < _UNLIMITED:
+            avail = min(avail, limit - cg.usage())
+    return avail
+
+
+def session_rss() -> dict[int, int]:
+    """Resident memory summed per session id, in bytes, from one pass over /proc."""
+    totals: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        sid, rss_pages = int(fields[3]), int(fields[21])
+        totals[sid] = totals.get(sid, 0) + rss_pages * PAGE
+    return totals
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes whose session is ``sid``: a task's whole tree, even re-parented children."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != b"Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def mib(n_bytes: float) -> int:
+    return math.ceil(n_bytes / 2**20)

@@ -1,0 +1,476 @@
+"""The worker daemon: claim what fits, run it, watch memory, report exactly once.
+
+One thread, one loop. The loop sleeps in ``poll`` on the pidfds of its tasks and a signal
+wake-up pipe, so a finished task is noticed at once and the worker uses no CPU while tasks run.
+Every Redis round trip carries as much as it can: one claim call takes several tasks, and all
+reports and annotations gathered in one turn of the loop go out in one pipeline. When Redis is
+unreachable the tasks keep running and the reports wait; they are re-sent when it is back, and
+the queue answers a re-sent report with the outcome it recorded the first time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+import psutil
+import redis
+
+from . import __version__
+from .config import Config, ConfigError
+from .queue import LeaseLost, Queue
+from .resources import (gib, memory_available, memory_capacity, memory_cgroups, mib,
+                        session_rss, usable_cores)
+from .runner import Runner, RunningTask, kill_session, signal_name
+
+log = logging.getLogger("distcomp.worker")
+
+EXIT_STOPPED = 10
+MAX_CLAIM_BATCH = 64
+
+
+class Worker:
+    def __init__(self, cfg: Config, queue: Queue, drain: bool = False,
+                 exit_when_empty: bool = False) -> None:
+        wc = cfg.worker
+        self.cfg, self.wc, self.q = cfg, wc, queue
+        self.name = wc.name
+        self.drain_on_term = drain
+        self.exit_when_empty = exit_when_empty
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.cgroups = memory_cgroups()
+        physical = memory_capacity(self.cgroups)
+        self.capacity = min(physical, wc.memory_limit) if wc.memory_limit else physical
+        default_reserve = min(max(self.capacity // 20, 256 << 20), 2 << 30, self.capacity // 4)
+        self.reserve = default_reserve if wc.memory_reserve is None else wc.memory_reserve
+        self.evict_below = self.reserve // 2 if wc.evict_below is None else wc.evict_below
+        if not 0 <= self.evict_below <= self.reserve < self.capacity:
+            raise ConfigError(
+                f"memory settings do not fit: need evict_below ({self.evict_below >> 20} MiB) <= "
+                f"memory_reserve ({self.reserve >> 20} MiB) < capacity "
+                f"({self.capacity >> 20} MiB)")
+        self.cores = wc.cores or usable_cores()
+        if not wc.results_dir:
+            raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
+        self.runner = Runner(wc.results_dir, wc.workdir, wc.python, wc.tail_bytes,
+                             {"DISTCOMP_WORKER": self.name})
+        self.ttl_ms = int(wc.heartbeat_ttl * 1000)
+        self.running: dict[str, RunningTask] = {}
+        self.by_fd: dict[int, str] = {}
+        self.ops: list[tuple[str, RunningTask | None, Any]] = []
+        self.sweep_sids: set[int] = set()
+        self.available = self.capacity
+        self.tasks_rss = 0
+        self.evicting: str | None = None
+        self.stopping = False          # no more claims
+        self.fast_stop = False         # requeue and kill what runs
+        self.stop_requested = False    # stop-workers: drain, then exit 10
+        self.started = time.time()
+        self.done = self.evicted = 0
+        self.redis_down_since: float | None = None
+        self.freed = False             # capacity came back since the last claim
+        self.lease_expired = False     # a claim found the lease gone: renew before claiming
+        self._ready_ids: set[str] = set()
+        self.poller = select.poll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self._wake_r, select.POLLIN)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        me = psutil.Process()
+        return {
+            "host": self.host, "pid": os.getpid(), "pstart": repr(me.create_time()),
+            "token": self.token, "started": repr(self.started), "cores": self.cores,
+            "mem_total": self.capacity, "reserve": self.reserve, "ttl_ms": self.ttl_ms,
+            "version": __version__, "results_dir": self.wc.results_dir,
+        }
+
+    def register(self) -> None:
+        """Take the worker's name; clean up what a previous instance of this name left."""
+        waited = 0.0
+        force = False
+        while True:
+            ok, payload = self.q.register(self.name, self.token, self.ttl_ms, self.info(), force)
+            if ok:
+                break
+            if payload.get("host") == self.host and not _alive(payload):
+                log.info("previous instance of %s (pid %s) is gone; taking over its lease",
+                         self.name, payload.get("pid"))
+                force = True
+                continue
+            if waited == 0:
+                log.warning("worker name %r is held by pid %s on %s; waiting for its lease to "
+                            "expire", self.name, payload.get("pid"), payload.get("host"))
+            time.sleep(1.0)
+            waited += 1.0
+        leftovers = payload
+        if leftovers:
+            self.kill_orphans(leftovers)
+            n = self.q.requeue_worker(self.name, f"requeued: worker {self.name} restarted")
+            log.info("requeued %d task(s) left by the previous instance of %s", n, self.name)
+
+    def kill_orphans(self, ids: list[str]) -> None:
+        """Processes a crashed instance left behind on this host die before their tasks rerun."""
+        for tid in ids:
+            task = self.q.task(tid) or {}
+            if task.get("host") != self.host or not task.get("pid"):
+                continue
+            pid = int(task["pid"])
+            if not _same_process(pid, task.get("pstart", "")):
+                continue
+            n = kill_session(pid, signal.SIGKILL)
+            log.info("killed %d orphan process(es) of task %s", n, tid)
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.drain_on_term and not self.stopping:
+            self.stopping = True
+        else:
+            self.stopping = self.fast_stop = True
+
+    # -- memory -----------------------------------------------------------------------------
+    def sample(self) -> None:
+        """Measure every task's tree and the node's available memory; evict if it is short."""
+        rss = session_rss()
+        total = 0
+        for task in self.running.values():
+            task.rss = rss.get(task.pid, 0)
+            task.peak_rss = max(task.peak_rss, task.rss)
+            total += task.rss
+        self.tasks_rss = total
+        for sid in list(self.sweep_sids):
+            if sid in rss:
+                kill_session(sid, signal.SIGKILL)
+            else:
+                self.sweep_sids.discard(sid)
+        avail = memory_available(self.cgroups)
+        if self.wc.memory_limit:
+            avail = min(avail, self.capacity - total)
+        self.available = avail
+        if self.evicting is not None or avail >= self.evict_below:
+            return
+        candidates = [t for t in self.running.values() if t.kill_reason is None]
+        if not candidates:
+            return
+        victim = max(candidates, key=lambda t: t.started_mono)
+        victim.extra["alone"] = len(self.running) == 1
+        victim.extra["avail_at_evict"] = avail
+        log.warning("memory short (%s available, eviction below %s): evicting task %s "
+                    "(started last, using %s)", gib(avail), gib(self.evict_below),
+                    victim.task_id, gib(victim.rss))
+        self.evicting = victim.task_id
+        self.runner.kill(victim, "evict", self.wc.kill_grace)
+
+    # -- claiming ---------------------------------------------------------------------------
+    def free(self) -> tuple[float, float, int]:
+        declared = sum(t.claim.mem_mb for t in self.running.values())
+        free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - declared,
+                       (self.available - self.reserve) / 2**20)
+        free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
+        slots = MAX_CLAIM_BATCH
+        if self.wc.max_tasks:
+            slots = min(slots, self.wc.max_tasks - len(self.running))
+        return free_mem, free_cpu, slots
+
+    def has_room(self) -> bool:
+        """Whether a claim could get anything; without room the loop waits for a task to end."""
+        free_mem, free_cpu, slots = self.free()
+        return slots > 0 and free_mem >= 0 and free_cpu >= 0 and self.evicting is None
+
+    def claim(self) -> int:
+        free_mem, free_cpu, slots = self.free()
+        claims = self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
+                              self.wc.avoid_window)
+        if claims is None:
+            self.lease_expired = True
+            return 0
+        for claim in claims:
+            task = self.runner.start(claim)
+            self.running[claim.task_id] = task
+            if task.spawn_error is not None:
+                self.completed(task)
+                continue
+            self.by_fd[task.pidfd] = claim.task_id
+            self.poller.register(task.pidfd, select.POLLIN)
+            self.ops.append(("annotate", task, {
+                "pid": task.pid, "host": self.host,
+                "pstart": repr(psutil.Process(task.pid).create_time())
+                if psutil.pid_exists(task.pid) else ""}))
+            log.debug("started %s attempt %d: %s", claim.task_id, claim.attempt, claim.params)
+        return len(claims)
+
+    # -- completion and reports -------------------------------------------------------------
+    def result(self, task: RunningTask) -> dict[str, Any]:
+        wall = task.ended - task.started
+        return {
+            "exit_code": "" if task.returncode is None else task.returncode,
+            "started": repr(task.started), "ended": repr(task.ended), "wall_s": f"{wall:.3f}",
+            "peak_mem": task.peak_rss, "host": self.host,
+            "stdout_tail": self.runner.tail(task.out_part),
+            "stderr_tail": self.runner.tail(task.err_part),
+        }
+
+    def completed(self, task: RunningTask) -> None:
+        """Turn an exited task into the report the queue needs."""
+        self.running.pop(task.task_id, None)
+        self.freed = True
+        if task.pid > 0:
+            self.sweep_sids.add(task.pid)
+        if self.evicting == task.task_id:
+            self.evicting = None
+        res = self.result(task)
+        reason = task.kill_reason
+        rc = task.returncode
+        if reason in ("shutdown", "lost"):
+            self.runner.discard(task)
+            return
+        if reason == "evict":
+            self.evicted += 1
+            peak = mib(task.peak_rss)
+            if task.extra.get("alone") and task.peak_rss >= self.capacity - self.reserve:
+                res["reason"] = (
+                    f"needs more memory than node {self.name} has: peak {peak} MiB while "
+                    f"running alone, node capacity {self.capacity >> 20} MiB "
+                    f"(reserve {self.reserve >> 20} MiB)")
+                self.ops.append(("fail", task, (res, False)))
+                return
+            self.ops.append(("evict", task, (peak, res)))
+            return
+        if reason == "timeout":
+            limit = task.extra["timeout"]
+            res["reason"] = f"timed out after {limit:g}s (killed)"
+            self.ops.append(("fail", task, (res, False)))
+            return
+        if reason == "cancel":
+            res["reason"] = "cancelled"
+            self.ops.append(("fail", task, (res, False)))
+            return
+        if task.spawn_error is not None:
+            res["reason"] = task.spawn_error
+            res["stderr_tail"] = task.spawn_error
+            self.ops.append(("fail", task, (res, True)))
+            return
+        if rc == 0:
+            self.done += 1
+            self.ops.append(("finish", task, res))
+            return
+        res["reason"] = (f"killed by {signal_name(-rc)}" if rc is not None and rc < 0
+                         else f"exit code {rc}")
+        self.ops.append(("fail", task, (res, True)))
+
+    def flush(self) -> None:
+        """Send every pending report and annotation in one round trip."""
+        if not self.ops:
+            return
+        pipe = self.q.pipeline()
+        for kind, task, payload in self.ops:
+            assert task is not None
+            c = task.claim
+            if kind == "annotate":
+                self.q.annotate(c.task_id, payload, client=pipe)
+            elif kind == "finish":
+                self.q.finish(c.task_id, self.name, c.attempt, payload, client=pipe)
+            elif kind == "fail":
+                res, retryable = payload
+                self.q.fail(c.task_id, self.name, c.attempt, res, retryable, client=pipe)
+            elif kind == "evict":
+                peak, res = payload
+                self.q.evict(
+                    c.task_id, self.name, c.attempt, peak, self.wc.eviction_budget,
+                    f"evicted from {self.name}: memory short, task peak {peak} MiB",
+                    f"evicted {self.wc.eviction_budget + 1} times (eviction budget "
+                    f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
+                    res, client=pipe)
+        replies = pipe.execute()
+        ops, self.ops = self.ops, []
+        for (kind, task, payload), outcome in zip(ops, replies):
+            if kind == "annotate" or task is None:
+                continue
+            if outcome == 0:
+                log.info("report for %s attempt %d rejected: the task was taken over",
+                         task.task_id, task.claim.attempt)
+                self.runner.discard(task)
+            elif kind == "evict" and outcome == 2:
+                self.runner.discard(task)
+            else:
+                self.runner.keep(task)
+                if kind != "finish":
+                    log.info("task %s %s: %s", task.task_id,
+                             "requeued" if outcome == 2 else "failed", _reason(payload))
+
+    # -- heartbeat --------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        stats = {
+            "hb": repr(time.time()), "running": len(self.running),
+            "cores_used": sum(t.claim.cpu for t in self.running.values()),
+            "mem_used": max(0, self.capacity - self.available), "mem_avail": self.available,
+            "tasks_rss": self.tasks_rss, "done": self.done, "evicted": self.evicted,
+        }
+        beat = self.q.heartbeat(self.name, self.token, self.ttl_ms, stats)
+        if beat.status == 0:
+            raise LeaseLost(self.name)
+        if beat.status == 2:
+            log.warning("lease of %s had expired (paused or cut off from Redis?); renewed",
+                        self.name)
+        if beat.stop_time > self.started and not self.stop_requested:
+            log.info("stop requested: finishing running tasks, then exiting")
+            self.stop_requested = self.stopping = True
+        for tid in beat.cancel:
+            if tid in self.running:
+                self.runner.kill(self.running[tid], "cancel", self.wc.kill_grace)
+        for tid, task in self.running.items():
+            if tid not in beat.running and task.kill_reason is None and task.returncode is None:
+                log.warning("task %s was taken away from this worker; killing it", tid)
+                self.runner.kill(task, "lost", self.wc.kill_grace)
+        self.q.reap()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def requeue_all(self) -> None:
+        for task in self.running.values():
+            if task.kill_reason is None:
+                task.kill_reason = "shutdown"
+                self.q.requeue(task.task_id, self.name, task.claim.attempt,
+                               f"requeued: worker {self.name} was stopped")
+            self.runner.kill(task, "shutdown", self.wc.kill_grace)
+
+    def check_deadlines(self, mono: float) -> None:
+        for task in self.running.values():
+            if task.kill_deadline is not None and mono >= task.kill_deadline:
+                self.runner.escalate(task)
+                task.kill_deadline = mono + 1.0
+            limit = task.claim.timeout_s or self.wc.default_timeout
+            if limit and task.kill_reason is None and mono - task.started_mono > limit:
+                task.extra["timeout"] = limit
+                self.runner.kill(task, "timeout", self.wc.kill_grace)
+
+    def reap_children(self) -> None:
+        """Collect the tasks whose pidfds said they exited during the last poll."""
+        ready, self._ready_ids = self._ready_ids, set()
+        for tid in ready:
+            task = self.running.get(tid)
+            if task is None:
+                continue
+            fd = task.pidfd
+            if self.runner.try_reap(task):
+                self.poller.unregister(fd)
+                self.by_fd.pop(fd, None)
+                self.completed(task)
+
+    def run(self) -> int:
+        self.register()
+        self.install_signals()
+        log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s), results in %s",
+                 self.name, self.cores, gib(self.capacity), gib(self.reserve),
+                 gib(self.evict_below), self.wc.results_dir)
+        interval = self.wc.sample_interval
+        hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
+        mono = time.monotonic()
+        next_sample = next_hb = next_claim = mono
+        idle = 0.05
+        requeued = False
+        try:
+            while True:
+                mono = time.monotonic()
+                self.reap_children()
+                if mono >= next_sample:
+                    self.sample()
+                    next_sample = mono + interval
+                self.check_deadlines(mono)
+                try:
+                    if self.fast_stop and not requeued:
+                        self.requeue_all()
+                        requeued = True
+                    if mono >= next_hb or self.lease_expired:
+                        self.lease_expired = False
+                        self.heartbeat()
+                        next_hb = mono + hb_every
+                    self.flush()
+                    if self.freed:
+                        self.freed, idle, next_claim = False, 0.05, mono
+                    if not self.stopping and mono >= next_claim and self.has_room():
+                        if self.claim():
+                            idle, next_claim = 0.05, mono
+                        else:
+                            next_claim = mono + idle
+                            idle = min(idle * 2, 1.0)
+                            if self.exit_when_empty and not self.running and self._empty():
+                                break
+                    if self.redis_down_since is not None:
+                        log.info("Redis is reachable again after %.1fs",
+                                 mono - self.redis_down_since)
+                        self.redis_down_since = None
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if self.redis_down_since is None:
+                        self.redis_down_since = mono
+                        log.warning("cannot reach Redis (%s); tasks keep running, reports wait",
+                                    exc)
+                    next_hb = next_claim = mono + 1.0
+                if self.stopping and not self.running and not self.ops:
+                    break
+                wake = min(next_sample, next_hb,
+                           next_claim if not self.stopping and self.has_room() else next_hb,
+                           *(t.kill_deadline for t in self.running.values()
+                             if t.kill_deadline is not None))
+                self._poll(max(0.0, wake - time.monotonic()))
+        except LeaseLost:
+            log.error("worker name %s was taken over by another instance; stopping and killing "
+                      "this instance's tasks", self.name)
+            for task in self.running.values():
+                self.runner.kill(task, "lost", 0)
+                self.runner.escalate(task)
+            self.exit_code = 1
+            return 1
+        self.q.deregister(self.name, self.token)
+        log.info("worker %s stopped", self.name)
+        return EXIT_STOPPED if self.stop_requested and not self.fast_stop else 0
+
+    def _poll(self, timeout: float) -> None:
+        for fd, _ in self.poller.poll(timeout * 1000):
+            if fd == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif fd in self.by_fd:
+                self._ready_ids.add(self.by_fd[fd])
+
+    def _empty(self) -> bool:
+        counts = self.q.counts()
+        return counts["todo"] == 0 and counts["running"] == 0
+
+
+def _reason(payload: Any) -> str:
+    if isinstance(payload, tuple):
+        for item in payload:
+            if isinstance(item, dict):
+                return str(item.get("reason", ""))
+    return ""
+
+
+def _alive(info: dict[str, str]) -> bool:
+    try:
+        return _same_process(int(info.get("pid", 0)), info.get("pstart", ""))
+    except ValueError:
+        return False
+
+
+def _same_process(pid: int, pstart: str) -> bool:
+    """True if ``pid`` is still the process that started at ``pstart`` (not a reused pid)."""
+    if pid <= 0 or not pstart:
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - float(pstart)) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
