@@ -191,6 +191,8 @@ RSPEC_OPEN = '<rspec xmlns="http://www.geni.net/resources/rspec/3" type="manifes
          ("not an RSpec v3 manifest (root element is project, expected "
          "{http://www.geni.net/resources/rspec/3}rspec)")),
         (RSPEC_OPEN.encode() + b"</rspec>", "the manifest lists no nodes"),
+        (RSPEC_OPEN.encode() + b'<node sliver_id="s1"/></rspec>',
+         "a <node> has no client_id attribute"),
         ((RSPEC_OPEN + '<node client_id="node0" sliver_id="s1"><services>'
           '<login hostname="pc1.emulab.net" port="ssh" username="alice"/>'
           "</services></node></rspec>").encode(),
