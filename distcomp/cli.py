@@ -403,13 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _describe_redis_error(cfg: Config, exc: Exception) -> str:
     url = cfg.redacted_url()
     text = str(exc)
-    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text or "invalid password" \
-            in text:
-        return (f"Redis at {url} refused the password (check DISTCOMP_REDIS_PASSWORD, "
-                f"--password-file or the config file)")
-    if "NOAUTH" in text or "Authentication required" in text:
+    if isinstance(exc, redis.AuthenticationError) and not cfg.password or "NOAUTH" in text:
         return (f"Redis at {url} requires a password: set DISTCOMP_REDIS_PASSWORD, "
                 f"--password-file or [redis] password_file")
+    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text:
+        return (f"Redis at {url} refused the password (check DISTCOMP_REDIS_PASSWORD, "
+                f"--password-file or the config file)")
     if "WRONGTYPE" in text:
         return (f"Redis at {url} holds keys under namespace {cfg.namespace!r} that are not "
                 f"distcomp's: choose another --namespace")
@@ -422,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.cfg = load(args.config, args.redis, args.password_file, args.namespace)
+        if args.command != "inventory":
+            args.cfg = load(args.config, args.redis, args.password_file, args.namespace)
         return args.func(args)
     except CliError as exc:
         print(f"distcomp: error: {exc}", file=sys.stderr)

@@ -1,0 +1,212 @@
+"""The Redis data model, exercised through the real Lua scripts on a real redis-server."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from distcomp.queue import Queue
+from distcomp.spec import TaskSpec, parse_line
+from tests.helpers import wait_for
+
+
+def spec(params: str, priority: int = 0, mem_gb: float = 0, cpu: float = 1,
+         retries: int = 3) -> TaskSpec:
+    return TaskSpec("shell", priority, mem_gb, cpu, params, max_retries=retries)
+
+
+def register(queue: Queue, name: str, ttl_ms: int = 60_000) -> str:
+    token = f"tok-{name}"
+    ok, _ = queue.register(name, token, ttl_ms, {"host": "test", "pid": 1})
+    assert ok
+    return token
+
+
+def claim_one(queue: Queue, name: str, mem: float = 1e9, cpu: float = 1e9):
+    claims = queue.claim(name, f"tok-{name}", mem, cpu, 1)
+    return claims[0] if claims else None
+
+
+def test_submit_is_idempotent_and_counts_are_exact(queue):
+    specs = [spec(f"echo {i}") for i in range(250)]
+    assert queue.submit(specs) == (250, 0)
+    assert queue.submit(specs + [spec("echo new")]) == (1, 250)
+    assert queue.counts() == {"todo": 251, "running": 0, "finished": 0, "failed": 0,
+                              "total": 251}
+
+
+def test_priority_is_exact_and_fifo_within_a_priority(queue):
+    rng = random.Random(7)
+    specs = [spec(f"echo {i}", priority=rng.randint(-5, 5)) for i in range(3000)]
+    queue.submit(specs)
+    register(queue, "w")
+    order = []
+    while (c := claim_one(queue, "w")) is not None:
+        order.append(c.task_id)
+    expected = [s.task_id for s in sorted(specs, key=lambda s: -s.priority)]  # stable: FIFO
+    assert order == expected
+
+
+def test_claim_takes_the_best_task_that_fits(queue):
+    big = spec("big", priority=9, mem_gb=4)
+    wide = spec("wide", priority=8, cpu=8)
+    small = spec("small", priority=1, mem_gb=0.5, cpu=1)
+    queue.submit([big, wide, small])
+    register(queue, "w")
+    c = claim_one(queue, "w", mem=2048, cpu=4)
+    assert c.task_id == small.task_id and c.mem_mb == 512
+    assert claim_one(queue, "w", mem=2048, cpu=4) is None
+    assert claim_one(queue, "w", mem=8192, cpu=4).task_id == big.task_id
+    assert claim_one(queue, "w", mem=8192, cpu=8).task_id == wide.task_id
+
+
+def test_batch_claim_stops_when_resources_run_out(queue):
+    queue.submit([spec(f"t{i}", mem_gb=1, cpu=1) for i in range(10)])
+    register(queue, "w")
+    claims = queue.claim("w", "tok-w", 3.5 * 1024, 16, 64)
+    assert len(claims) == 3
+    assert queue.counts()["running"] == 3
+
+
+def test_claim_cost_does_not_scan_the_queue(queue):
+    """Tasks that cannot fit sit in their own bucket; claims never walk past them."""
+    queue.submit([spec(f"huge {i}", priority=5, mem_gb=512) for i in range(5000)])
+    queue.submit([spec("fits", priority=0, mem_gb=1)])
+    register(queue, "w")
+    info_before = queue.r.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0)
+    assert claim_one(queue, "w", mem=4096, cpu=4).params == "fits"
+    calls = queue.r.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0) - info_before
+    assert calls <= 2
+
+
+def test_concurrent_claimers_never_double_claim(redis_server, namespace):
+    import redis as redis_mod
+
+    base = Queue(redis_mod.Redis(port=redis_server.port), namespace)
+    base.submit([spec(f"echo {i}", cpu=0) for i in range(2000)])
+    got: dict[str, list[str]] = {}
+
+    def claimer(name: str) -> None:
+        q = Queue(redis_mod.Redis(port=redis_server.port), namespace)
+        register(q, name)
+        mine = got.setdefault(name, [])
+        while claims := q.claim(name, f"tok-{name}", 1e9, 1e9, 7):
+            mine += [c.task_id for c in claims]
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_ids = [tid for ids in got.values() for tid in ids]
+    assert len(all_ids) == 2000 and len(set(all_ids)) == 2000
+    assert sum(1 for ids in got.values() if ids) > 1
+    assert base.counts()["running"] == 2000
+
+
+def test_late_result_of_a_taken_over_attempt_is_rejected(queue):
+    s = spec("work")
+    queue.submit([s])
+    register(queue, "w1", ttl_ms=100)
+    first = claim_one(queue, "w1")
+    assert first.attempt == 1
+    wait_for(lambda: not queue.r.exists(queue.key("lease", "w1")), 5, "lease expiry")
+    assert queue.reap() == 1
+    register(queue, "w2")
+    second = claim_one(queue, "w2")
+    assert second.task_id == s.task_id and second.attempt == 2
+    assert queue.finish(s.task_id, "w1", 1, {"exit_code": 0}) == 0
+    assert queue.finish(s.task_id, "w2", 2, {"exit_code": 0}) == 1
+    # A re-sent report (lost reply) gets the same answer and changes nothing.
+    assert queue.finish(s.task_id, "w2", 2, {"exit_code": 0}) == 1
+    assert queue.counts()["finished"] == 1 and queue.counts()["running"] == 0
+    assert queue.r.zcard(queue.key("s", "finished")) == 1
+
+
+def test_failure_retries_prefer_another_live_worker(queue):
+    s = spec("flaky", retries=3)
+    queue.submit([s])
+    register(queue, "w1")
+    register(queue, "w2")
+    c = claim_one(queue, "w1")
+    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    assert claim_one(queue, "w1") is None, "w1 must leave the retry to w2"
+    c2 = claim_one(queue, "w2")
+    assert c2.task_id == s.task_id and c2.attempt == 2
+
+
+def test_failure_retry_falls_back_to_the_same_worker_when_alone(queue):
+    s = spec("flaky", retries=1)
+    queue.submit([s])
+    register(queue, "solo")
+    c = claim_one(queue, "solo")
+    assert queue.fail(c.task_id, "solo", c.attempt, {"reason": "exit code 1"}, True) == 2
+    c = claim_one(queue, "solo")
+    assert c is not None and c.attempt == 2
+    assert queue.fail(c.task_id, "solo", c.attempt, {"reason": "exit code 1"}, True) == 1
+    task = queue.task(s.task_id)
+    assert task["state"] == "failed" and task["failures"] == "2"
+    assert queue.counts()["failed"] == 1
+
+
+def test_eviction_budget_and_peak_memory_placement(queue):
+    s = spec("grows")
+    queue.submit([s])
+    register(queue, "w")
+    for n in range(1, 3):
+        c = claim_one(queue, "w")
+        assert c.attempt == n
+        assert queue.evict(c.task_id, "w", c.attempt, 3000, 2, "evicted", "budget", {}) == 2
+    assert claim_one(queue, "w", mem=2048) is None, "needs its observed peak of 3000 MiB"
+    c = claim_one(queue, "w", mem=4096)
+    assert c.mem_mb == 3000
+    assert queue.evict(c.task_id, "w", c.attempt, 3000, 2, "evicted", "over budget", {}) == 1
+    task = queue.task(s.task_id)
+    assert task["state"] == "failed" and task["reason"] == "over budget"
+    assert task["evictions"] == "3" and task["failures"] == "0"
+
+
+def test_lease_expiry_requeues_without_a_command(queue):
+    queue.submit([spec("a"), spec("b")])
+    register(queue, "w", ttl_ms=150)
+    assert len(queue.claim("w", "tok-w", 1e9, 1e9, 5)) == 2
+    assert queue.reap() == 0
+    wait_for(lambda: not queue.r.exists(queue.key("lease", "w")), 5, "lease expiry")
+    assert queue.reap() == 2
+    assert queue.counts()["todo"] == 2 and queue.running_on("w") == set()
+
+
+def test_cancel_and_retry(queue):
+    a, b, c = spec("a"), spec("b"), spec("c")
+    queue.submit([a, b, c])
+    register(queue, "w")
+    running = claim_one(queue, "w")
+    assert queue.cancel([a.task_id, b.task_id, c.task_id]) == (2, 1)
+    assert queue.counts()["failed"] == 2 and queue.counts()["todo"] == 0
+    beat = queue.heartbeat("w", "tok-w", 60_000, {})
+    assert beat.cancel == [running.task_id]
+    assert queue.retry([b.task_id]) == 1
+    assert claim_one(queue, "w").task_id == b.task_id
+
+
+def test_registration_refuses_a_live_name_and_reports_leftovers(queue):
+    queue.submit([spec("x")])
+    register(queue, "w")
+    c = claim_one(queue, "w")
+    ok, holder = queue.register("w", "other", 60_000, {"host": "h2"})
+    assert not ok and holder["host"] == "test"
+    ok, leftovers = queue.register("w", "other", 60_000, {"host": "h2"}, force=True)
+    assert ok and leftovers == [c.task_id]
+    assert queue.requeue_worker("w", "restart") == 1
+    assert queue.counts()["todo"] == 1
+
+
+def test_namespaces_are_isolated(client, namespace):
+    client.set("foreign:key", "keep")
+    a = Queue(client, namespace + "a")
+    b = Queue(client, namespace + "b")
+    a.submit([parse_line(b"shell:1:0:1:echo a")])
+    assert b.counts()["total"] == 0
+    assert b.purge() == 0
+    assert a.purge() > 0
+    assert client.get("foreign:key") == b"keep"

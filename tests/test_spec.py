@@ -1,0 +1,82 @@
+"""Taskfile parsing: the legacy colon format byte-for-byte, JSON Lines, and every rejection."""
+
+import pytest
+
+from distcomp.spec import MAX_LINE_BYTES, SpecError, parse_line, parse_taskfile
+
+
+def test_colon_format_keeps_colons_in_params():
+    spec = parse_line(b"shell:4:2:2:./cachesim --trace /mnt/mfs/t1.bin --size 0.1:0.5")
+    assert (spec.type, spec.priority, spec.min_dram_gb, spec.min_cpu) == ("shell", 4, 2.0, 2.0)
+    assert spec.params == "./cachesim --trace /mnt/mfs/t1.bin --size 0.1:0.5"
+
+
+def test_decimal_memory_and_zero_cpu():
+    spec = parse_line(b"python:0:0.5:0:sim.py --x 1")
+    assert spec.min_dram_gb == 0.5 and spec.min_cpu == 0 and spec.mem_mb == 512
+
+
+def test_comments_blank_lines_and_windows_line_endings():
+    result = parse_taskfile(b"# header\r\n\r\nshell:1:0:1:echo a\r\n   \nshell:1:0:1:echo b\r\n")
+    assert [t.params for t in result.tasks] == ["echo a", "echo b"]
+    assert result.errors == []
+
+
+def test_json_lines_with_optional_fields():
+    spec = parse_line(b'{"type": "shell", "priority": 3, "min_dram_gb": 1, "min_cpu": 2, '
+                      b'"params": "make", "timeout_s": 60, "cwd": "/tmp", "env": {"A": "1"}, '
+                      b'"max_retries": 0}')
+    assert spec.timeout_s == 60 and spec.cwd == "/tmp" and spec.env == {"A": "1"}
+    assert spec.max_retries == 0 and spec.priority == 3
+
+
+def test_id_is_stable_and_normalized():
+    a = parse_line(b"shell:4:2:2:echo x")
+    b = parse_line(b"  shell : 4 : 2.0 : 2.00 : echo x  ")
+    c = parse_line(b'{"type":"shell","priority":4,"min_dram_gb":2,"min_cpu":2,"params":"echo x"}')
+    assert a.task_id == b.task_id == c.task_id
+    assert parse_line(b"shell:5:2:2:echo x").task_id != a.task_id
+    assert len(a.task_id) == 16
+
+
+def test_duplicates_in_one_file_are_kept_once():
+    result = parse_taskfile(b"shell:1:0:1:echo a\nshell:1:0:1:echo a\nshell:1:0:1:echo b\n")
+    assert len(result.tasks) == 2 and result.duplicates == 1
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"bash:1:0:1:echo", "unknown task type 'bash' (expected one of: shell, python)"),
+    (b"shell:1:0:1", "expected type:priority:min_dram_gb:min_cpu:params, found 4 field(s)"),
+    (b"shell:1:0:1:   ", "params is empty: nothing to run"),
+    (b"shell:1:-2:1:echo", "min_dram_gb must be >= 0, got -2.0"),
+    (b"shell:1:two:1:echo", "min_dram_gb must be a number, got 'two'"),
+    (b"shell:1:nan:1:echo", "min_dram_gb must be a finite number, got 'nan'"),
+    (b"shell:1:1:inf:echo", "min_cpu must be a finite number, got 'inf'"),
+    (b"shell:1:1e12:1:echo", "min_dram_gb 1000000000000.0 is larger than any node"),
+    (b"shell:1.5:1:1:echo", "priority must be an integer, got '1.5'"),
+    (b"shell:99999999:1:1:echo", "priority 99999999 is out of range (-999999..999999)"),
+    (b'{"type": "shell", "params": 5}', "params must be a string, got int"),
+    (b'{"type": "shell", "params": "x", "priority": "high"}',
+     "priority must be an integer, got 'high'"),
+    (b'{"type": "shell", "params": "x", "min_cpu": true}', "min_cpu must be a number, got True"),
+    (b'{"type": "shell", "params": "x", "colour": 1}', "unknown field(s): colour"),
+    (b'{"type": "shell"}', "missing field 'params'"),
+    (b'{"type": "shell", "params": "x"', "invalid JSON"),
+    (b"shell:1:0:1:echo \xff\xfe", "not valid UTF-8 (byte 0xff at column 18)"),
+    (b"shell:1:0:1:echo \x00", "line contains a NUL byte"),
+])
+def test_rejections_say_why(line, reason):
+    with pytest.raises(SpecError) as exc:
+        parse_line(line)
+    assert str(exc.value).startswith(reason)
+
+
+def test_overlong_line_rejected():
+    with pytest.raises(SpecError, match="longer than the 65536 byte limit"):
+        parse_line(b"shell:1:0:1:" + b"x" * MAX_LINE_BYTES)
+
+
+def test_every_bad_line_reported_with_its_number():
+    result = parse_taskfile(b"shell:1:0:1:ok\nbad line\nshell:1:0:1:ok2\nshell:x:0:1:y\n")
+    assert [n for n, _ in result.errors] == [2, 4]
+    assert len(result.tasks) == 2
