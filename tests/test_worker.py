@@ -1,0 +1,223 @@
+"""The worker daemon end to end: real worker processes, real tasks, real memory pressure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import psutil
+
+from tests.conftest import HELPERS
+from tests.helpers import wait_for
+
+GROW = HELPERS / "grow.py"
+
+
+def submit(queue, lines: list[str]) -> list[str]:
+    from distcomp.spec import parse_taskfile
+
+    parsed = parse_taskfile("\n".join(lines).encode())
+    assert not parsed.errors, parsed.errors
+    queue.submit(parsed.tasks)
+    return [t.task_id for t in parsed.tasks]
+
+
+def drained(queue) -> bool:
+    c = queue.counts()
+    return c["todo"] == 0 and c["running"] == 0
+
+
+def state(queue, tid: str) -> str | None:
+    return (queue.task(tid) or {}).get("state")
+
+
+def test_runs_tasks_and_records_results(queue, workers):
+    ids = submit(queue, [
+        "shell:0:0:1:echo out-$((6*7)); echo err >&2",
+        'python:0:0:1:-c "import sys; sys.stdout.buffer.write(bytes([0xff, 0xfe]))"',
+        "shell:0:0:1:exit 7",
+    ])
+    w = workers("w1", "--cores", "4")
+    wait_for(lambda: drained(queue), 60, "the queue to drain")
+    ok, binary, bad = (queue.task(i) for i in ids)
+    assert ok["state"] == "finished" and ok["exit_code"] == "0" and ok["worker"] == "w1"
+    assert ok["stdout_tail"] == "out-42\n" and ok["stderr_tail"] == "err\n"
+    assert float(ok["wall_s"]) >= 0 and int(ok["peak_mem"]) > 0
+    out = workers.results / ids[0][:2] / f"{ids[0]}.out"
+    assert out.read_text() == "out-42\n"
+    assert binary["state"] == "finished" and binary["stdout_tail"] == "\ufffd\ufffd"
+    assert bad["state"] == "failed" and bad["exit_code"] == "7"
+    assert bad["reason"] == "exit code 7" and bad["attempt"] == "4"  # 1 + 3 retries
+    assert w.proc.poll() is None, "the worker survives its tasks"
+
+
+def test_timeout_kills_and_fails_with_reason(queue, workers):
+    (tid,) = submit(queue, ['{"type": "shell", "params": "sleep 60", "timeout_s": 0.5}'])
+    workers("w1")
+    wait_for(lambda: state(queue, tid) == "failed", 30, "the timeout")
+    task = queue.task(tid)
+    assert task["reason"] == "timed out after 0.5s (killed)"
+    assert task["attempt"] == "1"
+
+
+def test_task_tree_is_killed_and_term_ignoring_tasks_die(queue, workers, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    (tid,) = submit(queue, [
+        '{"type": "shell", "timeout_s": 1, "params": '
+        + json.dumps(f"trap '' TERM; (trap '' TERM; sleep 300) & echo $! > {pidfile}; sleep 300")
+        + "}"])
+    workers("w1", "--kill-grace", "0.5")
+    wait_for(lambda: state(queue, tid) == "failed", 30, "the timeout")
+    child = int(pidfile.read_text())
+    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie",
+             10, "the forked child to be killed")
+
+
+def test_retry_moves_to_another_worker(queue, workers, tmp_path):
+    marker = tmp_path / "first-worker"
+    script = (f'if [ -e {marker} ]; then [ "$(cat {marker})" != "$DISTCOMP_WORKER" ]; '
+              f'else echo $DISTCOMP_WORKER > {marker}; exit 1; fi')
+    workers("w1")
+    workers("w2")
+    (tid,) = submit(queue, [f"shell:0:0:1:{script}"])
+    wait_for(lambda: drained(queue), 60, "the queue to drain")
+    task = queue.task(tid)
+    assert task["state"] == "finished", task
+    assert task["attempt"] == "2" and task["worker"] != marker.read_text().strip()
+
+
+def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
+    # Three tasks declare no memory but each grows to 250 MB: on a 600 MB worker the last
+    # one started must be evicted and come back, and all must finish without an OOM kill.
+    lines = [f"python:{p}:0:1:{GROW} 250 0.02 1.5" for p in (3, 2, 1)]
+    old, middle, young = submit(queue, lines)
+    workers("w1", "--cores", "4", "--memory-limit", "600M", "--memory-reserve", "100M",
+            "--evict-below", "60M")
+    wait_for(lambda: drained(queue), 120, "the queue to drain")
+    tasks = {name: queue.task(tid) for name, tid in
+             (("old", old), ("middle", middle), ("young", young))}
+    assert all(t["state"] == "finished" for t in tasks.values()), tasks
+    assert int(tasks["young"]["evictions"]) >= 1
+    assert tasks["old"]["evictions"] == "0"
+    assert int(tasks["young"]["req_mem"]) >= 200, "requeued with its observed peak"
+    assert int(tasks["old"]["peak_mem"]) >= 250 << 20
+
+
+def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
+    workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
+    wait_for(lambda: state(queue, tid) == "failed", 60, "the task to fail")
+    reason = queue.task(tid)["reason"]
+    assert reason.startswith("needs more memory than node w1 has: peak ")
+    assert "node capacity 300 MiB" in reason
+
+
+def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers, tmp_path):
+    marker = tmp_path / "ran-once"
+    (tid,) = submit(queue, [f"shell:0:0:1:if [ -e {marker} ]; then echo again; "
+                            f"else touch {marker}; sleep 300; fi"])
+    w1 = workers("w1", "--heartbeat-ttl", "1")
+    wait_for(lambda: marker.exists() and queue.task(tid).get("pid"), 30, "the task to start")
+    orphan = int(queue.task(tid)["pid"])
+    w1.signal(signal.SIGKILL)
+    w1.wait()
+    workers("w2", "--heartbeat-ttl", "1")
+    wait_for(lambda: state(queue, tid) == "finished", 60, "the task to finish on w2")
+    task = queue.task(tid)
+    assert task["worker"] == "w2" and task["attempt"] == "2"
+    assert task["stdout_tail"] == "again\n"
+    os.killpg(orphan, signal.SIGKILL)
+
+
+def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_path):
+    marker = tmp_path / "ran-once"
+    (tid,) = submit(queue, [f"shell:0:0:1:if [ -e {marker} ]; then echo resumed; "
+                            f"else touch {marker}; sleep 300; fi"])
+    w1 = workers("w1", "--heartbeat-ttl", "30")
+    wait_for(lambda: marker.exists() and queue.task(tid).get("pid"), 30, "the task to start")
+    orphan = int(queue.task(tid)["pid"])
+    w1.signal(signal.SIGKILL)
+    w1.wait()
+    assert psutil.pid_exists(orphan)
+    # Same name, lease still alive for ~30 s: the new instance sees the old one is dead.
+    workers("w1", "--heartbeat-ttl", "30")
+    wait_for(lambda: state(queue, tid) == "finished", 30, "the task to rerun")
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie"
+    task = queue.task(tid)
+    assert task["attempt"] == "2" and task["stdout_tail"] == "resumed\n"
+
+
+def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path):
+    (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
+    w1 = workers("w1")
+    wait_for(lambda: queue.task(tid).get("pid"), 30, "the task to start")
+    pid = int(queue.task(tid)["pid"])
+    w1.signal(signal.SIGTERM)
+    assert w1.wait(30) == 0
+    task = queue.task(tid)
+    assert task["state"] == "todo" and task["reason"] == "requeued: worker w1 was stopped"
+    assert queue.counts()["running"] == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not queue.r.exists(queue.key("lease", "w1"))
+
+
+def test_drain_lets_running_tasks_finish(queue, workers, tmp_path):
+    go = tmp_path / "go"
+    started = tmp_path / "started"
+    (tid,) = submit(queue, [f"shell:0:0:1:touch {started}; while [ ! -e {go} ]; do sleep 0.05; "
+                            f"done; echo drained"])
+    w1 = workers("w1", "--drain")
+    wait_for(started.exists, 30, "the task to start")
+    w1.signal(signal.SIGTERM)
+    go.touch()
+    assert w1.wait(30) == 0
+    task = queue.task(tid)
+    assert task["state"] == "finished" and task["stdout_tail"] == "drained\n"
+
+
+def test_stop_workers_drains_and_exits_with_status_10(queue, workers, cli):
+    w1 = workers("w1")
+    cli("stop-workers", check=True)
+    assert w1.wait(30) == 10
+
+
+def test_cancel_kills_a_running_task(queue, workers, cli):
+    (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
+    workers("w1")
+    wait_for(lambda: queue.task(tid).get("pid"), 30, "the task to start")
+    cli("cancel", tid, check=True)
+    wait_for(lambda: state(queue, tid) == "failed", 30, "the cancel")
+    assert queue.task(tid)["reason"] == "cancelled"
+
+
+def test_workers_listing_and_admission_by_cores(queue, workers, cli, tmp_path):
+    gate = tmp_path / "gate"
+    ids = submit(queue, [f"shell:0:0:2:while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}"
+                         for i in range(3)])
+    workers("w1", "--cores", "4")
+    wait_for(lambda: queue.counts()["running"] == 2, 30, "two tasks to start")
+    rows = json.loads(cli("workers", "--json", check=True).stdout)
+    (row,) = rows
+    assert row["name"] == "w1" and row["alive"] and row["cores"] == 4
+    wait_for(lambda: json.loads(cli("workers", "--json").stdout)[0]["running"] == 2, 10,
+             "the heartbeat to report two running tasks")
+    assert queue.counts()["todo"] == 1, "two 2-core tasks fill a 4-core worker"
+    gate.touch()
+    wait_for(lambda: drained(queue), 30, "the queue to drain")
+    assert all(state(queue, i) == "finished" for i in ids)
+
+
+def test_worker_refuses_impossible_memory_settings(queue, workers):
+    w = workers("w1", "--memory-limit", "100M", "--memory-reserve", "200M",
+                wait_registered=False)
+    assert w.wait(30) == 2
+    assert "memory settings do not fit" in w.output()
+
+
+def test_python_tasks_use_the_configured_interpreter(queue, workers):
+    (tid,) = submit(queue, ['python:0:0:1:-c "import sys; print(sys.executable)"'])
+    workers("w1", "--python", sys.executable)
+    wait_for(lambda: state(queue, tid) == "finished", 30, "the task")
+    assert queue.task(tid)["stdout_tail"].strip() == sys.executable
