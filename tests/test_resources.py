@@ -1,0 +1,85 @@
+"""Node capacity: cgroup v1 and v2 limits, read the way a worker in a unit or container sees them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from distcomp.resources import (cgroup_cpu_limit, memory_available, memory_capacity,
+                                memory_cgroups, session_rss)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_v2_limits_take_the_tightest_level(tmp_path):
+    write(tmp_path / "cgroup.controllers", "cpu memory")
+    write(tmp_path / "system.slice/memory.max", "max")
+    write(tmp_path / "system.slice/memory.current", "0")
+    write(tmp_path / "system.slice/memory.stat", "inactive_file 0\n")
+    unit = tmp_path / "system.slice/distcomp-worker.service"
+    write(unit / "memory.max", str(512 << 20))
+    write(unit / "memory.current", str(300 << 20))
+    write(unit / "memory.stat", f"anon 1\ninactive_file {100 << 20}\n")
+    write(unit / "cpu.max", "150000 100000")
+    proc = "0::/system.slice/distcomp-worker.service\n"
+    levels = memory_cgroups(tmp_path, proc)
+    assert [lv.limit() for lv in levels][0] == 512 << 20
+    assert memory_capacity(levels) == 512 << 20
+    # 300 MiB used of which 100 MiB is reclaimable cache: 312 MiB still available.
+    assert memory_available(levels) == (512 - 200) << 20
+    assert cgroup_cpu_limit(tmp_path, proc) == 1.5
+
+
+def test_v1_limits(tmp_path):
+    d = tmp_path / "memory/docker/abc/system.slice/w.service"
+    write(tmp_path / "memory/memory.limit_in_bytes", str(1 << 62))
+    write(tmp_path / "memory/docker/abc/memory.limit_in_bytes", str(1 << 30))
+    write(d / "memory.limit_in_bytes", str(200 << 20))
+    write(d / "memory.usage_in_bytes", str(50 << 20))
+    write(d / "memory.stat", "total_inactive_file 0\n")
+    levels = memory_cgroups(tmp_path, "4:memory:/docker/abc/system.slice/w.service\n")
+    assert sorted(lv.limit() for lv in levels)[:2] == [200 << 20, 1 << 30]
+    assert memory_capacity(levels) == 200 << 20
+
+
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def _own_v1_memory_cgroup() -> Path | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return V1_MEMORY / path.lstrip("/")
+    return None
+
+
+@pytest.mark.skipif(not os.access(V1_MEMORY, os.W_OK), reason="no writable cgroup v1 memory")
+def test_a_real_cgroup_limit_caps_the_capacity():
+    parent = _own_v1_memory_cgroup()
+    if parent is None or not os.access(parent, os.W_OK):
+        pytest.skip("own memory cgroup is not writable")
+    child = parent / f"distcomp-test-{uuid.uuid4().hex[:8]}"
+    child.mkdir()
+    try:
+        (child / "memory.limit_in_bytes").write_text(str(300 << 20))
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from distcomp.resources import memory_capacity; print(memory_capacity())")
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$0" -c "$1" "$2"',
+             sys.executable, code, str(Path(__file__).resolve().parent.parent)],
+            capture_output=True, text=True, check=True)
+        assert int(out.stdout) == 300 << 20
+    finally:
+        child.rmdir()
+
+
+def test_session_rss_sees_this_process():
+    assert session_rss()[os.getsid(0)] > 0
