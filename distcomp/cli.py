@@ -215,11 +215,12 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "host", "cwd", "timeout", "max_retries", "submitted", "stdout_tail",
                 "stderr_tail"):
         doc[key] = task.get(key, "")
-    doc["min_dram_gb"] = int(task.get("mem", 0)) / 1024
+    doc["min_dram_gb"] = float(task.get("dram_gb", 0))
     doc["min_cpu"] = float(task.get("cpu", 0))
     doc["env"] = json.loads(task["env"]) if task.get("env") else {}
-    for key in ("priority", "attempt", "failures", "evictions", "peak_mem", "max_retries"):
-        doc[key] = int(doc[key]) if doc[key] not in ("", None) else None
+    for key in ("priority", "attempt", "failures", "evictions", "max_retries"):
+        doc[key] = int(doc[key] or 0)
+    doc["peak_mem"] = int(doc["peak_mem"]) if doc["peak_mem"] else None
     for key in ("exit_code",):
         doc[key] = int(doc[key]) if doc[key] not in ("", None) else None
     for key in ("started", "ended", "wall_s", "submitted", "timeout"):
@@ -232,6 +233,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             continue
         if key in ("started", "ended", "submitted"):
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        elif key == "peak_mem":
+            value = f"{value / 2**20:.1f} MiB"
         print(f"{key:<12} {value}")
     for key in ("stdout_tail", "stderr_tail"):
         if doc[key]:

@@ -14,6 +14,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:workers          set: every worker name ever registered
     P:w:<worker>       hash: the worker's identity, capacity and last reported load
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
+    P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
+                       looks at leases that may have expired instead of at every worker
     P:cancel           set: running ids whose workers must kill them
     P:stop             string: time of the last stop-workers request
 
@@ -46,6 +48,14 @@ STATES = ("todo", "running", "finished", "failed")
 
 _LUA_COMMON = r"""
 local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function touch_lease(worker, token, ttl_ms)
+  redis.call('SET', P .. ':lease:' .. worker, token, 'PX', ttl_ms)
+  redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ttl_ms), worker)
+end
 local function bucket_of(mem_mb, cpu)
   local m, v = 0, 1
   while v < mem_mb do v = v * 2; m = m + 1 end
@@ -94,14 +104,14 @@ local function set_result(tkey, first)
 end
 """
 
-# ARGV: P, now, then 10 fields per task.
+# ARGV: P, now, then 11 fields per task.
 _SUBMIT = _LUA_COMMON + r"""
 local now = ARGV[2]
 local added, existing = 0, 0
-local n = (#ARGV - 2) / 10
+local n = (#ARGV - 2) / 11
 local seq = redis.call('INCRBY', P .. ':seq', n) - n
 for i = 0, n - 1 do
-  local a = 3 + i * 10
+  local a = 3 + i * 11
   local id = ARGV[a]
   local tkey = P .. ':t:' .. id
   if redis.call('EXISTS', tkey) == 1 then
@@ -111,10 +121,13 @@ for i = 0, n - 1 do
     local prio = tonumber(ARGV[a + 2])
     local score = string.format('%.0f', -prio * 4294967296 + seq)
     redis.call('HSET', tkey, 'type', ARGV[a + 1], 'priority', ARGV[a + 2], 'mem', ARGV[a + 3],
-      'req_mem', ARGV[a + 3], 'cpu', ARGV[a + 4], 'params', ARGV[a + 5], 'timeout', ARGV[a + 6],
-      'cwd', ARGV[a + 7], 'env', ARGV[a + 8], 'max_retries', ARGV[a + 9], 'seq', seq,
-      'score', score, 'submitted', now, 'attempt', 0, 'failures', 0, 'evictions', 0,
-      'failed_on', ',', 'last_fail', 0)
+      'req_mem', ARGV[a + 3], 'cpu', ARGV[a + 4], 'params', ARGV[a + 5],
+      'max_retries', ARGV[a + 9], 'seq', seq, 'score', score, 'submitted', now,
+      'dram_gb', ARGV[a + 10])
+    -- Optional fields are stored only when set: a million tasks should cost little memory.
+    if ARGV[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', ARGV[a + 6]) end
+    if ARGV[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', ARGV[a + 7]) end
+    if ARGV[a + 8] ~= '' then redis.call('HSET', tkey, 'env', ARGV[a + 8]) end
     to_todo(id, tkey)
     added = added + 1
   end
@@ -131,10 +144,7 @@ if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live = nil
 local function others_alive(failed_on)
   if live == nil then
-    live = {}
-    for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
-      if redis.call('EXISTS', P .. ':lease:' .. w) == 1 then live[#live + 1] = w end
-    end
+    live = redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')
   end
   for _, w in ipairs(live) do
     if w ~= worker and not string.find(failed_on, ',' .. w .. ',', 1, true) then return true end
@@ -142,7 +152,9 @@ local function others_alive(failed_on)
   return false
 end
 local function avoided(failed_on, last_fail)
-  if not string.find(failed_on, ',' .. worker .. ',', 1, true) then return false end
+  if not failed_on or not string.find(failed_on, ',' .. worker .. ',', 1, true) then
+    return false
+  end
   if now - tonumber(last_fail) >= avoid_window then return false end
   return others_alive(failed_on)
 end
@@ -220,7 +232,7 @@ set_result(tkey, 7)
 redis.call('SREM', P .. ':cancel', id)
 local failures = redis.call('HINCRBY', tkey, 'failures', 1)
 if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries')) then
-  local failed_on = redis.call('HGET', tkey, 'failed_on')
+  local failed_on = redis.call('HGET', tkey, 'failed_on') or ','
   if not string.find(failed_on, ',' .. worker .. ',', 1, true) then
     redis.call('HSET', tkey, 'failed_on', failed_on .. worker .. ',')
   end
@@ -279,11 +291,13 @@ end
 return #ids
 """
 
-# ARGV: P. Requeue the running tasks of every worker whose lease has expired.
+# ARGV: P. Requeue the running tasks of every worker whose lease has expired. Only leases past
+# their deadline are looked at, so the cost does not grow with the number of live workers.
 _REAP = _LUA_COMMON + r"""
 local n = 0
-for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
+    redis.call('ZREM', P .. ':leases', w)
     local ids = redis.call('SMEMBERS', P .. ':run:' .. w)
     for _, id in ipairs(ids) do
       local tkey = P .. ':t:' .. id
@@ -306,7 +320,7 @@ local holder = redis.call('GET', lkey)
 if holder and holder ~= token and ARGV[5] ~= '1' then
   return {0, redis.call('HGETALL', P .. ':w:' .. worker)}
 end
-redis.call('SET', lkey, token, 'PX', ARGV[4])
+touch_lease(worker, token, ARGV[4])
 redis.call('SADD', P .. ':workers', worker)
 local wkey = P .. ':w:' .. worker
 redis.call('DEL', wkey)
@@ -323,7 +337,7 @@ local lkey = P .. ':lease:' .. worker
 local holder = redis.call('GET', lkey)
 local status = 1
 if holder == false then status = 2 elseif holder ~= token then return {0, '', {}, {}} end
-redis.call('SET', lkey, token, 'PX', ARGV[4])
+touch_lease(worker, token, ARGV[4])
 set_result(P .. ':w:' .. worker, 5)
 local run = P .. ':run:' .. worker
 return {status, redis.call('GET', P .. ':stop') or '',
@@ -333,7 +347,10 @@ return {status, redis.call('GET', P .. ':stop') or '',
 # ARGV: P, worker, token. The worker leaves cleanly.
 _DEREGISTER = _LUA_COMMON + r"""
 local lkey = P .. ':lease:' .. ARGV[2]
-if redis.call('GET', lkey) == ARGV[3] then redis.call('DEL', lkey) end
+if redis.call('GET', lkey) == ARGV[3] then
+  redis.call('DEL', lkey)
+  redis.call('ZREM', P .. ':leases', ARGV[2])
+end
 redis.call('HSET', P .. ':w:' .. ARGV[2], 'stopped', '1')
 return 1
 """
@@ -422,6 +439,8 @@ def _flat(pairs: dict[str, Any]) -> list[Any]:
 
 
 def _str(value: Any) -> str:
+    if value is None:
+        return ""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -466,6 +485,7 @@ class Queue:
                     spec.task_id, spec.type, spec.priority, spec.mem_mb, repr(float(spec.min_cpu)),
                     spec.params, "" if spec.timeout_s is None else repr(spec.timeout_s),
                     spec.cwd or "", json.dumps(spec.env) if spec.env else "", spec.max_retries,
+                    repr(float(spec.min_dram_gb)),
                 ]
             self._run("submit", *args, client=pipe)
             pending += 1
@@ -641,13 +661,8 @@ class Queue:
         return out
 
     def workers_alive(self) -> int:
-        names = [_str(n) for n in self.r.smembers(self.key("workers"))]
-        if not names:
-            return 0
-        pipe = self.r.pipeline(transaction=False)
-        for name in names:
-            pipe.exists(self.key("lease", name))
-        return sum(pipe.execute())
+        seconds, micros = self.r.time()
+        return int(self.r.zcount(self.key("leases"), seconds * 1000 + micros // 1000, "+inf"))
 
     def purge(self) -> int:
         """Delete every key of this namespace (and nothing else)."""

@@ -100,7 +100,7 @@ def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
              (("old", old), ("middle", middle), ("young", young))}
     assert all(t["state"] == "finished" for t in tasks.values()), tasks
     assert int(tasks["young"]["evictions"]) >= 1
-    assert tasks["old"]["evictions"] == "0"
+    assert "evictions" not in tasks["old"]
     assert int(tasks["young"]["req_mem"]) >= 200, "requeued with its observed peak"
     assert int(tasks["old"]["peak_mem"]) >= 250 << 20
 
