@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -59,7 +60,8 @@ class Worker:
         self.cores = wc.cores or usable_cores()
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
-        self.runner = Runner(wc.results_dir, wc.workdir, wc.python, wc.tail_bytes,
+        workdir = wc.workdir or str(Path(wc.results_dir).resolve().parent)
+        self.runner = Runner(wc.results_dir, workdir, wc.python, wc.tail_bytes,
                              {"DISTCOMP_WORKER": self.name})
         self.ttl_ms = int(wc.heartbeat_ttl * 1000)
         self.running: dict[str, RunningTask] = {}

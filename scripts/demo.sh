@@ -24,9 +24,9 @@ until redis-cli -p "$PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 "$DC" submit examples/sweep.jsonl
 "$DC" submit examples/sweep.txt   # idempotent: adds nothing
 
-"$DC" worker --name big --cores 2 --memory-limit 2G --results-dir demo/results \
+"$DC" worker --name big --cores 2 --memory-limit 2G --results-dir demo/results --workdir "$PWD" \
     >demo/worker-big.log 2>&1 & W1=$!
-"$DC" worker --name small --cores 1 --memory-limit 1G --results-dir demo/results \
+"$DC" worker --name small --cores 1 --memory-limit 1G --results-dir demo/results --workdir "$PWD" \
     >demo/worker-small.log 2>&1 & W2=$!
 
 "$DC" watch --interval 0.5
