@@ -1,0 +1,233 @@
+"""Memory packing: tasks that grow to a seeded random size, one memory-capped node, four ways.
+
+Each task (bench/memtask.py) grows linearly to a random 100-700 MB over GROW seconds and holds
+it HOLD seconds. Every tool runs inside its own cgroup (v1 memory controller) with the same hard
+limit, so a tool that overcommits meets the kernel's OOM killer, which is counted:
+
+* ``distcomp``        - declared min_dram_gb 0 (the user did not know); the worker packs by
+                        measured memory and evicts the youngest task when memory runs short.
+* ``distcomp-static`` - (a) every task declares its true peak: static reservation packing.
+* ``parallel``        - (b) GNU parallel ``--memfree`` with ``--retries``.
+* ``xargs``           - (c) naive ``xargs -P`` with the same concurrency.
+
+Reported per tool: makespan; mean and peak memory utilisation of the cgroup (sampled every
+0.1 s, inactive page cache excluded); attempts killed (evictions by the tool plus kernel OOM
+kills); wasted CPU-seconds and task-seconds (what the killed attempts had done); tasks lost.
+The lower bound on the makespan is the sum of the memory-seconds the finished attempts held
+divided by the capacity (nothing can pack better than perfectly fluid memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (DISTCOMP, MemoryCgroup, RedisServer, child_env, ensure_tools,  # noqa: E402
+                    table, write_result)
+
+MEMTASK = Path(__file__).resolve().parent / "memtask.py"
+TOOLS = ("distcomp", "distcomp-static", "parallel", "xargs")
+
+
+def make_tasks(n: int, seed: int, lo: int, hi: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def task_args(i: int, peak: int, grow: float, hold: float, log: Path) -> str:
+    return (f"{MEMTASK} --peak {peak} --grow {grow} --hold {hold} --log {log} "
+            f"--name t{i:04d}")
+
+
+class Sampler:
+    """Samples the cgroup's memory use while a tool runs (the measurement, not a sync)."""
+
+    def __init__(self, cg: MemoryCgroup) -> None:
+        self.cg = cg
+        self.samples: list[int] = []
+
+    def run_until(self, proc: subprocess.Popen, timeout: float) -> bool:
+        """Until the tool has exited and no process is left in its cgroup (xargs, for one,
+        gives up after a child is killed but leaves the others running)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.samples.append(self.cg.used())
+            try:
+                proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                continue
+            if not self.cg.procs():
+                return True
+        proc.kill()
+        proc.wait()
+        return False
+
+
+def run_tool(tool: str, peaks: list[int], args: argparse.Namespace, server: RedisServer,
+             work: Path) -> dict[str, Any]:
+    log = work / f"{tool}-log"
+    log.mkdir()
+    limit = args.capacity_mb << 20
+    cg = MemoryCgroup(tool, limit)
+    py = sys.executable
+    cmds = [task_args(i, p, args.grow, args.hold, log) for i, p in enumerate(peaks)]
+    env = child_env(PARALLEL_SHELL="/bin/bash", PARALLEL_HOME=str(work / "parallel-home"))
+    stderr_path = work / f"{tool}.stderr"
+    try:
+        t0 = time.monotonic()
+        if tool.startswith("distcomp"):
+            ns = tool.replace("-", "_")
+            lines = []
+            for cmd, peak in zip(cmds, peaks):
+                gb = 0 if tool == "distcomp" else (peak + args.python_mb) / 1024
+                lines.append(f"python:0:{gb:.4f}:0:{cmd}\n")
+            taskfile = work / f"{ns}.tasks"
+            taskfile.write_text("".join(lines))
+            base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+            subprocess.run([*base, "submit", str(taskfile)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            argv = [*base, "worker", "--name", f"bench-{ns}", "--results-dir",
+                    str(work / f"{ns}-results"), "--cores", "2", "--max-tasks",
+                    str(args.concurrency), "--memory-limit", f"{args.capacity_mb}M",
+                    "--exit-when-empty", "--log-level", "warning",
+                    *shlex.split(args.worker_args)]
+        elif tool == "parallel":
+            cmdfile = work / "parallel.cmds"
+            cmdfile.write_text("".join(f"{py} {c}\n" for c in cmds))
+            argv = ["parallel", "--will-cite", f"-j{args.concurrency}",
+                    "--memfree", f"{args.memfree_mb}M", "--retries", str(args.retries),
+                    "-a", str(cmdfile)]
+        else:
+            cmdfile = work / "xargs.cmds"
+            cmdfile.write_text("".join(f"{py} {c}\n" for c in cmds))
+            argv = ["xargs", "-a", str(cmdfile), "-d", "\n", "-n", "1", "-P",
+                    str(args.concurrency), "bash", "-c"]
+        sampler = Sampler(cg)
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(cg.wrap(argv), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+            completed = sampler.run_until(proc, args.timeout)
+        makespan = time.monotonic() - t0
+        oom = cg.oom_kills()
+        peak_used = cg.peak()
+    finally:
+        cg.remove()
+    attempts = [f.read_text().split() for f in log.iterdir()]
+    done = {f.name.split(".")[0] for f in log.iterdir() if f.read_text().startswith("done")}
+    killed = [a for a in attempts if a and a[0] != "done"]
+    mem_s = sum(float(a[4]) for a in attempts if a and a[0] == "done")
+    res: dict[str, Any] = {
+        "makespan_s": makespan,
+        "completed_in_time": completed,
+        "tasks_done": len(done),
+        "tasks_lost": len(peaks) - len(done),
+        "attempts": len(attempts),
+        "attempts_killed": len(killed),
+        "kernel_oom_kills": oom,
+        "evictions": max(0, len(killed) - oom),
+        "wasted_cpu_s": sum(float(a[2]) for a in killed),
+        "wasted_task_s": sum(float(a[1]) for a in killed),
+        "mem_mean_util": (sum(sampler.samples) / len(sampler.samples) / limit
+                          if sampler.samples else 0.0),
+        "mem_peak_util": peak_used / limit,
+        "done_mb_s": mem_s,
+        "exit_code": proc.returncode,
+    }
+    if tool.startswith("distcomp"):
+        ns = tool.replace("-", "_")
+        status = json.loads(subprocess.run(
+            [*DISTCOMP, "--redis", server.url, "--namespace", ns, "status", "--json"],
+            env=env, check=True, capture_output=True, text=True).stdout)
+        res["queue"] = {k: status[k] for k in ("finished", "failed", "todo", "running")}
+        res["tasks_lost"] = max(res["tasks_lost"], len(peaks) - status["finished"])
+    res["stderr_tail"] = stderr_path.read_text()[-1500:]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=4)
+    ap.add_argument("--min-mb", type=int, default=100)
+    ap.add_argument("--max-mb", type=int, default=700)
+    ap.add_argument("--grow", type=float, default=3.0, help="seconds to reach the peak")
+    ap.add_argument("--hold", type=float, default=1.0, help="seconds at the peak")
+    ap.add_argument("--capacity-mb", type=int, default=3072, help="cgroup limit of every tool")
+    ap.add_argument("--concurrency", type=int, default=16,
+                    help="job slots of every tool (parallel -j, xargs -P, worker --max-tasks)")
+    ap.add_argument("--memfree-mb", type=int, default=700, help="GNU parallel --memfree")
+    ap.add_argument("--retries", type=int, default=20, help="GNU parallel --retries")
+    ap.add_argument("--python-mb", type=int, default=16,
+                    help="interpreter's own memory added to the true peak for distcomp-static")
+    ap.add_argument("--worker-args", default="",
+                    help="extra options for both distcomp workers, e.g. '--memory-reserve 768M'")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per tool")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tasks, args.min_mb, args.max_mb, args.capacity_mb = 8, 50, 200, 768
+        args.grow, args.hold, args.concurrency, args.memfree_mb = 1.0, 0.5, 8, 200
+        args.timeout = 120
+    ensure_tools(["redis-server", "parallel"])
+    peaks = make_tasks(args.tasks, args.seed, args.min_mb, args.max_mb)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="distcomp-bench-packing-") as tmp, \
+            RedisServer() as server:
+        for tool in args.tools.split(","):
+            print(f"packing: {tool} ...", flush=True)
+            results[tool] = run_tool(tool, peaks, args, server, Path(tmp))
+            r = results[tool]
+            print(f"  {r['makespan_s']:.1f} s, {r['tasks_done']}/{args.tasks} done, "
+                  f"{r['attempts_killed']} killed ({r['kernel_oom_kills']} by the kernel)",
+                  flush=True)
+    capacity_mb = args.capacity_mb
+    lower = max(r["done_mb_s"] for r in results.values()) / capacity_mb
+    for r in results.values():
+        r["vs_lower_bound"] = r["makespan_s"] / lower if lower else 0.0
+    dc = results.get("distcomp", {})
+    others = [r["makespan_s"] for t, r in results.items() if t != "distcomp"]
+    doc = {
+        "params": {k: getattr(args, k) for k in ("tasks", "seed", "min_mb", "max_mb", "grow",
+                                                  "hold", "capacity_mb", "concurrency",
+                                                  "memfree_mb", "retries", "worker_args",
+                                                  "smoke")},
+        "peaks_mb": peaks,
+        "lower_bound_s": lower,
+        "tools": results,
+        "distcomp": {"tasks_lost": dc.get("tasks_lost"),
+                     "kernel_oom_kills": dc.get("kernel_oom_kills")},
+        "targets": {
+            "distcomp_within_1.25x_lower_bound": bool(dc) and dc["vs_lower_bound"] <= 1.25,
+            "distcomp_beats_every_peer": bool(dc) and all(dc["makespan_s"] < m for m in others),
+            "distcomp_lost_0": dc.get("tasks_lost") == 0,
+            "distcomp_kernel_oom_0": dc.get("kernel_oom_kills") == 0,
+        },
+    }
+    print()
+    print(table(f"packing: {args.tasks} tasks of {args.min_mb}-{args.max_mb} MB (seed "
+                f"{args.seed}), grow {args.grow:g}s + hold {args.hold:g}s, capacity "
+                f"{capacity_mb} MiB, {args.concurrency} slots; lower bound {lower:.1f} s",
+                ["tool", "makespan s", "x lower bound", "mem mean", "mem peak", "evictions",
+                 "kernel OOM", "wasted CPU s", "wasted task s", "lost"],
+                [[t, r["makespan_s"], r["vs_lower_bound"], f"{100 * r['mem_mean_util']:.0f}%",
+                  f"{100 * r['mem_peak_util']:.0f}%", r["evictions"], r["kernel_oom_kills"],
+                  r["wasted_cpu_s"], r["wasted_task_s"], r["tasks_lost"]]
+                 for t, r in results.items()]))
+    path = write_result("packing", doc, args.out)
+    print(f"\nresult: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
