@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,16 @@ def _check_params(value: Any) -> str:
     return value
 
 
+def _check_python_params(spec: TaskSpec) -> TaskSpec:
+    """``python`` params are split like a shell would; catch unbalanced quotes at submit time."""
+    if spec.type == "python":
+        try:
+            shlex.split(spec.params)
+        except ValueError as exc:
+            raise SpecError(f"python params cannot be split into arguments: {exc}") from None
+    return spec
+
+
 def parse_colon_line(line: str) -> TaskSpec:
     parts = line.split(":", 4)
     if len(parts) < 5:
@@ -145,13 +156,13 @@ def parse_colon_line(line: str) -> TaskSpec:
     ttype, prio, dram, cpu, params = (p.strip() for p in parts)
     if not prio.lstrip("+-").isdigit():
         raise SpecError(f"priority must be an integer, got {prio!r}")
-    return TaskSpec(
+    return _check_python_params(TaskSpec(
         type=_check_type(ttype),
         priority=_check_priority(int(prio)),
         min_dram_gb=_check_resource(_number(dram, "min_dram_gb"), "min_dram_gb", MAX_DRAM_GB),
         min_cpu=_check_resource(_number(cpu, "min_cpu"), "min_cpu", MAX_CPU),
         params=_check_params(params),
-    )
+    ))
 
 
 def parse_json_line(line: str) -> TaskSpec:
@@ -187,7 +198,7 @@ def parse_json_line(line: str) -> TaskSpec:
         0 <= retries <= MAX_RETRIES_LIMIT
     ):
         raise SpecError(f"max_retries must be an integer from 0 to {MAX_RETRIES_LIMIT}")
-    return TaskSpec(
+    return _check_python_params(TaskSpec(
         type=_check_type(doc["type"]),
         priority=_check_priority(doc.get("priority", 0)),
         min_dram_gb=_check_resource(doc.get("min_dram_gb", 0), "min_dram_gb", MAX_DRAM_GB),
@@ -197,7 +208,7 @@ def parse_json_line(line: str) -> TaskSpec:
         cwd=cwd,
         env=dict(sorted(env.items())),
         max_retries=retries,
-    )
+    ))
 
 
 def parse_line(raw: bytes) -> TaskSpec | None:

@@ -60,6 +60,14 @@ class Worker:
         self.cores = wc.cores or usable_cores()
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
+        try:
+            os.makedirs(wc.results_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create results directory {wc.results_dir}: "
+                              f"{exc.strerror}") from None
+        if not os.access(wc.results_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"results directory {wc.results_dir} is not writable by "
+                              f"{psutil.Process().username()}")
         workdir = wc.workdir or str(Path(wc.results_dir).resolve().parent)
         self.runner = Runner(wc.results_dir, workdir, wc.python, wc.tail_bytes,
                              {"DISTCOMP_WORKER": self.name})
@@ -206,9 +214,7 @@ class Worker:
             self.by_fd[task.pidfd] = claim.task_id
             self.poller.register(task.pidfd, select.POLLIN)
             self.ops.append(("annotate", task, {
-                "pid": task.pid, "host": self.host,
-                "pstart": repr(psutil.Process(task.pid).create_time())
-                if psutil.pid_exists(task.pid) else ""}))
+                "pid": task.pid, "host": self.host, "pstart": _create_time(task.pid)}))
             log.debug("started %s attempt %d: %s", claim.task_id, claim.attempt, claim.params)
         return len(claims)
 
@@ -339,12 +345,22 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------
     def requeue_all(self) -> None:
+        """Stop now: running tasks go back to the queue and their processes are killed.
+
+        If Redis cannot be reached the tasks are killed anyway; the lease then expires and the
+        reaper requeues them, so nothing is lost either way."""
+        mine = [t for t in self.running.values() if t.kill_reason is None]
         for task in self.running.values():
-            if task.kill_reason is None:
-                task.kill_reason = "shutdown"
-                self.q.requeue(task.task_id, self.name, task.claim.attempt,
-                               f"requeued: worker {self.name} was stopped")
             self.runner.kill(task, "shutdown", self.wc.kill_grace)
+        try:
+            pipe = self.q.pipeline()
+            for task in mine:
+                self.q.requeue(task.task_id, self.name, task.claim.attempt,
+                               f"requeued: worker {self.name} was stopped", client=pipe)
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("could not requeue %d task(s) (%s); they return to the queue when this "
+                        "worker's lease expires", len(mine), exc)
 
     def check_deadlines(self, mono: float) -> None:
         for task in self.running.values():
@@ -433,7 +449,10 @@ class Worker:
                 self.runner.escalate(task)
             self.exit_code = 1
             return 1
-        self.q.deregister(self.name, self.token)
+        try:
+            self.q.deregister(self.name, self.token)
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("could not deregister: Redis unreachable; the lease will expire")
         log.info("worker %s stopped", self.name)
         return EXIT_STOPPED if self.stop_requested and not self.fast_stop else 0
 
@@ -459,6 +478,13 @@ def _reason(payload: Any) -> str:
             if isinstance(item, dict):
                 return str(item.get("reason", ""))
     return ""
+
+
+def _create_time(pid: int) -> str:
+    try:
+        return repr(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return ""
 
 
 def _alive(info: dict[str, str]) -> bool:

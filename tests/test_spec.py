@@ -80,3 +80,9 @@ def test_every_bad_line_reported_with_its_number():
     result = parse_taskfile(b"shell:1:0:1:ok\nbad line\nshell:1:0:1:ok2\nshell:x:0:1:y\n")
     assert [n for n, _ in result.errors] == [2, 4]
     assert len(result.tasks) == 2
+
+
+def test_python_params_must_split_like_a_shell():
+    with pytest.raises(SpecError, match="python params cannot be split into arguments"):
+        parse_line(b'python:0:0:1:script.py "unbalanced')
+    assert parse_line(b'shell:0:0:1:echo "unbalanced').params == 'echo "unbalanced'
