@@ -104,30 +104,33 @@ local function set_result(tkey, first)
 end
 """
 
-# ARGV: P, now, then 11 fields per task.
+# ARGV: P, now, JSON array of 11 string fields per task.
 _SUBMIT = _LUA_COMMON + r"""
 local now = ARGV[2]
 local added, existing = 0, 0
-local n = (#ARGV - 2) / 11
+-- ARGV[3] is a JSON array of 11 strings per task: one argument per chunk instead of 11 per
+-- task, because the client spends more time packing arguments than Redis spends storing them.
+local T = cjson.decode(ARGV[3])
+local n = #T / 11
 local seq = redis.call('INCRBY', P .. ':seq', n) - n
 for i = 0, n - 1 do
-  local a = 3 + i * 11
-  local id = ARGV[a]
+  local a = 1 + i * 11
+  local id = T[a]
   local tkey = P .. ':t:' .. id
   if redis.call('EXISTS', tkey) == 1 then
     existing = existing + 1
   else
     seq = seq + 1
-    local prio = tonumber(ARGV[a + 2])
+    local prio = tonumber(T[a + 2])
     local score = string.format('%.0f', -prio * 4294967296 + seq)
-    redis.call('HSET', tkey, 'type', ARGV[a + 1], 'priority', ARGV[a + 2], 'mem', ARGV[a + 3],
-      'req_mem', ARGV[a + 3], 'cpu', ARGV[a + 4], 'params', ARGV[a + 5],
-      'max_retries', ARGV[a + 9], 'seq', seq, 'score', score, 'submitted', now,
-      'dram_gb', ARGV[a + 10])
+    redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'mem', T[a + 3],
+      'req_mem', T[a + 3], 'cpu', T[a + 4], 'params', T[a + 5],
+      'max_retries', T[a + 9], 'seq', seq, 'score', score, 'submitted', now,
+      'dram_gb', T[a + 10])
     -- Optional fields are stored only when set: a million tasks should cost little memory.
-    if ARGV[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', ARGV[a + 6]) end
-    if ARGV[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', ARGV[a + 7]) end
-    if ARGV[a + 8] ~= '' then redis.call('HSET', tkey, 'env', ARGV[a + 8]) end
+    if T[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', T[a + 6]) end
+    if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
+    if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
     to_todo(id, tkey)
     added = added + 1
   end
@@ -245,6 +248,8 @@ return reported(tkey, worker, attempt, 1)
 """
 
 # ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, then pairs.
+# A task requeued with a peak no live worker has room for would wait forever: it fails instead,
+# with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tkey = P .. ':t:' .. id
@@ -259,6 +264,17 @@ if peak > tonumber(redis.call('HGET', tkey, 'req_mem')) then
 end
 if evictions > tonumber(ARGV[7]) then
   redis.call('HSET', tkey, 'reason', ARGV[9])
+  to_failed(id, tkey, now)
+  return reported(tkey, worker, attempt, 1)
+end
+local room = 0
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')) do
+  room = math.max(room, tonumber(redis.call('HGET', P .. ':w:' .. w, 'room_mb')) or 0)
+end
+local need = tonumber(redis.call('HGET', tkey, 'req_mem'))
+if need > room then
+  redis.call('HSET', tkey, 'reason', 'needs ' .. need .. ' MiB (peak seen when evicted from ' ..
+    worker .. '), more than any live worker has room for (largest: ' .. room .. ' MiB)')
   to_failed(id, tkey, now)
   return reported(tkey, worker, attempt, 1)
 end
@@ -479,15 +495,17 @@ class Queue:
         pipe = self.r.pipeline(transaction=False)
         pending = 0
         for start in range(0, len(specs), SUBMIT_CHUNK):
-            args: list[Any] = [repr(now)]
+            fields: list[str] = []
             for spec in specs[start:start + SUBMIT_CHUNK]:
-                args += [
-                    spec.task_id, spec.type, spec.priority, spec.mem_mb, repr(float(spec.min_cpu)),
-                    spec.params, "" if spec.timeout_s is None else repr(spec.timeout_s),
-                    spec.cwd or "", json.dumps(spec.env) if spec.env else "", spec.max_retries,
-                    repr(float(spec.min_dram_gb)),
+                fields += [
+                    spec.task_id, spec.type, str(spec.priority), str(spec.mem_mb),
+                    repr(float(spec.min_cpu)), spec.params,
+                    "" if spec.timeout_s is None else repr(spec.timeout_s),
+                    spec.cwd or "", json.dumps(spec.env) if spec.env else "",
+                    str(spec.max_retries), repr(float(spec.min_dram_gb)),
                 ]
-            self._run("submit", *args, client=pipe)
+            packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+            self._run("submit", repr(now), packed, client=pipe)
             pending += 1
             if pending == 20:
                 for a, e in pipe.execute():

@@ -99,6 +99,7 @@ class Worker:
             "host": self.host, "pid": os.getpid(), "pstart": repr(me.create_time()),
             "token": self.token, "started": repr(self.started), "cores": self.cores,
             "mem_total": self.capacity, "reserve": self.reserve, "ttl_ms": self.ttl_ms,
+            "room_mb": (self.capacity - self.reserve) >> 20,
             "version": __version__, "results_dir": self.wc.results_dir,
         }
 

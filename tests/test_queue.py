@@ -15,9 +15,9 @@ def spec(params: str, priority: int = 0, mem_gb: float = 0, cpu: float = 1,
     return TaskSpec("shell", priority, mem_gb, cpu, params, max_retries=retries)
 
 
-def register(queue: Queue, name: str, ttl_ms: int = 60_000) -> str:
+def register(queue: Queue, name: str, ttl_ms: int = 60_000, room_mb: int = 8192) -> str:
     token = f"tok-{name}"
-    ok, _ = queue.register(name, token, ttl_ms, {"host": "test", "pid": 1})
+    ok, _ = queue.register(name, token, ttl_ms, {"host": "test", "pid": 1, "room_mb": room_mb})
     assert ok
     return token
 
@@ -210,3 +210,18 @@ def test_namespaces_are_isolated(client, namespace):
     assert b.purge() == 0
     assert a.purge() > 0
     assert client.get("foreign:key") == b"keep"
+
+
+def test_evicted_task_bigger_than_every_worker_fails_instead_of_waiting_forever(queue):
+    s = spec("grows")
+    queue.submit([s])
+    register(queue, "small", room_mb=1000)
+    register(queue, "large", room_mb=2000)
+    c = claim_one(queue, "small")
+    assert queue.evict(c.task_id, "small", c.attempt, 1500, 10, "evicted", "budget", {}) == 2
+    c = claim_one(queue, "large")
+    assert queue.evict(c.task_id, "large", c.attempt, 2500, 10, "evicted", "budget", {}) == 1
+    task = queue.task(s.task_id)
+    assert task["state"] == "failed"
+    assert task["reason"] == ("needs 2500 MiB (peak seen when evicted from large), more than any "
+                              "live worker has room for (largest: 2000 MiB)")
