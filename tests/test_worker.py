@@ -221,3 +221,13 @@ def test_python_tasks_use_the_configured_interpreter(queue, workers):
     workers("w1", "--python", sys.executable)
     wait_for(lambda: state(queue, tid) == "finished", 30, "the task")
     assert queue.task(tid)["stdout_tail"].strip() == sys.executable
+
+
+def test_huge_output_goes_to_files_and_redis_keeps_a_bounded_tail(queue, workers):
+    (tid,) = submit(queue, ["shell:0:0:1:head -c 200000000 /dev/zero | tr '\\0' x; echo; echo END"])
+    workers("w1")
+    wait_for(lambda: state(queue, tid) == "finished", 120, "the flood to finish")
+    task = queue.task(tid)
+    assert task["stdout_tail"].endswith("x\nEND\n") and len(task["stdout_tail"]) == 4096
+    out = workers.results / tid[:2] / f"{tid}.out"
+    assert out.stat().st_size == 200_000_000 + len("\nEND\n")
