@@ -58,6 +58,9 @@ class Worker:
                 f"memory_reserve ({self.reserve >> 20} MiB) < capacity "
                 f"({self.capacity >> 20} MiB)")
         self.cores = wc.cores or usable_cores()
+        # Tasks that reserve no cores never fill a node by cores alone: without an explicit cap,
+        # 16 tasks per core keeps a file of `min_cpu 0` tasks from becoming a fork bomb.
+        self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
@@ -189,9 +192,7 @@ class Worker:
         free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - declared,
                        (self.available - self.reserve) / 2**20)
         free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
-        slots = MAX_CLAIM_BATCH
-        if self.wc.max_tasks:
-            slots = min(slots, self.wc.max_tasks - len(self.running))
+        slots = min(MAX_CLAIM_BATCH, self.max_tasks - len(self.running))
         return free_mem, free_cpu, slots
 
     def has_room(self) -> bool:

@@ -231,3 +231,14 @@ def test_huge_output_goes_to_files_and_redis_keeps_a_bounded_tail(queue, workers
     assert task["stdout_tail"].endswith("x\nEND\n") and len(task["stdout_tail"]) == 4096
     out = workers.results / tid[:2] / f"{tid}.out"
     assert out.stat().st_size == 200_000_000 + len("\nEND\n")
+
+
+def test_tasks_reserving_no_cores_are_capped_per_core(queue, workers, tmp_path):
+    gate = tmp_path / "gate"
+    submit(queue, [f"shell:0:0:0:while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}"
+                   for i in range(40)])
+    workers("w1", "--cores", "2")
+    wait_for(lambda: queue.counts()["running"] == 32, 30, "32 tasks (16 per core) to start")
+    assert queue.counts()["todo"] == 8
+    gate.touch()
+    wait_for(lambda: drained(queue), 60, "the queue to drain")
