@@ -134,14 +134,41 @@ def _progress_line(doc: dict[str, int], rate: float) -> str:
             f"{rate:,.1f} tasks/s  ETA {eta}")
 
 
+class _Outage:
+    """Lets a long-running command ride out a Redis restart: it was reachable at the start, so
+    a lost connection is waited out (and said once on stderr) instead of ending the command."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def poll(self, queue: Queue) -> dict[str, int] | None:
+        try:
+            queue.reap()
+            doc = _status_doc(queue)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if self.since is None:
+                self.since = time.monotonic()
+                print(f"distcomp: lost the connection to Redis ({exc}); retrying",
+                      file=sys.stderr, flush=True)
+            return None
+        if self.since is not None:
+            print(f"distcomp: Redis is reachable again after "
+                  f"{time.monotonic() - self.since:.1f}s", file=sys.stderr, flush=True)
+            self.since = None
+        return doc
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     queue = _connect(args)
     tty = sys.stdout.isatty()
     window: list[tuple[float, int]] = []
     try:
+        outage = _Outage()
         while True:
-            queue.reap()
-            doc = _status_doc(queue)
+            doc = outage.poll(queue)
+            if doc is None:
+                time.sleep(args.interval)
+                continue
             now = time.monotonic()
             window.append((now, doc["finished"] + doc["failed"]))
             window = [w for w in window if now - w[0] <= 30] or window[-1:]
@@ -162,12 +189,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     queue = _connect(args)
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    outage = _Outage()
     while True:
-        queue.reap()
-        doc = _status_doc(queue)
-        if doc["todo"] + doc["running"] == 0:
+        doc = outage.poll(queue)
+        if doc is not None and doc["todo"] + doc["running"] == 0:
             break
         if deadline is not None and time.monotonic() >= deadline:
+            if doc is None:
+                raise CliError(f"timed out after {args.timeout:g}s: cannot reach Redis at "
+                               f"{args.cfg.redacted_url()}")
             raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo and "
                            f"{doc['running']} running")
         time.sleep(args.interval)
