@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DISTCOMP, RedisServer, child_env, ensure_tools, run_timed,  # noqa: E402
-                    table, write_result)
+from common import DISTCOMP, RedisServer, child_env, ensure_tools, run_timed, table, write_result
 
 SLEEP_S = 0.05
 
@@ -43,7 +42,7 @@ def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
     sub = subprocess.run([*base, "submit", str(taskfile), "--json"], env=env, check=True,
                          capture_output=True, text=True)
     t_submit = time.perf_counter() - t0
-    worker = subprocess.run(
+    worker = subprocess.run(  # noqa: PLW1510 (its exit status is checked below)
         [*base, "worker", "--name", f"bench-{ns}", "--results-dir", str(results),
          "--cores", str(conc), "--max-tasks", str(conc), "--exit-when-empty",
          "--log-level", "warning"], env=env, capture_output=True, text=True)
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.sleep_concurrency}", flush=True)
         sleep_sum = summarise(measure(server, sleepers, args.sleep_concurrency, args.rounds,
                                       "sleep", work), args.sleep_tasks)
-    for tool, s in sleep_sum.items():
+    for s in sleep_sum.values():
         s["useful_concurrency"] = args.sleep_tasks * SLEEP_S / s["seconds"]
         s["overhead_ms_per_task"] = 1000 * (s["seconds"] * args.sleep_concurrency
                                             / args.sleep_tasks - SLEEP_S)

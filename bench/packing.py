@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DISTCOMP, MemoryCgroup, RedisServer, child_env, ensure_tools,  # noqa: E402
-                    table, write_result)
+from common import DISTCOMP, MemoryCgroup, RedisServer, child_env, ensure_tools, table, write_result
 
 MEMTASK = Path(__file__).resolve().parent / "memtask.py"
 TOOLS = ("distcomp", "distcomp-static", "parallel", "xargs")
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grow", type=float, default=3.0, help="seconds to reach the peak")
     ap.add_argument("--hold", type=float, default=1.0, help="seconds at the peak")
     ap.add_argument("--capacity-mb", type=int, default=3072, help="cgroup limit of every tool")
-    ap.add_argument("--concurrency", type=int, default=16,
+    ap.add_argument("--concurrency", type=int, default=8,
                     help="job slots of every tool (parallel -j, xargs -P, worker --max-tasks)")
     ap.add_argument("--memfree-mb", type=int, default=700, help="GNU parallel --memfree")
     ap.add_argument("--retries", type=int, default=20, help="GNU parallel --retries")
@@ -176,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.tasks, args.min_mb, args.max_mb, args.capacity_mb = 8, 50, 200, 768
-        args.grow, args.hold, args.concurrency, args.memfree_mb = 1.0, 0.5, 8, 200
+        args.tasks, args.min_mb, args.max_mb, args.capacity_mb = 8, 50, 250, 1024
+        args.grow, args.hold, args.concurrency, args.memfree_mb = 2.0, 0.5, 4, 250
         args.timeout = 120
     ensure_tools(["redis-server", "parallel"])
     peaks = make_tasks(args.tasks, args.seed, args.min_mb, args.max_mb)

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DISTCOMP, REPO, RedisServer, child_env, percentile, table,  # noqa: E402
-                    write_result)
+from common import DISTCOMP, REPO, RedisServer, child_env, percentile, table, write_result
 
 sys.path.insert(0, str(REPO))
-from distcomp.queue import Queue  # noqa: E402
+from distcomp.queue import Queue
 
 TTL_MS = 10_000
 HEARTBEAT_S = 2.5
@@ -42,9 +41,8 @@ WORKER_SLOTS = 16
 
 def write_taskfile(path: Path, n: int, tag: str) -> None:
     with open(path, "w") as fh:
-        for start in range(0, n, 100_000):
-            fh.write("".join(f"shell:0:0:1:true {tag} {i}\n"
-                             for i in range(start, min(n, start + 100_000))))
+        fh.writelines("".join(f"shell:0:0:1:true {tag} {i}\n"
+                             for i in range(start, min(n, start + 100_000))) for start in range(0, n, 100_000))
 
 
 def submit(server: RedisServer, path: Path, ns: str) -> tuple[float, dict[str, int]]:

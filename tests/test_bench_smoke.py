@@ -1,0 +1,70 @@
+"""The benchmarks run end to end at --smoke size and write complete result files.
+
+No timing is asserted (CI machines are shared and noisy); what must hold on any machine is that
+distcomp lost no task and was never hit by the kernel's OOM killer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+V1_MEMORY = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def run_bench(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == name
+    assert doc["params"]["smoke"] is True
+    assert {"cpus", "python", "redis_server"} <= set(doc["machine"])
+    assert isinstance(doc["targets"], dict) and doc["targets"]
+    return doc
+
+
+def test_dispatch_smoke(tmp_path: Path) -> None:
+    doc = run_bench("dispatch", tmp_path)
+    for part in ("noop", "sleep"):
+        assert set(doc[part]) == {"distcomp", "parallel", "xargs"}
+        for tool in doc[part].values():
+            assert tool["seconds"] > 0 and tool["tasks_per_s"] > 0
+    assert doc["noop"]["distcomp"]["lost"] == 0
+    assert doc["sleep"]["distcomp"]["lost"] == 0
+    assert {"useful_concurrency", "overhead_ms_per_task"} <= set(doc["sleep"]["distcomp"])
+    assert {"distcomp_vs_parallel", "distcomp_vs_xargs"} == set(doc["ratios"])
+    assert doc["distcomp"]["lost"] == 0
+
+
+@pytest.mark.skipif(not V1_MEMORY.exists(), reason="needs the cgroup v1 memory controller")
+def test_packing_smoke(tmp_path: Path) -> None:
+    doc = run_bench("packing", tmp_path)
+    assert set(doc["tools"]) == {"distcomp", "distcomp-static", "parallel", "xargs"}
+    for tool in doc["tools"].values():
+        assert {"makespan_s", "mem_mean_util", "mem_peak_util", "evictions", "kernel_oom_kills",
+                "wasted_cpu_s", "tasks_lost", "vs_lower_bound"} <= set(tool)
+    assert doc["lower_bound_s"] > 0
+    for name in ("distcomp", "distcomp-static"):
+        assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
+        assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
+        assert doc["tools"][name]["queue"]["failed"] == 0
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    doc = run_bench("scale", tmp_path)
+    assert doc["submit"]["added"] == doc["params"]["tasks"]
+    assert doc["submit"]["redis_used_memory"] > 0
+    assert doc["status"]["todo_seen"] == doc["params"]["tasks"]
+    for case in ("small", "big"):
+        assert doc["claim_latency"][case]["p99_ms"] > 0
+    load = doc["load"]
+    assert load["workers"] == doc["params"]["workers"] and load["tasks_finished"] > 0
+    assert load["redis_cpu_s"] >= 0
+    assert doc["distcomp"]["tasks_lost"] == 0
