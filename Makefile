@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
+# Tools installed in the venv (ansible-inventory for the inventory tests) must be on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help deps test test-runtime test-faults test-molecule lint demo cluster-demo cluster-down \
         bench bench-smoke
