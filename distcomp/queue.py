@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -112,6 +113,7 @@ local added, existing = 0, 0
 -- task, because the client spends more time packing arguments than Redis spends storing them.
 local T = cjson.decode(ARGV[3])
 local n = #T / 11
+local seen_bucket = {}
 local seq = redis.call('INCRBY', P .. ':seq', n) - n
 for i = 0, n - 1 do
   local a = 1 + i * 11
@@ -126,15 +128,22 @@ for i = 0, n - 1 do
     redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'mem', T[a + 3],
       'req_mem', T[a + 3], 'cpu', T[a + 4], 'params', T[a + 5],
       'max_retries', T[a + 9], 'seq', seq, 'score', score, 'submitted', now,
-      'dram_gb', T[a + 10])
+      'dram_gb', T[a + 10], 'state', 'todo', 'worker', '')
     -- Optional fields are stored only when set: a million tasks should cost little memory.
     if T[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', T[a + 6]) end
     if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
     if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
-    to_todo(id, tkey)
+    -- What to_todo does, with the fields already at hand and the counter bumped once a chunk.
+    local b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
+    redis.call('ZADD', P .. ':q:' .. b, score, id)
+    if not seen_bucket[b] then
+      redis.call('SADD', P .. ':buckets', b)
+      seen_bucket[b] = true
+    end
     added = added + 1
   end
 end
+if added > 0 then redis.call('HINCRBY', P .. ':counts', 'todo', added) end
 return {added, existing}
 """
 
@@ -492,28 +501,42 @@ class Queue:
         """
         now = time.time() if now is None else now
         added = existing = 0
+        # While Redis stores one batch of chunks, this thread packs the next: the batch goes
+        # out from a helper thread, which waits on the socket without holding the GIL.
+        sender = ThreadPoolExecutor(1)
+        in_flight: Future | None = None
+
+        def send(pipe: Any) -> None:
+            nonlocal in_flight, added, existing
+            if in_flight is not None:
+                for a, e in in_flight.result():
+                    added, existing = added + a, existing + e
+            in_flight = sender.submit(pipe.execute) if pipe is not None else None
+
         pipe = self.r.pipeline(transaction=False)
         pending = 0
-        for start in range(0, len(specs), SUBMIT_CHUNK):
-            fields: list[str] = []
-            for spec in specs[start:start + SUBMIT_CHUNK]:
-                fields += [
-                    spec.task_id, spec.type, str(spec.priority), str(spec.mem_mb),
-                    repr(float(spec.min_cpu)), spec.params,
-                    "" if spec.timeout_s is None else repr(spec.timeout_s),
-                    spec.cwd or "", json.dumps(spec.env) if spec.env else "",
-                    str(spec.max_retries), repr(float(spec.min_dram_gb)),
-                ]
-            packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
-            self._run("submit", repr(now), packed, client=pipe)
-            pending += 1
-            if pending == 20:
-                for a, e in pipe.execute():
-                    added, existing = added + a, existing + e
-                pending = 0
-        if pending:
-            for a, e in pipe.execute():
-                added, existing = added + a, existing + e
+        try:
+            for start in range(0, len(specs), SUBMIT_CHUNK):
+                fields: list[str] = []
+                for spec in specs[start:start + SUBMIT_CHUNK]:
+                    fields += [
+                        spec.task_id, spec.type, str(spec.priority), str(spec.mem_mb),
+                        repr(float(spec.min_cpu)), spec.params,
+                        "" if spec.timeout_s is None else repr(spec.timeout_s),
+                        spec.cwd or "", json.dumps(spec.env) if spec.env else "",
+                        str(spec.max_retries), repr(float(spec.min_dram_gb)),
+                    ]
+                packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+                self._run("submit", repr(now), packed, client=pipe)
+                pending += 1
+                if pending == 20:
+                    send(pipe)
+                    pipe = self.r.pipeline(transaction=False)
+                    pending = 0
+            send(pipe if pending else None)
+            send(None)
+        finally:
+            sender.shutdown(wait=True)
         return added, existing
 
     # -- worker lifecycle -------------------------------------------------------------------
