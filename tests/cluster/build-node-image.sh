@@ -36,6 +36,9 @@ for unit in getty@tty1.service console-getty.service systemd-remount-fs.service 
 done
 : >"$rootfs/etc/machine-id"
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb
+# Ansible's apt cache_valid_time judges freshness by this directory's mtime: make the empty
+# index look stale so the first apt task downloads it.
+touch -d 2000-01-01 "$rootfs/var/lib/apt/lists"
 
 echo "build-node-image.sh: importing as $IMAGE"
 tar -C "$rootfs" -c . | docker import \
