@@ -343,6 +343,16 @@ class Worker:
             if tid not in beat.running and task.kill_reason is None and task.returncode is None:
                 log.warning("task %s was taken away from this worker; killing it", tid)
                 self.runner.kill(task, "lost", self.wc.kill_grace)
+        # A claim whose reply was lost (the connection broke after Redis ran it) lists tasks as
+        # running here that this instance never started; while the lease lives nobody else
+        # would requeue them. Tasks with a report still waiting in self.ops are ours.
+        known = set(self.running) | {t.task_id for _, t, _ in self.ops if t is not None}
+        for tid in beat.running - known:
+            attempt = int((self.q.task(tid) or {}).get("attempt", 0) or 0)
+            log.warning("task %s is listed as running here but was never started (claim reply "
+                        "lost?); putting it back in the queue", tid)
+            self.q.requeue(tid, self.name, attempt,
+                           f"requeued: worker {self.name} never received its claim")
         self.q.reap()
 
     # -- the loop ---------------------------------------------------------------------------
