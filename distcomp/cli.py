@@ -95,6 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     queue = _connect(args)
     queue.reap()
     doc: dict[str, Any] = _status_doc(queue)
+    doc["unplaceable"] = queue.unplaceable()
     if args.state:
         ids = queue.ids_in_state(args.state, args.limit)
         tasks = []
@@ -109,6 +110,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print("  ".join(f"{s} {doc[s]}" for s in STATES)
           + f"  (total {doc['total']}, workers alive {doc['workers_alive']})")
+    if doc["todo"] and not doc["workers_alive"]:
+        print("note: no live worker; queued tasks wait until one starts (`distcomp worker`, "
+              "or the distcomp-worker service)")
+    if doc["unplaceable"]:
+        print(f"note: {doc['unplaceable']} queued task(s) need more memory or cores than any "
+              f"live worker offers; they wait for a bigger worker (or `distcomp cancel` them)")
     for t in doc.get("tasks", []):
         extra = f" on {t['worker']}" if t["worker"] else ""
         why = f"  [{t['reason']}]" if t["reason"] and t["state"] != "finished" else ""

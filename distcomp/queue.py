@@ -705,6 +705,28 @@ class Queue:
         seconds, micros = self.r.time()
         return int(self.r.zcount(self.key("leases"), seconds * 1000 + micros // 1000, "+inf"))
 
+    def unplaceable(self) -> int:
+        """Todo tasks in resource classes that no live worker could ever take: they would wait
+        for a bigger node. Cost: one read per live worker and per resource class."""
+        seconds, micros = self.r.time()
+        live = self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")
+        if not live:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for name in live:
+            pipe.hmget(self.key("w", _str(name)), "room_mb", "cores")
+        rows = pipe.execute()
+        room = max(float(r[0] or 0) for r in rows)
+        cores = max(float(r[1] or 0) for r in rows)
+        stuck = 0
+        for b in self.r.smembers(self.key("buckets")):
+            m, c = (int(x) for x in _str(b)[1:].split("c"))
+            mem_floor = 2 ** (m - 1) if m > 0 else 0
+            cpu_floor = 2 ** (c - 1) / 4 if c > 0 else 0
+            if mem_floor >= room or cpu_floor >= cores:
+                stuck += self.r.zcard(self.key("q", _str(b)))
+        return stuck
+
     def purge(self) -> int:
         """Delete every key of this namespace (and nothing else)."""
         deleted = 0

@@ -225,3 +225,11 @@ def test_evicted_task_bigger_than_every_worker_fails_instead_of_waiting_forever(
     assert task["state"] == "failed"
     assert task["reason"] == ("needs 2500 MiB (peak seen when evicted from large), more than any "
                               "live worker has room for (largest: 2000 MiB)")
+
+
+def test_unplaceable_counts_tasks_no_live_worker_can_take(queue):
+    queue.submit([spec("fits", mem_gb=1), spec("huge", mem_gb=64), spec("wide", cpu=128)])
+    assert queue.unplaceable() == 0, "no live worker: nothing to judge against"
+    register(queue, "w", room_mb=8192)
+    queue.r.hset(queue.key("w", "w"), "cores", 16)
+    assert queue.unplaceable() == 2
