@@ -18,10 +18,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
+from faultharness import free_port, wait_for
 
 RESULTS_DIR = Path(__file__).parent / ".results"
 RUN_TAG_VAR = "DISTCOMP_FAULTS_RUN"
@@ -33,25 +34,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "(default: a short round that fits the CI budget)")
     parser.addoption("--fault-seed", type=int, default=None,
                      help="seed of the fault schedules (default: fixed per test)")
-
-
-# -- waiting -----------------------------------------------------------------------------------
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- redis-server ------------------------------------------------------------------------------
@@ -142,14 +124,21 @@ def redis_server(redis_factory) -> RedisServer:
 
 # -- a TCP proxy that can be cut ---------------------------------------------------------------
 class CuttableProxy:
-    """Forwards a loopback port to Redis; ``cut`` resets every connection and refuses new ones
-    until ``restore`` - what a worker sees when its link to the manager goes down."""
+    """Forwards a loopback port to Redis. ``cut()`` resets every connection and refuses new
+    ones until ``restore()``: a link that fails loudly. ``cut(silent=True)`` stops moving bytes
+    and holds new connections, as a partition where packets are dropped; on ``restore()`` the
+    held bytes flow again, as TCP retransmission delivers them once the network heals.
+    ``lose_replies()`` lets requests through but drops what Redis answers, then resets: the
+    commands ran, and the worker cannot know it."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cut_now = False
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.dropping = False
         self.closed = False
         self.lock = threading.Lock()
         self.conns: list[socket.socket] = []
@@ -169,6 +158,7 @@ class CuttableProxy:
             if self.cut_now:
                 _reset(client)
                 continue
+            self.flowing.wait()
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
             except OSError:
@@ -177,15 +167,18 @@ class CuttableProxy:
             upstream.settimeout(None)
             with self.lock:
                 self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, replies), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                self.flowing.wait()
+                if replies and self.dropping:
+                    continue
                 dst.sendall(data)
         except OSError:
             pass
@@ -195,18 +188,29 @@ class CuttableProxy:
             except OSError:
                 pass
 
-    def cut(self) -> None:
+    def cut(self, silent: bool = False) -> None:
+        if silent:
+            self.flowing.clear()
+            return
         self.cut_now = True
         with self.lock:
             conns, self.conns = self.conns, []
         for s in conns:
             _reset(s)
 
+    def lose_replies(self, seconds: float) -> None:
+        self.dropping = True
+        time.sleep(seconds)
+        self.cut()
+        self.dropping = False
+
     def restore(self) -> None:
         self.cut_now = False
+        self.flowing.set()
 
     def close(self) -> None:
         self.closed = True
+        self.flowing.set()
         self.cut()
         self.listener.close()
 
@@ -235,7 +239,7 @@ def proxy_factory():
 
 # -- workers -----------------------------------------------------------------------------------
 class WorkerProc:
-    def __init__(self, cluster: "Cluster", name: str, url: str, extra: list[str]) -> None:
+    def __init__(self, cluster: Cluster, name: str, url: str, extra: list[str]) -> None:
         self.cluster = cluster
         self.name = name
         self.url = url
@@ -243,7 +247,7 @@ class WorkerProc:
         self.proc: subprocess.Popen | None = None
         self.log_path = cluster.dir / "logs" / f"{name}.{uuid.uuid4().hex[:6]}.log"
 
-    def start(self) -> "WorkerProc":
+    def start(self) -> WorkerProc:
         c = self.cluster
         argv = [sys.executable, "-m", "distcomp", "--redis", self.url, "--namespace", c.ns,
                 "worker", "--name", self.name, "--results-dir", str(c.results),
@@ -307,7 +311,7 @@ class Cluster:
         argv = [sys.executable, "-m", "distcomp", "--redis", url or self.server.url,
                 "--namespace", self.ns, *args]
         return subprocess.run(argv, input=stdin, capture_output=True, env=self.env,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
 
     def submit_lines(self, lines: list[str]) -> dict[str, int]:
         path = self.dir / f"tasks-{len(self.submitted)}.txt"

@@ -19,7 +19,7 @@ LOGGED = ('echo "S $DISTCOMP_TASK_ID $DISTCOMP_ATTEMPT $DISTCOMP_WORKER" >> {log
 
 def logged(log: str, n: int, payload: str) -> str:
     """A shell command that records its execution around ``payload``; ``n`` makes it unique."""
-    return ": task{n}; ".format(n=n) + LOGGED.format(log=log, payload=payload)
+    return f": task{n}; " + LOGGED.format(log=log, payload=payload)
 
 
 def colon_line(log: str, n: int, payload: str) -> str:

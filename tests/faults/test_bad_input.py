@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from conftest import free_port
+from faultharness import free_port
 
 BAD_INPUT = 2
 OPERATIONAL = 1
 NOTHING = ("distcomp: error: {f}: {n} invalid line(s); nothing was submitted (fix them, or use "
            "--skip-invalid to submit the valid lines)\n")
+
+NO_TASKS = ("distcomp: error: {f}: no tasks in file (only blank lines, comments or invalid "
+            "lines)\n")
 
 FOREIGN = {
     "other:string": ("set", "hello"),
@@ -55,23 +57,21 @@ def submit_bytes(c, tmp_path, name: str, data: bytes, *extra: str):
 
 
 CASES = [
-    ("empty", b"", "distcomp: error: {f}: no tasks in file (only blank lines, comments or "
-     "invalid lines)\n"),
-    ("comments-only", b"# nothing\n\n   \n", "distcomp: error: {f}: no tasks in file (only blank "
-     "lines, comments or invalid lines)\n"),
+    ("empty", b"", NO_TASKS),
+    ("comments-only", b"# nothing\n\n   \n", NO_TASKS),
     ("binary", b"\x7fELF\x02\x01\x01\x00\x00\nabc\xff\n",
-     "{f}:1: line contains a NUL byte (is this a binary file?)\n"
-     "{f}:2: not valid UTF-8 (byte 0xff at column 4)\n" + NOTHING.replace("{n}", "2")),
+     ("{f}:1: line contains a NUL byte (is this a binary file?)\n"
+      "{f}:2: not valid UTF-8 (byte 0xff at column 4)\n") + NOTHING.replace("{n}", "2")),
     ("utf8", b"shell:0:0:0:echo \xff\xfe\n",
      "{f}:1: not valid UTF-8 (byte 0xff at column 18)\n" + NOTHING.replace("{n}", "1")),
     ("megabyte-line", b"shell:0:0:0:echo " + b"x" * (1 << 20) + b"\n",
      "{f}:1: line is 1048593 bytes, longer than the 65536 byte limit\n"
      + NOTHING.replace("{n}", "1")),
     ("fields",
-     b"shell:0:0:0:\nshell:1:2:3:   \nperl:0:0:0:x\nshell:0:-1:0:x\nshell:0:nan:0:x\n"
+     (b"shell:0:0:0:\nshell:1:2:3:   \nperl:0:0:0:x\nshell:0:-1:0:x\nshell:0:nan:0:x\n"
      b"shell:0:1e300:0:x\nshell:0:0:inf:x\nshell:0:0:-2:x\nshell:99999999999999999999:0:0:x\n"
-     b"shell:1.5:0:0:x\nshell:0:0:0\n",
-     "{f}:1: params is empty: nothing to run\n"
+     b"shell:1.5:0:0:x\nshell:0:0:0\n"),
+     ("{f}:1: params is empty: nothing to run\n"
      "{f}:2: params is empty: nothing to run\n"
      "{f}:3: unknown task type 'perl' (expected one of: shell, python)\n"
      "{f}:4: min_dram_gb must be >= 0, got -1.0\n"
@@ -81,10 +81,10 @@ CASES = [
      "{f}:8: min_cpu must be >= 0, got -2.0\n"
      "{f}:9: priority 99999999999999999999 is out of range (-999999..999999)\n"
      "{f}:10: priority must be an integer, got '1.5'\n"
-     "{f}:11: expected type:priority:min_dram_gb:min_cpu:params, found 4 field(s)\n"
+     "{f}:11: expected type:priority:min_dram_gb:min_cpu:params, found 4 field(s)\n")
      + NOTHING.replace("{n}", "11")),
     ("json",
-     b'{"type":"shell","params":5}\n'
+     (b'{"type":"shell","params":5}\n'
      b'{"type":"shell","params":"x","priority":"high"}\n'
      b'{"type":"shell","params":"x","priority":1000000}\n'
      b'{"type":"shell","params":"x","min_cpu":true}\n'
@@ -93,8 +93,8 @@ CASES = [
      b'{"type":"shell","params":"x","max_retries":1.5}\n'
      b'{"type":"shell","params":"x","colour":"red"}\n'
      b'{"type":"shell"\n'
-     b'["shell","x"]\n',
-     "{f}:1: params must be a string, got int\n"
+     b'["shell","x"]\n'),
+     ("{f}:1: params must be a string, got int\n"
      "{f}:2: priority must be an integer, got 'high'\n"
      "{f}:3: priority 1000000 is out of range (-999999..999999)\n"
      "{f}:4: min_cpu must be a number, got True\n"
@@ -103,7 +103,7 @@ CASES = [
      "{f}:7: max_retries must be an integer from 0 to 1000\n"
      "{f}:8: unknown field(s): colour\n"
      "{f}:9: invalid JSON: Expecting ',' delimiter at column 16\n"
-     "{f}:10: expected type:priority:min_dram_gb:min_cpu:params, found 1 field(s)\n"
+     "{f}:10: expected type:priority:min_dram_gb:min_cpu:params, found 1 field(s)\n")
      + NOTHING.replace("{n}", "10")),
     ("one-bad-among-good", b"shell:0:0:0:echo a\nshell:0:0:0:echo b\nshell:x:0:0:echo c\n",
      "{f}:3: priority must be an integer, got 'x'\n" + NOTHING.replace("{n}", "1")),

@@ -13,8 +13,7 @@ import sys
 import time
 
 import redis
-
-from conftest import wait_for
+from faultharness import wait_for
 from invariants import check, colon_line, json_line
 
 N_TASKS = 2000
@@ -75,7 +74,7 @@ def test_kill9_workers_and_restart(redis_server, cluster_factory, rng, record):
             new_name += 1
         if held:
             wait_for(f"tasks of killed {victim.name} back in the queue",
-                     lambda: c.r.scard(f"{c.ns}:run:{victim.name}") == 0, 30)
+                     lambda name=victim.name: c.r.scard(f"{c.ns}:run:{name}") == 0, 30)
             requeue_times.append(time.monotonic() - t0)
     c.wait_settled(SETTLE_S)
     c.stop_workers()
@@ -116,7 +115,7 @@ def test_kill9_redis_and_restart_from_aof(redis_server, cluster_factory, rng, re
         assert after_restart >= base, "the AOF lost acknowledged outcomes"
         stalls.append(round(progress.stall_after(after_restart), 3))
     c.wait_settled(SETTLE_S)
-    out, err = waiter.communicate(timeout=60)
+    _, err = waiter.communicate(timeout=60)
     c.stop_workers()
     result = check(c)
     record.update(result, fault="kill -9 redis-server, restart from its AOF on the same port",
@@ -139,12 +138,13 @@ def test_sigstop_worker_past_its_lease(redis_server, cluster_factory, rng, recor
         time.sleep(rng.uniform(0.5, 2.0))
         victim = rng.choice(workers)
         wait_for(f"{victim.name} running tasks",
-                 lambda: c.r.scard(f"{c.ns}:run:{victim.name}") > 0 or c.settled(), 30)
+                 lambda name=victim.name: c.r.scard(f"{c.ns}:run:{name}") > 0 or c.settled(),
+                 30)
         victim.signal(signal.SIGSTOP)
         stops += 1
         t0 = time.monotonic()
         wait_for(f"reaper requeues the tasks of stopped {victim.name}",
-                 lambda: c.r.scard(f"{c.ns}:run:{victim.name}") == 0, 30)
+                 lambda name=victim.name: c.r.scard(f"{c.ns}:run:{name}") == 0, 30)
         requeue_times.append(time.monotonic() - t0)
         time.sleep(rng.uniform(0.0, 2.0))
         victim.signal(signal.SIGCONT)
@@ -169,26 +169,30 @@ def test_network_cut_between_worker_and_redis(redis_server, cluster_factory, pro
     proxies = {f"cut{i}": proxy_factory(redis_server.port) for i in range(2)}
     for name, proxy in proxies.items():
         c.worker(name, url=proxy.url)
-    cuts = 0
+    cuts = silent_cuts = 0
     stalls = []
-    while not c.settled() and c.done() < N_TASKS - 300 and cuts < 6:
+    while not c.settled() and c.done() < N_TASKS - 300 and cuts < 8:
         time.sleep(rng.uniform(0.5, 2.0))
         name = rng.choice(sorted(proxies))
         proxy = proxies[name]
-        proxy.cut()
+        silent = rng.random() < 0.5
+        proxy.cut(silent=silent)
         cuts += 1
+        silent_cuts += silent
         time.sleep(rng.uniform(0.5, 5.0))
         hb_before = float(c.r.hget(f"{c.ns}:w:{name}", "hb") or 0)
         proxy.restore()
         t0 = time.monotonic()
         wait_for(f"{name} heartbeats again after the cut",
-                 lambda: float(c.r.hget(f"{c.ns}:w:{name}", "hb") or 0) > hb_before, 120)
+                 lambda name=name, before=hb_before:
+                 float(c.r.hget(f"{c.ns}:w:{name}", "hb") or 0) > before, 120)
         stalls.append(round(time.monotonic() - t0, 3))
     c.wait_settled(SETTLE_S)
     c.stop_workers()
     result = check(c)
-    record.update(result, fault="network cut between a worker and Redis (TCP proxy), restored",
-                  injected=cuts, stalls_s=stalls, worst_stall_s=max(stalls, default=0.0),
+    record.update(result, fault="network cut between a worker and Redis (TCP proxy; resets "
+                  "and silent drops), restored", injected=cuts, silent_cuts=silent_cuts,
+                  stalls_s=stalls, worst_stall_s=max(stalls, default=0.0),
                   stall_meaning="link restored until the cut worker's next heartbeat lands",
                   zombie_reports_rejected=scrape(c, "rejected: the task was taken over"))
     assert cuts >= 3
@@ -206,8 +210,8 @@ def test_misbehaving_tasks(redis_server, cluster_factory, rng, record, tmp_path)
         "fail": ("(exit $((RANDOM % 2 * 3)))", {"max_retries": 1}),
         "timeout": ("sleep 60", {"timeout_s": 1}),
         "orphan": ("sleep 300 & sleep 0.05", {}),
-        "newgroup": (f"{sys.executable} -c 'import os,time\nif os.fork()==0:\n"
-                     f"    os.setpgid(0,0); time.sleep(300)' ; sleep 0.05", {}),
+        "newgroup": ((f"{sys.executable} -c 'import os,time\nif os.fork()==0:\n"
+                      f"    os.setpgid(0,0); time.sleep(300)' ; sleep 0.05"), {}),
         "noterm": ("trap '' TERM; sleep 60", {"timeout_s": 1}),
         "flood": ("head -c 30000000 /dev/zero | tr '\\0' x; echo", {}),
         "signal": ("kill -SEGV $$", {"max_retries": 0}),
@@ -263,10 +267,58 @@ def test_evicted_memory_hog_is_not_stranded_in_todo(redis_server, cluster_factor
     c.wait_settled(90)
     c.stop_workers()
     result = check(c)
-    hog_id = [tid for tid, params in c.submitted.items() if "bytearray" in params][0]
+    hog_id = next(tid for tid, params in c.submitted.items() if "bytearray" in params)
     task = {k.decode(): v.decode() for k, v in c.r.hgetall(f"{c.ns}:t:{hog_id}").items()}
     record.update(result, fault="memory hog evicted while other tasks run", injected=1,
                   hog_evictions=int(task["evictions"]), hog_reason=task["reason"],
                   worst_stall_s=None)
     assert task["state"] == "failed"
     assert "more than any live worker has room for" in task["reason"], task["reason"]
+
+
+def test_lost_replies_leave_no_task_stuck_running(redis_server, cluster_factory, proxy_factory,
+                                                  rng, record):
+    """Commands that ran in Redis but whose replies never reached the worker: a claim among
+    them hands the worker tasks it never hears of."""
+    c = cluster_factory(redis_server, ttl=3.0, worker_args=["--max-tasks", "6"])
+    c.submit_lines(short_tasks(c, rng, 1000))
+    proxies = {f"lossy{i}": proxy_factory(redis_server.port) for i in range(2)}
+    c.worker("w0")
+    for name, proxy in proxies.items():
+        c.worker(name, url=proxy.url)
+    losses = 0
+    while not c.settled() and c.done() < 700 and losses < 30:
+        time.sleep(rng.uniform(0.1, 0.5))
+        proxy = proxies[rng.choice(sorted(proxies))]
+        proxy.lose_replies(rng.uniform(0.05, 0.3))
+        losses += 1
+        time.sleep(rng.uniform(0.1, 0.5))
+        proxy.restore()
+    c.wait_settled(120)
+    c.stop_workers()
+    result = check(c)
+    record.update(result, fault="replies lost after Redis ran the command (proxy drops "
+                  "answers, then resets)", injected=losses, worst_stall_s=None)
+    assert losses >= 10
+
+
+def test_claim_whose_reply_was_lost_does_not_strand_tasks(redis_server, cluster_factory, rng,
+                                                          record):
+    """A claim can run in Redis and its reply never reach the worker (connection reset after
+    the script ran; redis-py then re-sends it). The queue then lists tasks as running on a live
+    worker that never started them. Here the lost claim is replayed exactly: the same script,
+    with the worker's own name and lease token, its reply thrown away."""
+    from distcomp.queue import Queue
+
+    c = cluster_factory(redis_server, ttl=2.0, worker_args=["--max-tasks", "4"])
+    c.submit_lines(short_tasks(c, rng, 200))
+    w = c.worker("w0")
+    token = wait_for("w0's lease", lambda: c.r.get(f"{c.ns}:lease:w0"), 30).decode()
+    ghosts = Queue(redis_server.client(), c.ns).claim("w0", token, 1024, 4, 3)
+    assert ghosts and len(ghosts) == 3
+    c.wait_settled(60)
+    assert w.alive()
+    c.stop_workers()
+    result = check(c)
+    record.update(result, fault="claim ran in Redis, reply lost", injected=len(ghosts),
+                  worst_stall_s=None)

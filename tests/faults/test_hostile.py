@@ -10,8 +10,8 @@ HOSTILE = {
     "kill-own-group": ("kill -9 0", "failed", "killed by SIGKILL"),
     "kill-own-session": ("kill -9 -- -$$; sleep 5", "failed", "killed by SIGKILL"),
     "close-stdout": ("exec 1>&- 2>&-; sleep 0.05; echo gone", "failed", "exit code 1"),
-    "change-directory": ("cd / && cd /proc/self && cd \"$(mktemp -d)\" && rm -rf \"$PWD\" && "
-                         "pwd", "finished", ""),
+    "change-directory": (("cd / && cd /proc/self && cd \"$(mktemp -d)\" && rm -rf \"$PWD\" "
+                          "&& pwd"), "finished", ""),
 }
 
 

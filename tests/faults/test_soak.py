@@ -8,7 +8,6 @@ import signal
 import time
 
 import redis
-
 from invariants import check, colon_line, json_line
 
 DEFAULT_WINDOW_S = 40.0
