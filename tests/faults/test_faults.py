@@ -26,6 +26,13 @@ def short_tasks(cluster, rng, n: int, start: int = 0) -> list[str]:
             for i in range(start, start + n)]
 
 
+def top_up(cluster, rng) -> None:
+    """Keep work queued while faults are still due, so every scheduled fault hits a busy
+    cluster however fast the machine is."""
+    if cluster.counts().get("todo", 0) < 300:
+        cluster.submit_lines(short_tasks(cluster, rng, 500, start=len(cluster.submitted)))
+
+
 def scrape(cluster, needle: str) -> int:
     return sum(w.log().count(needle) for w in cluster.workers)
 
@@ -57,7 +64,8 @@ def test_kill9_workers_and_restart(redis_server, cluster_factory, rng, record):
     kills = same_name = new_name = 0
     requeue_times: list[float] = []
     serial = len(names)
-    while not c.settled() and c.done() < N_TASKS - 150:
+    while kills < 12:
+        top_up(c, rng)
         time.sleep(rng.uniform(0.3, 1.5))
         alive = [w for w in c.workers if w.alive()]
         victim = rng.choice(alive)
@@ -83,8 +91,7 @@ def test_kill9_workers_and_restart(redis_server, cluster_factory, rng, record):
                   injected=kills, same_name_restarts=same_name, new_name_restarts=new_name,
                   worst_stall_s=round(max(requeue_times, default=0.0), 3),
                   stall_meaning="kill -9 until the dead worker's tasks are back in todo")
-    assert kills >= 5
-    assert result["finished"] == N_TASKS
+    assert result["finished"] == len(c.submitted)
 
 
 def test_kill9_redis_and_restart_from_aof(redis_server, cluster_factory, rng, record):
@@ -134,7 +141,8 @@ def test_sigstop_worker_past_its_lease(redis_server, cluster_factory, rng, recor
     workers = [c.worker(f"w{i}") for i in range(4)]
     stops = 0
     requeue_times = []
-    while not c.settled() and c.done() < N_TASKS - 300 and stops < 6:
+    while stops < 6:
+        top_up(c, rng)
         time.sleep(rng.uniform(0.5, 2.0))
         victim = rng.choice(workers)
         wait_for(f"{victim.name} running tasks",
@@ -156,8 +164,7 @@ def test_sigstop_worker_past_its_lease(redis_server, cluster_factory, rng, recor
                   stall_meaning="SIGSTOP until the paused worker's tasks are back in todo",
                   zombie_reports_rejected=scrape(c, "rejected: the task was taken over"),
                   zombie_tasks_killed=scrape(c, "was taken away from this worker"))
-    assert stops >= 3
-    assert result["finished"] == N_TASKS
+    assert result["finished"] == len(c.submitted)
 
 
 def test_network_cut_between_worker_and_redis(redis_server, cluster_factory, proxy_factory,
@@ -171,7 +178,8 @@ def test_network_cut_between_worker_and_redis(redis_server, cluster_factory, pro
         c.worker(name, url=proxy.url)
     cuts = silent_cuts = 0
     stalls = []
-    while not c.settled() and c.done() < N_TASKS - 300 and cuts < 8:
+    while cuts < 8:
+        top_up(c, rng)
         time.sleep(rng.uniform(0.5, 2.0))
         name = rng.choice(sorted(proxies))
         proxy = proxies[name]
@@ -195,8 +203,7 @@ def test_network_cut_between_worker_and_redis(redis_server, cluster_factory, pro
                   stalls_s=stalls, worst_stall_s=max(stalls, default=0.0),
                   stall_meaning="link restored until the cut worker's next heartbeat lands",
                   zombie_reports_rejected=scrape(c, "rejected: the task was taken over"))
-    assert cuts >= 3
-    assert result["finished"] == N_TASKS
+    assert result["finished"] == len(c.submitted)
 
 
 def test_misbehaving_tasks(redis_server, cluster_factory, rng, record, tmp_path):
@@ -287,7 +294,8 @@ def test_lost_replies_leave_no_task_stuck_running(redis_server, cluster_factory,
     for name, proxy in proxies.items():
         c.worker(name, url=proxy.url)
     losses = 0
-    while not c.settled() and c.done() < 700 and losses < 30:
+    while losses < 30:
+        top_up(c, rng)
         time.sleep(rng.uniform(0.1, 0.5))
         proxy = proxies[rng.choice(sorted(proxies))]
         proxy.lose_replies(rng.uniform(0.05, 0.3))
@@ -299,7 +307,6 @@ def test_lost_replies_leave_no_task_stuck_running(redis_server, cluster_factory,
     result = check(c)
     record.update(result, fault="replies lost after Redis ran the command (proxy drops "
                   "answers, then resets)", injected=losses, worst_stall_s=None)
-    assert losses >= 10
 
 
 def test_claim_whose_reply_was_lost_does_not_strand_tasks(redis_server, cluster_factory, rng,
