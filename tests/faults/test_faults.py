@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import redis
 from faultharness import wait_for
 from invariants import check, colon_line, json_line
@@ -103,6 +104,9 @@ def test_kill9_redis_and_restart_from_aof(redis_server, cluster_factory, rng, re
         [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "wait", "--json",
          "--timeout", str(SETTLE_S), "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=c.env)
+    wait_for("distcomp wait connected to Redis", lambda: any(
+        conn.raddr and conn.raddr.port == redis_server.port
+        for conn in psutil.Process(waiter.pid).net_connections(kind="tcp")), 60)
     progress = Progress(c)
     stalls, downtimes = [], []
     for _ in range(4):
