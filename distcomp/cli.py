@@ -9,7 +9,8 @@ import os
 import stat
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 

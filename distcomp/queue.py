@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import redis
 
@@ -102,6 +103,16 @@ local function reported(tkey, worker, attempt, outcome)
 end
 local function set_result(tkey, first)
   for i = first, #ARGV, 2 do redis.call('HSET', tkey, ARGV[i], ARGV[i + 1]) end
+end
+-- The start of every report: fence it, take the task out of running, record the attempt's
+-- result pairs (from ARGV[first] on). Returns the task key, or nil and the replayed outcome.
+local function settle(id, worker, attempt, first)
+  local tkey = P .. ':t:' .. id
+  if not owned(tkey, worker, attempt) then return nil, replayed(tkey, worker, attempt) end
+  leave_running(id, worker)
+  set_result(tkey, first)
+  redis.call('SREM', P .. ':cancel', id)
+  return tkey
 end
 """
 
@@ -222,14 +233,11 @@ return claimed
 # ARGV: P, id, worker, attempt, now, then result field/value pairs.
 _FINISH = _LUA_COMMON + r"""
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
-local tkey = P .. ':t:' .. id
-if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
-leave_running(id, worker)
-set_result(tkey, 6)
+local tkey, replay = settle(id, worker, attempt, 6)
+if not tkey then return replay end
 redis.call('HSET', tkey, 'state', 'finished', 'reason', '')
 redis.call('ZADD', P .. ':s:finished', ARGV[5], id)
 redis.call('HINCRBY', P .. ':counts', 'finished', 1)
-redis.call('SREM', P .. ':cancel', id)
 return reported(tkey, worker, attempt, 1)
 """
 
@@ -237,11 +245,8 @@ return reported(tkey, worker, attempt, 1)
 # Returns 0 rejected (fenced), 1 failed for good, 2 put back in todo for a retry.
 _FAIL = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey = P .. ':t:' .. id
-if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
-leave_running(id, worker)
-set_result(tkey, 7)
-redis.call('SREM', P .. ':cancel', id)
+local tkey, replay = settle(id, worker, attempt, 7)
+if not tkey then return replay end
 local failures = redis.call('HINCRBY', tkey, 'failures', 1)
 if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries')) then
   local failed_on = redis.call('HGET', tkey, 'failed_on') or ','
@@ -261,11 +266,8 @@ return reported(tkey, worker, attempt, 1)
 # with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey = P .. ':t:' .. id
-if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
-leave_running(id, worker)
-set_result(tkey, 10)
-redis.call('SREM', P .. ':cancel', id)
+local tkey, replay = settle(id, worker, attempt, 10)
+if not tkey then return replay end
 local evictions = redis.call('HINCRBY', tkey, 'evictions', 1)
 local peak = tonumber(ARGV[6])
 if peak > tonumber(redis.call('HGET', tkey, 'req_mem')) then

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +148,8 @@ def memory_available(cgroups: list[CgroupMemory]) -> int:
     return avail
 
 
-def session_rss() -> dict[int, int]:
-    """Resident memory summed per session id, in bytes, from one pass over /proc."""
-    totals: dict[int, int] = {}
+def _processes() -> Iterator[tuple[int, bytes, int, int]]:
+    """(pid, state, session id, rss bytes) of every process, from one pass over /proc."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -159,26 +159,20 @@ def session_rss() -> dict[int, int]:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
-        sid, rss_pages = int(fields[3]), int(fields[21])
-        totals[sid] = totals.get(sid, 0) + rss_pages * PAGE
+        yield int(entry.name), fields[0], int(fields[3]), int(fields[21]) * PAGE
+
+
+def session_rss() -> dict[int, int]:
+    """Resident memory summed per session id, in bytes."""
+    totals: dict[int, int] = {}
+    for _, _, sid, rss in _processes():
+        totals[sid] = totals.get(sid, 0) + rss
     return totals
 
 
 def session_pids(sid: int) -> list[int]:
-    """Processes whose session is ``sid``: a task's whole tree, even re-parented children."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            pids.append(int(entry.name))
-    return pids
+    """Live processes of session ``sid``: a task's whole tree, even re-parented children."""
+    return [pid for pid, state, s, _ in _processes() if s == sid and state != b"Z"]
 
 
 def gib(n_bytes: float) -> str:

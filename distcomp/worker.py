@@ -26,8 +26,15 @@ import redis
 from . import __version__
 from .config import Config, ConfigError
 from .queue import LeaseLost, Queue
-from .resources import (gib, memory_available, memory_capacity, memory_cgroups, mib,
-                        session_rss, usable_cores)
+from .resources import (
+    gib,
+    memory_available,
+    memory_capacity,
+    memory_cgroups,
+    mib,
+    session_rss,
+    usable_cores,
+)
 from .runner import Runner, RunningTask, kill_session, signal_name
 
 log = logging.getLogger("distcomp.worker")

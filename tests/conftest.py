@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -98,7 +97,8 @@ def cli(redis_server: RedisServer, namespace: str, tmp_path: Path):
         (tmp_path / "none.conf").touch()
         full_env.update(env or {})
         proc = subprocess.run([sys.executable, "-m", "distcomp", *args], input=input,
-                              capture_output=True, env=full_env, cwd=tmp_path, timeout=120)
+                              capture_output=True, env=full_env, cwd=tmp_path, timeout=120,
+                              check=False)
         if check:
             assert proc.returncode == 0, proc.stderr.decode()
         return proc
@@ -116,11 +116,11 @@ class WorkerProcess:
         env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url,
                "DISTCOMP_NAMESPACE": namespace, "DISTCOMP_CONFIG": str(results.parent / "none.conf")}
         (results.parent / "none.conf").touch()
-        self._log_fh = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distcomp", "worker", "--name", name, "--results-dir",
-             str(results), "--kill-grace", "1", *args],
-            env=env, stdout=self._log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "distcomp", "worker", "--name", name, "--results-dir",
+                 str(results), "--kill-grace", "1", *args],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -135,7 +135,6 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._log_fh.close()
 
 
 @pytest.fixture

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from distcomp.resources import (cgroup_cpu_limit, memory_available, memory_capacity,
-                                memory_cgroups, session_rss)
+from distcomp.resources import (
+    cgroup_cpu_limit,
+    memory_available,
+    memory_capacity,
+    memory_cgroups,
+    session_rss,
+)
 
 
 def write(path: Path, text: str) -> None:
@@ -31,7 +36,7 @@ def test_v2_limits_take_the_tightest_level(tmp_path):
     write(unit / "cpu.max", "150000 100000")
     proc = "0::/system.slice/distcomp-worker.service\n"
     levels = memory_cgroups(tmp_path, proc)
-    assert [lv.limit() for lv in levels][0] == 512 << 20
+    assert levels[0].limit() == 512 << 20
     assert memory_capacity(levels) == 512 << 20
     # 300 MiB used of which 100 MiB is reclaimable cache: 312 MiB still available.
     assert memory_available(levels) == (512 - 200) << 20

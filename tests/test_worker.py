@@ -93,13 +93,13 @@ def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
     # one started must be evicted and come back, and all must finish without an OOM kill.
     lines = [f"python:{p}:0:1:{GROW} 250 0.02 1.5" for p in (3, 2, 1)]
     old, middle, young = submit(queue, lines)
-    workers("w1", "--cores", "4", "--memory-limit", "600M", "--memory-reserve", "100M",
-            "--evict-below", "60M")
-    wait_for(lambda: drained(queue), 120, "the queue to drain")
+    w = workers("w1", "--cores", "4", "--memory-limit", "600M", "--memory-reserve", "100M",
+                "--evict-below", "60M")
+    wait_for(lambda: drained(queue), 180, "the queue to drain")
     tasks = {name: queue.task(tid) for name, tid in
              (("old", old), ("middle", middle), ("young", young))}
-    assert all(t["state"] == "finished" for t in tasks.values()), tasks
-    assert int(tasks["young"]["evictions"]) >= 1
+    assert all(t["state"] == "finished" for t in tasks.values()), (tasks, w.output())
+    assert int(tasks["young"].get("evictions", 0)) >= 1, (tasks, w.output())
     assert "evictions" not in tasks["old"]
     assert int(tasks["young"]["req_mem"]) >= 200, "requeued with its observed peak"
     assert int(tasks["old"]["peak_mem"]) >= 250 << 20
@@ -116,8 +116,8 @@ def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
 
 def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers, tmp_path):
     marker = tmp_path / "ran-once"
-    (tid,) = submit(queue, [f"shell:0:0:1:if [ -e {marker} ]; then echo again; "
-                            f"else touch {marker}; sleep 300; fi"])
+    (tid,) = submit(queue, [(f"shell:0:0:1:if [ -e {marker} ]; then echo again; "
+                            f"else touch {marker}; sleep 300; fi")])
     w1 = workers("w1", "--heartbeat-ttl", "1")
     wait_for(lambda: marker.exists() and queue.task(tid).get("pid"), 30, "the task to start")
     orphan = int(queue.task(tid)["pid"])
@@ -133,8 +133,8 @@ def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers,
 
 def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_path):
     marker = tmp_path / "ran-once"
-    (tid,) = submit(queue, [f"shell:0:0:1:if [ -e {marker} ]; then echo resumed; "
-                            f"else touch {marker}; sleep 300; fi"])
+    (tid,) = submit(queue, [(f"shell:0:0:1:if [ -e {marker} ]; then echo resumed; "
+                            f"else touch {marker}; sleep 300; fi")])
     w1 = workers("w1", "--heartbeat-ttl", "30")
     wait_for(lambda: marker.exists() and queue.task(tid).get("pid"), 30, "the task to start")
     orphan = int(queue.task(tid)["pid"])
@@ -166,8 +166,8 @@ def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path):
 def test_drain_lets_running_tasks_finish(queue, workers, tmp_path):
     go = tmp_path / "go"
     started = tmp_path / "started"
-    (tid,) = submit(queue, [f"shell:0:0:1:touch {started}; while [ ! -e {go} ]; do sleep 0.05; "
-                            f"done; echo drained"])
+    (tid,) = submit(queue, [(f"shell:0:0:1:touch {started}; while [ ! -e {go} ]; do sleep 0.05; "
+                            f"done; echo drained")])
     w1 = workers("w1", "--drain")
     wait_for(started.exists, 30, "the task to start")
     w1.signal(signal.SIGTERM)
