@@ -195,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     capacity_mb = args.capacity_mb
     # The workload's own memory-seconds (each task's buffers ramp up over GROW, then stay for
     # HOLD), packed fluidly into the capacity; the measured variant uses the memory-seconds the
-    # finished attempts really held in the fastest tool's run (slower on a loaded machine).
+    # finished attempts really held (tasks run slower on a loaded machine), smallest over the
+    # tools that finished every task.
     lower = sum(p * (args.grow / 2 + args.hold) for p in peaks) / capacity_mb
-    measured = min(r["done_mb_s"] for r in results.values()) / capacity_mb
+    complete = [r["done_mb_s"] for r in results.values() if r["tasks_lost"] == 0]
+    measured = min(complete) / capacity_mb if complete else 0.0
     for r in results.values():
         r["vs_lower_bound"] = r["makespan_s"] / lower if lower else 0.0
     dc = results.get("distcomp", {})
