@@ -433,6 +433,32 @@ return 1
 """
 
 
+class _ReportPipeline(redis.client.Pipeline):
+    """Non-transactional pipeline whose scripts go out as plain EVALSHA.
+
+    redis-py sends SCRIPT EXISTS before every pipeline that runs scripts: one more round trip
+    per turn of the worker loop. Here the scripts are only loaded when Redis says it lost them
+    (NOSCRIPT after a restart or SCRIPT FLUSH), and then the pipeline is sent again. That is
+    safe because it only carries reports and annotations, which are idempotent: a report that
+    was applied the first time is answered with its recorded outcome the second time.
+    """
+
+    def __init__(self, client: redis.Redis, scripts: list[Any]) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, False, None)
+        self._client = client
+        self._all_scripts = scripts
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        stack = list(self.command_stack)
+        try:
+            return super().execute(raise_on_error)
+        except redis.exceptions.NoScriptError:
+            for script in self._all_scripts:
+                self._client.script_load(script.script)
+            self.command_stack = stack
+            return super().execute(raise_on_error)
+
+
 class LeaseLost(RuntimeError):
     """This worker no longer holds its lease: another instance took the name over."""
 
@@ -492,6 +518,8 @@ class Queue:
         return ":".join((self.ns, *parts))
 
     def _run(self, name: str, *args: Any, client: Any = None) -> Any:
+        if isinstance(client, _ReportPipeline):
+            return client.evalsha(self._scripts[name].sha, 0, self.ns, *args)
         return self._scripts[name](args=[self.ns, *args], client=client)
 
     # -- submission -------------------------------------------------------------------------
@@ -607,7 +635,8 @@ class Queue:
         return self._run("annotate", task_id, *_flat(fields), client=client)
 
     def pipeline(self) -> Any:
-        return self.r.pipeline(transaction=False)
+        """A pipeline for reports and annotations only (see ``_ReportPipeline``)."""
+        return _ReportPipeline(self.r, list(self._scripts.values()))
 
     # -- operator commands ------------------------------------------------------------------
     def cancel(self, ids: Iterable[str]) -> tuple[int, int]:
