@@ -350,7 +350,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
             setattr(wc, opt, parse_size(value, f"--{opt.replace('_', '-')}"))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    queue = _connect(args)
+    # A Redis call that hangs (a silent network cut) stalls the loop, and with it memory
+    # sampling and eviction: the worker gives each call a few seconds, not the CLI's 30.
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    timeout = min(5.0, max(1.0, wc.heartbeat_ttl / 4))
+    client = args.cfg.client(socket_timeout=timeout, socket_connect_timeout=timeout,
+                             retry=Retry(NoBackoff(), 1))
+    client.ping()
+    queue = Queue(client, args.cfg.namespace)
     return Worker(args.cfg, queue, drain=args.drain, exit_when_empty=args.exit_when_empty).run()
 
 
