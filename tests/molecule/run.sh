@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One entry point for the multi-node test: tools, Docker, node image, the Molecule scenario
-# (three systemd containers built from site.yml, checked end to end) and the linters.
+# One entry point for the multi-node test: tools, Docker, node image, the linters and the
+# Molecule scenario (three systemd containers built from site.yml, checked end to end).
 # Works as root on a fresh Debian 12 machine. Usage: tests/molecule/run.sh [molecule test args]
 # MOLECULE_SKIP_LINT=1 skips the linters; MOLECULE_VENV picks the virtualenv (default .venv-molecule).
+# A lint failure does not stop the scenario from running; the exit status reports both.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -10,6 +11,7 @@ venv=${MOLECULE_VENV:-$repo/.venv-molecule}
 cd "$repo"
 
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+failed=()
 
 step "virtualenv $venv"
 if [ ! -x "$venv/bin/python" ]; then
@@ -28,17 +30,23 @@ tests/cluster/build-node-image.sh
 
 if [ "${MOLECULE_SKIP_LINT:-0}" != 1 ]; then
     step "yamllint"
-    yamllint .
+    yamllint . || failed+=(yamllint)
     step "ansible-lint (production profile)"
-    ansible-lint
+    ansible-lint || failed+=(ansible-lint)
     step "syntax check of the top-level playbooks"
     for playbook in site.yml submit.yml teardown.yml status.yml; do
         [ -f "$playbook" ] || continue
-        ANSIBLE_CONFIG=$repo/ansible.cfg ansible-playbook -i inventory/local --syntax-check "$playbook"
+        ANSIBLE_CONFIG=$repo/ansible.cfg ansible-playbook -i inventory/local --syntax-check "$playbook" \
+            || failed+=("syntax-check $playbook")
     done
 fi
 
 step "molecule test"
-cd tests
-molecule test --scenario-name default "$@"
+(cd tests && molecule test --scenario-name default "$@") || failed+=("molecule test")
+
 step "done"
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "molecule scenario and linters passed"
