@@ -158,11 +158,13 @@ if added > 0 then redis.call('HINCRBY', P .. ':counts', 'todo', added) end
 return {added, existing}
 """
 
-# ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead
+# ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead,
+# min_charge_mb (what a task declaring less is charged: the worker's estimate of task size)
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local min_charge = tonumber(ARGV[10])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live = nil
 local function others_alive(failed_on)
@@ -199,7 +201,7 @@ while #claimed < max_n do
         if best_score ~= nil and score >= best_score then break end
         local f = redis.call('HMGET', P .. ':t:' .. head[i], 'req_mem', 'cpu', 'failed_on',
           'last_fail')
-        local mem, cpu = tonumber(f[1]), tonumber(f[2])
+        local mem, cpu = math.max(tonumber(f[1]), min_charge), tonumber(f[2])
         if mem <= free_mem and cpu <= free_cpu + 1e-9 and not avoided(f[3], f[4]) then
           best, best_score, best_bucket, best_mem, best_cpu = head[i], score, b, mem, cpu
           break
@@ -593,10 +595,13 @@ class Queue:
         return int(self._run("requeue_worker", worker, reason))
 
     def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
-              avoid_window_s: float = 60.0) -> list[Claim] | None:
-        """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone."""
+              avoid_window_s: float = 60.0, min_charge_mb: float = 0.0) -> list[Claim] | None:
+        """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone.
+
+        Each task is charged the larger of its memory requirement and ``min_charge_mb``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
-                         repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD)
+                         repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
+                         repr(float(min_charge_mb)))
         if rows == -1:
             return None
         claims = []

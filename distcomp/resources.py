@@ -29,6 +29,16 @@ class CgroupMemory:
     usage_file: Path
     stat_file: Path
     inactive_key: str
+    events_file: Path
+
+    def oom_kills(self) -> int:
+        """Processes the kernel OOM-killed in this cgroup (v1 memory.oom_control, v2
+        memory.events; 0 where the kernel does not count them)."""
+        for line in (_read(self.events_file) or "").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
 
     def limit(self) -> int:
         text = _read(self.limit_file)
@@ -82,14 +92,15 @@ def memory_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> 
             if (d / "memory.limit_in_bytes").exists():
                 levels.append(CgroupMemory(d / "memory.limit_in_bytes",
                                            d / "memory.usage_in_bytes", d / "memory.stat",
-                                           "total_inactive_file"))
+                                           "total_inactive_file", d / "memory.oom_control"))
     elif v2 is not None and (root / "cgroup.controllers").exists():
         path = Path(v2)
         for ancestor in [path, *path.parents]:
             d = root / str(ancestor).lstrip("/")
             if (d / "memory.max").exists():
                 levels.append(CgroupMemory(d / "memory.max", d / "memory.current",
-                                           d / "memory.stat", "inactive_file"))
+                                           d / "memory.stat", "inactive_file",
+                                           d / "memory.events"))
     return levels
 
 
@@ -160,6 +171,16 @@ def _processes() -> Iterator[tuple[int, bytes, int, int]]:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
         yield int(entry.name), fields[0], int(fields[3]), int(fields[21]) * PAGE
+
+
+def oom_kills(cgroups: list[CgroupMemory]) -> int:
+    """A counter that grows whenever the kernel OOM-kills a process this worker could own:
+    machine-wide (/proc/vmstat) plus every cgroup level above the worker."""
+    total = sum(cg.oom_kills() for cg in cgroups)
+    for line in (_read(Path("/proc/vmstat")) or "").splitlines():
+        if line.startswith("oom_kill "):
+            total += int(line.split()[1])
+    return total
 
 
 def session_rss() -> dict[int, int]:

@@ -10,6 +10,7 @@ the queue answers a re-sent report with the outcome it recorded the first time.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -32,6 +33,7 @@ from .resources import (
     memory_capacity,
     memory_cgroups,
     mib,
+    oom_kills,
     session_rss,
     usable_cores,
 )
@@ -41,6 +43,7 @@ log = logging.getLogger("distcomp.worker")
 
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
+PEAK_WINDOW = 32  # recent task peaks behind the memory estimate of undeclared tasks
 
 
 class Worker:
@@ -88,7 +91,9 @@ class Worker:
         self.sweep_sids: set[int] = set()
         self.available = self.capacity
         self.tasks_rss = 0
-        self.evicting: str | None = None
+        self.evicting: set[str] = set()  # evicted tasks not yet exited: measure again after
+        self.oom_count = 0
+        self.peaks: collections.deque[int] = collections.deque(maxlen=PEAK_WINDOW)
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
         self.stop_requested = False    # stop-workers: drain, then exit 10
@@ -179,25 +184,40 @@ class Worker:
         if self.wc.memory_limit:
             avail = min(avail, self.capacity - total)
         self.available = avail
-        if self.evicting is not None or avail >= self.evict_below:
+        self.oom_count = oom_kills(self.cgroups)
+        if self.evicting or avail >= self.evict_below:
             return
-        candidates = [t for t in self.running.values() if t.kill_reason is None]
-        if not candidates:
-            return
-        victim = max(candidates, key=lambda t: t.started_mono)
-        victim.extra["alone"] = len(self.running) == 1
-        victim.extra["avail_at_evict"] = avail
-        log.warning("memory short (%s available, eviction below %s): evicting task %s "
-                    "(started last, using %s)", gib(avail), gib(self.evict_below),
-                    victim.task_id, gib(victim.rss))
-        self.evicting = victim.task_id
-        self.runner.kill(victim, "evict", self.wc.kill_grace)
+        # Evict the youngest tasks until what they hold brings available memory back up to the
+        # reserve: one at a time is too slow when several tasks grow together.
+        candidates = sorted((t for t in self.running.values() if t.kill_reason is None),
+                            key=lambda t: t.started_mono, reverse=True)
+        alone = len(self.running) == 1
+        shortfall = self.reserve - avail
+        for victim in candidates:
+            victim.extra["alone"] = alone
+            log.warning("memory short (%s available, eviction below %s): evicting task %s "
+                        "(started last, using %s)", gib(avail), gib(self.evict_below),
+                        victim.task_id, gib(victim.rss))
+            self.evicting.add(victim.task_id)
+            self.runner.kill(victim, "evict", self.wc.kill_grace)
+            shortfall -= victim.rss
+            if shortfall <= 0:
+                break
 
     # -- claiming ---------------------------------------------------------------------------
+    def estimate_mb(self) -> float:
+        """What a task that declares less is expected to grow to: the mean peak of recent tasks
+        on this worker. Undeclared tasks are charged this much, so a node does not start more
+        of them than their typical size fits."""
+        return sum(self.peaks) / len(self.peaks) / 2**20 if self.peaks else 0.0
+
     def free(self) -> tuple[float, float, int]:
-        declared = sum(t.claim.mem_mb for t in self.running.values())
-        free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - declared,
-                       (self.available - self.reserve) / 2**20)
+        est = self.estimate_mb()
+        running = self.running.values()
+        committed = sum(max(t.claim.mem_mb, t.peak_rss / 2**20, est) for t in running)
+        growth = sum(max(0.0, max(t.claim.mem_mb, est) - t.rss / 2**20) for t in running)
+        free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - committed,
+                       (self.available - self.reserve) / 2**20 - growth)
         free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
         slots = min(MAX_CLAIM_BATCH, self.max_tasks - len(self.running))
         return free_mem, free_cpu, slots
@@ -205,17 +225,18 @@ class Worker:
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
         free_mem, free_cpu, slots = self.free()
-        return slots > 0 and free_mem >= 0 and free_cpu >= 0 and self.evicting is None
+        return slots > 0 and free_mem >= 0 and free_cpu >= 0 and not self.evicting
 
     def claim(self) -> int:
         free_mem, free_cpu, slots = self.free()
         claims = self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
-                              self.wc.avoid_window)
+                              self.wc.avoid_window, self.estimate_mb())
         if claims is None:
             self.lease_expired = True
             return 0
         for claim in claims:
             task = self.runner.start(claim)
+            task.extra["oom0"] = self.oom_count
             self.running[claim.task_id] = task
             if task.spawn_error is not None:
                 self.completed(task)
@@ -244,14 +265,23 @@ class Worker:
         self.freed = True
         if task.pid > 0:
             self.sweep_sids.add(task.pid)
-        if self.evicting == task.task_id:
-            self.evicting = None
+        self.evicting.discard(task.task_id)
         res = self.result(task)
         reason = task.kill_reason
         rc = task.returncode
         if reason in ("shutdown", "lost"):
             self.runner.discard(task)
             return
+        if task.peak_rss and task.spawn_error is None:
+            self.peaks.append(task.peak_rss)
+        if reason is None and rc == -signal.SIGKILL and oom_kills(self.cgroups) > \
+                task.extra.get("oom0", 0):
+            # The kernel got there first: the task needs more memory than it had, which is an
+            # eviction (requeue with its peak), not a failure of the task.
+            log.warning("task %s was killed by the kernel OOM killer (peak %s); requeueing",
+                        task.task_id, gib(task.peak_rss))
+            reason = "evict"
+            res["reason"] = "killed by the kernel OOM killer"
         if reason == "evict":
             self.evicted += 1
             peak = mib(task.peak_rss)
