@@ -93,6 +93,8 @@ class Worker:
         self.tasks_rss = 0
         self.evicting: set[str] = set()  # evicted tasks not yet exited: measure again after
         self.oom_count = 0
+        self.last_sample = 0.0
+        self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
         self.peaks: collections.deque[int] = collections.deque(maxlen=PEAK_WINDOW)
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
@@ -167,13 +169,24 @@ class Worker:
 
     # -- memory -----------------------------------------------------------------------------
     def sample(self) -> None:
-        """Measure every task's tree and the node's available memory; evict if it is short."""
+        """Measure every task's tree and the node's available memory; evict if it is short.
+
+        The decision looks one sample ahead: memory the running tasks gained since the last
+        sample (per second) is assumed to keep coming until the next sample plus the time a
+        kill takes, because tasks that grow together can eat the whole reserve in between."""
         rss = session_rss()
-        total = 0
+        total = growth = 0
+        now = time.monotonic()
         for task in self.running.values():
+            last = task.rss
             task.rss = rss.get(task.pid, 0)
             task.peak_rss = max(task.peak_rss, task.rss)
             total += task.rss
+            if task.kill_reason is None:
+                growth += max(0, task.rss - last)
+        elapsed = now - self.last_sample if self.last_sample else 0.0
+        self.last_sample = now
+        self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
         self.tasks_rss = total
         for sid in list(self.sweep_sids):
             if sid in rss:
@@ -185,14 +198,18 @@ class Worker:
             avail = min(avail, self.capacity - total)
         self.available = avail
         self.oom_count = oom_kills(self.cgroups)
-        if self.evicting or avail >= self.evict_below:
+        # A task running alone protects nobody by leaving early: it is measured up to the
+        # threshold itself, so its peak tells whether it can ever fit this node.
+        ahead = self.growth_rate * (self.sample_every() + 0.1) if len(self.running) > 1 else 0
+        projected = avail - ahead
+        if self.evicting or projected >= self.evict_below:
             return
         # Evict the youngest tasks until what they hold brings available memory back up to the
         # reserve: one at a time is too slow when several tasks grow together.
         candidates = sorted((t for t in self.running.values() if t.kill_reason is None),
                             key=lambda t: t.started_mono, reverse=True)
         alone = len(self.running) == 1
-        shortfall = self.reserve - avail
+        shortfall = self.reserve - projected
         for victim in candidates:
             victim.extra["alone"] = alone
             log.warning("memory short (%s available, eviction below %s): evicting task %s "
@@ -203,6 +220,12 @@ class Worker:
             shortfall -= victim.rss
             if shortfall <= 0:
                 break
+
+    def sample_every(self) -> float:
+        """Sample faster while memory is tight: growth is caught between samples."""
+        if self.available < 2 * self.reserve + self.growth_rate * self.wc.sample_interval:
+            return min(self.wc.sample_interval, 0.05)
+        return self.wc.sample_interval
 
     # -- claiming ---------------------------------------------------------------------------
     def estimate_mb(self) -> float:
@@ -440,7 +463,6 @@ class Worker:
         log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s), results in %s",
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
                  gib(self.evict_below), self.wc.results_dir)
-        interval = self.wc.sample_interval
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         mono = time.monotonic()
         next_sample = next_hb = next_claim = mono
@@ -452,7 +474,7 @@ class Worker:
                 self.reap_children()
                 if mono >= next_sample:
                     self.sample()
-                    next_sample = mono + interval
+                    next_sample = mono + self.sample_every()
                 self.check_deadlines(mono)
                 try:
                     if self.fast_stop and not requeued:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import uuid
 
 import psutil
+import pytest
 
 from tests.conftest import HELPERS
 from tests.helpers import wait_for
@@ -242,3 +245,41 @@ def test_tasks_reserving_no_cores_are_capped_per_core(queue, workers, tmp_path):
     assert queue.counts()["todo"] == 8
     gate.touch()
     wait_for(lambda: drained(queue), 60, "the queue to drain")
+
+
+def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
+        queue, redis_server, namespace, tmp_path):
+    """A worker inside a real 300 MiB cgroup (no --memory-limit: capacity comes from the cgroup)
+    runs a task that grabs 1 GiB fast. Whether the worker evicts it first or the kernel kills it,
+    the task must end failed with a reason about memory, and the worker must survive."""
+    from tests.test_resources import _own_v1_memory_cgroup
+
+    parent = _own_v1_memory_cgroup()
+    if parent is None or not os.access(parent, os.W_OK):
+        pytest.skip("no writable cgroup v1 memory controller")
+
+    group = parent / f"distcomp-worker-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(300 << 20))
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 1000 0.001 5"])
+    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
+           "DISTCOMP_CONFIG": "/dev/null"}
+    worker = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable, "-m",
+         "distcomp", "worker", "--name", "cg", "--results-dir", str(tmp_path / "r")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: state(queue, tid) == "failed", 60, "the task to fail")
+        reason = queue.task(tid)["reason"]
+        # Worker first: "needs more memory than node cg has ..."; kernel first: the OOM kill is
+        # requeued as an eviction and the queue finds no worker with room: "needs N MiB ...".
+        assert reason.startswith("needs "), reason
+        assert worker.poll() is None, "the worker survives"
+        assert int(queue.r.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
+    finally:
+        worker.kill()
+        worker.wait(10)
+        for pid in (group / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "cgroup to empty")
+        group.rmdir()
