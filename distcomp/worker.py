@@ -518,7 +518,6 @@ class Worker:
             for task in self.running.values():
                 self.runner.kill(task, "lost", 0)
                 self.runner.escalate(task)
-            self.exit_code = 1
             return 1
         try:
             self.q.deregister(self.name, self.token)
