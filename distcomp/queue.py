@@ -440,9 +440,9 @@ class _ReportPipeline(redis.client.Pipeline):
 
     redis-py sends SCRIPT EXISTS before every pipeline that runs scripts: one more round trip
     per turn of the worker loop. Here the scripts are only loaded when Redis says it lost them
-    (NOSCRIPT after a restart or SCRIPT FLUSH), and then the pipeline is sent again. That is
-    safe because it only carries reports and annotations, which are idempotent: a report that
-    was applied the first time is answered with its recorded outcome the second time.
+    (NOSCRIPT after a restart or SCRIPT FLUSH), and then only the commands that got NOSCRIPT
+    are sent again: a script that was refused did not run, so each command still runs once,
+    and a claim can share the round trip with the reports.
     """
 
     def __init__(self, client: redis.Redis, scripts: list[Any]) -> None:
@@ -452,13 +452,20 @@ class _ReportPipeline(redis.client.Pipeline):
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         stack = list(self.command_stack)
-        try:
-            return super().execute(raise_on_error)
-        except redis.exceptions.NoScriptError:
+        replies = super().execute(raise_on_error=False)
+        refused = [i for i, reply in enumerate(replies)
+                   if isinstance(reply, redis.exceptions.NoScriptError)]
+        if refused:
             for script in self._all_scripts:
                 self._client.script_load(script.script)
-            self.command_stack = stack
-            return super().execute(raise_on_error)
+            self.command_stack = [stack[i] for i in refused]
+            for i, reply in zip(refused, super().execute(raise_on_error=False)):
+                replies[i] = reply
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
 
 
 class LeaseLost(RuntimeError):
@@ -595,13 +602,21 @@ class Queue:
         return int(self._run("requeue_worker", worker, reason))
 
     def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
-              avoid_window_s: float = 60.0, min_charge_mb: float = 0.0) -> list[Claim] | None:
+              avoid_window_s: float = 60.0, min_charge_mb: float = 0.0,
+              client: Any = None) -> list[Claim] | None:
         """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone.
 
-        Each task is charged the larger of its memory requirement and ``min_charge_mb``."""
+        Each task is charged the larger of its memory requirement and ``min_charge_mb``. With
+        a ``pipeline()`` as ``client`` the call is only queued: pass its reply to
+        ``claims()``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
-                         repr(float(min_charge_mb)))
+                         repr(float(min_charge_mb)), client=client)
+        return rows if client is not None else self.claims(rows)
+
+    @staticmethod
+    def claims(rows: Any) -> list[Claim] | None:
+        """The tasks a claim script's reply hands over; None when the lease was gone."""
         if rows == -1:
             return None
         claims = []
@@ -640,7 +655,7 @@ class Queue:
         return self._run("annotate", task_id, *_flat(fields), client=client)
 
     def pipeline(self) -> Any:
-        """A pipeline for reports and annotations only (see ``_ReportPipeline``)."""
+        """A pipeline for reports, annotations and a claim (see ``_ReportPipeline``)."""
         return _ReportPipeline(self.r, list(self._scripts.values()))
 
     # -- operator commands ------------------------------------------------------------------

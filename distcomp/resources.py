@@ -19,6 +19,7 @@ import psutil
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60
 PAGE = os.sysconf("SC_PAGE_SIZE")
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,17 @@ def _processes() -> Iterator[tuple[int, bytes, int, int]]:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
         yield int(entry.name), fields[0], int(fields[3]), int(fields[21]) * PAGE
+
+
+def process_start(pid: int) -> str:
+    """An identity for process ``pid`` that a reused pid cannot match: the boot it belongs to
+    and its start time in clock ticks since that boot, both exact. "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    return f"{_BOOT_ID}:{int(stat[stat.rfind(b')') + 2:].split()[19])}"
 
 
 def oom_kills(cgroups: list[CgroupMemory]) -> int:

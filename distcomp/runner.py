@@ -61,7 +61,7 @@ class Runner:
         self.workdir = workdir
         self.python = python
         self.tail_bytes = tail_bytes
-        self.extra_env = extra_env
+        self.base_env = {**os.environ, **extra_env}
         self._made: set[Path] = set()
 
     def shard(self, task_id: str) -> Path:
@@ -85,9 +85,7 @@ class Runner:
         d = self.shard(claim.task_id)
         out_part = d / f"{claim.task_id}.a{claim.attempt}.out"
         err_part = d / f"{claim.task_id}.a{claim.attempt}.err"
-        env = dict(os.environ)
-        env.update(self.extra_env)
-        env.update(claim.env)
+        env = {**self.base_env, **claim.env}
         env["DISTCOMP_TASK_ID"] = claim.task_id
         env["DISTCOMP_ATTEMPT"] = str(claim.attempt)
         now, mono = time.time(), time.monotonic()

@@ -2,10 +2,11 @@
 
 One thread, one loop. The loop sleeps in ``poll`` on the pidfds of its tasks and a signal
 wake-up pipe, so a finished task is noticed at once and the worker uses no CPU while tasks run.
-Every Redis round trip carries as much as it can: one claim call takes several tasks, and all
-reports and annotations gathered in one turn of the loop go out in one pipeline. When Redis is
-unreachable the tasks keep running and the reports wait; they are re-sent when it is back, and
-the queue answers a re-sent report with the outcome it recorded the first time.
+Every Redis round trip carries as much as it can: all reports and annotations gathered in one
+turn of the loop and the claim for the room they free go out in one pipeline, and one claim
+takes several tasks. When Redis is unreachable the tasks keep running and the reports wait; they
+are re-sent when it is back, and the queue answers a re-sent report with the outcome it
+recorded the first time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import redis
 
 from . import __version__
 from .config import Config, ConfigError
-from .queue import LeaseLost, Queue
+from .queue import Claim, LeaseLost, Queue
 from .resources import (
     gib,
     memory_available,
@@ -34,6 +35,7 @@ from .resources import (
     memory_cgroups,
     mib,
     oom_kills,
+    process_start,
     session_rss,
     usable_cores,
 )
@@ -111,9 +113,8 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        me = psutil.Process()
         return {
-            "host": self.host, "pid": os.getpid(), "pstart": repr(me.create_time()),
+            "host": self.host, "pid": os.getpid(), "pstart": process_start(os.getpid()),
             "token": self.token, "started": repr(self.started), "cores": self.cores,
             "mem_total": self.capacity, "reserve": self.reserve, "ttl_ms": self.ttl_ms,
             "room_mb": (self.capacity - self.reserve) >> 20,
@@ -178,6 +179,8 @@ class Worker:
         total = growth = 0
         now = time.monotonic()
         for task in self.running.values():
+            if "pstart" not in task.extra and task.pid > 0:
+                self.annotate(task)
             last = task.rss
             task.rss = rss.get(task.pid, 0)
             task.peak_rss = max(task.peak_rss, task.rss)
@@ -250,13 +253,7 @@ class Worker:
         free_mem, free_cpu, slots = self.free()
         return slots > 0 and free_mem >= 0 and free_cpu >= 0 and not self.evicting
 
-    def claim(self) -> int:
-        free_mem, free_cpu, slots = self.free()
-        claims = self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
-                              self.wc.avoid_window, self.estimate_mb())
-        if claims is None:
-            self.lease_expired = True
-            return 0
+    def start(self, claims: list[Claim]) -> None:
         for claim in claims:
             task = self.runner.start(claim)
             task.extra["oom0"] = self.oom_count
@@ -266,10 +263,17 @@ class Worker:
                 continue
             self.by_fd[task.pidfd] = claim.task_id
             self.poller.register(task.pidfd, select.POLLIN)
-            self.ops.append(("annotate", task, {
-                "pid": task.pid, "host": self.host, "pstart": _create_time(task.pid)}))
             log.debug("started %s attempt %d: %s", claim.task_id, claim.attempt, claim.params)
-        return len(claims)
+
+    def annotate(self, task: RunningTask) -> None:
+        """Record where the task runs, so that a restarted worker can kill what a crashed one
+        left. Done at the first sample after the start, not at the start: reading a process's
+        /proc entry while it is still setting itself up waits for it, and short tasks are
+        gone before they need it."""
+        task.extra["pstart"] = pstart = process_start(task.pid)
+        if pstart:
+            self.ops.append(("annotate", task,
+                             {"pid": task.pid, "host": self.host, "pstart": pstart}))
 
     # -- completion and reports -------------------------------------------------------------
     def result(self, task: RunningTask) -> dict[str, Any]:
@@ -339,10 +343,11 @@ class Worker:
                          else f"exit code {rc}")
         self.ops.append(("fail", task, (res, True)))
 
-    def flush(self) -> None:
-        """Send every pending report and annotation in one round trip."""
-        if not self.ops:
-            return
+    def exchange(self, claim: bool) -> int:
+        """Send every pending report and annotation, and with ``claim`` a claim for what is
+        free, in one round trip; start the claimed tasks. Returns how many were claimed."""
+        if not self.ops and not claim:
+            return 0
         pipe = self.q.pipeline()
         for kind, task, payload in self.ops:
             assert task is not None
@@ -362,6 +367,10 @@ class Worker:
                     f"evicted {self.wc.eviction_budget + 1} times (eviction budget "
                     f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
                     res, client=pipe)
+        if claim:
+            free_mem, free_cpu, slots = self.free()
+            self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
+                         self.wc.avoid_window, self.estimate_mb(), client=pipe)
         replies = pipe.execute()
         ops, self.ops = self.ops, []
         for (kind, task, payload), outcome in zip(ops, replies):
@@ -378,6 +387,14 @@ class Worker:
                 if kind != "finish":
                     log.info("task %s %s: %s", task.task_id,
                              "requeued" if outcome == 2 else "failed", _reason(payload))
+        if not claim:
+            return 0
+        claims = self.q.claims(replies[-1])
+        if claims is None:
+            self.lease_expired = True
+            return 0
+        self.start(claims)
+        return len(claims)
 
     # -- heartbeat --------------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -484,13 +501,12 @@ class Worker:
                         self.lease_expired = False
                         self.heartbeat()
                         next_hb = mono + hb_every
-                    self.flush()
                     if self.freed:
                         self.freed, idle, next_claim = False, 0.05, mono
-                    if not self.stopping and mono >= next_claim and self.has_room():
-                        if self.claim():
-                            idle, next_claim = 0.05, mono
-                        else:
+                    claim = not self.stopping and mono >= next_claim and self.has_room()
+                    if self.exchange(claim):
+                        idle, next_claim = 0.05, mono
+                    elif claim:
                             next_claim = mono + idle
                             idle = min(idle * 2, 1.0)
                             if self.exit_when_empty and not self.running and self._empty():
@@ -550,13 +566,6 @@ def _reason(payload: Any) -> str:
     return ""
 
 
-def _create_time(pid: int) -> str:
-    try:
-        return repr(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return ""
-
-
 def _alive(info: dict[str, str]) -> bool:
     try:
         return _same_process(int(info.get("pid", 0)), info.get("pstart", ""))
@@ -566,9 +575,4 @@ def _alive(info: dict[str, str]) -> bool:
 
 def _same_process(pid: int, pstart: str) -> bool:
     """True if ``pid`` is still the process that started at ``pstart`` (not a reused pid)."""
-    if pid <= 0 or not pstart:
-        return False
-    try:
-        return abs(psutil.Process(pid).create_time() - float(pstart)) < 0.01
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
+    return pid > 0 and bool(pstart) and process_start(pid) == pstart
