@@ -124,33 +124,36 @@ local added, existing = 0, 0
 -- task, because the client spends more time packing arguments than Redis spends storing them.
 local T = cjson.decode(ARGV[3])
 local n = #T / 11
-local seen_bucket = {}
+local tprefix, qprefix = P .. ':t:', P .. ':q:'
+local bucket_of_class = {}
 local seq = redis.call('INCRBY', P .. ':seq', n) - n
 for i = 0, n - 1 do
   local a = 1 + i * 11
   local id = T[a]
-  local tkey = P .. ':t:' .. id
+  local tkey = tprefix .. id
   if redis.call('EXISTS', tkey) == 1 then
     existing = existing + 1
   else
     seq = seq + 1
-    local prio = tonumber(T[a + 2])
-    local score = string.format('%.0f', -prio * 4294967296 + seq)
-    redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'mem', T[a + 3],
-      'req_mem', T[a + 3], 'cpu', T[a + 4], 'params', T[a + 5],
-      'max_retries', T[a + 9], 'seq', seq, 'score', score, 'submitted', now,
-      'dram_gb', T[a + 10], 'state', 'todo', 'worker', '')
-    -- Optional fields are stored only when set: a million tasks should cost little memory.
+    local score = string.format('%.0f', -tonumber(T[a + 2]) * 4294967296 + seq)
+    -- Only what is read later is stored (an absent field reads as ''): a million tasks
+    -- should cost little memory and little time.
+    redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'req_mem', T[a + 3],
+      'cpu', T[a + 4], 'params', T[a + 5], 'max_retries', T[a + 9], 'score', score,
+      'submitted', now, 'dram_gb', T[a + 10], 'state', 'todo')
     if T[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', T[a + 6]) end
     if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
     if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
-    -- What to_todo does, with the fields already at hand and the counter bumped once a chunk.
-    local b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
-    redis.call('ZADD', P .. ':q:' .. b, score, id)
-    if not seen_bucket[b] then
+    -- What to_todo does, with the fields already at hand, the resource class of each distinct
+    -- (memory, cores) pair worked out once a chunk and the counter bumped once a chunk.
+    local class = T[a + 3] .. '/' .. T[a + 4]
+    local b = bucket_of_class[class]
+    if not b then
+      b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
+      bucket_of_class[class] = b
       redis.call('SADD', P .. ':buckets', b)
-      seen_bucket[b] = true
     end
+    redis.call('ZADD', qprefix .. b, score, id)
     added = added + 1
   end
 end
