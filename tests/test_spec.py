@@ -1,8 +1,13 @@
 """Taskfile parsing: the legacy colon format byte-for-byte, JSON Lines, and every rejection."""
 
+import json
+
 import pytest
 
-from distcomp.spec import MAX_LINE_BYTES, SpecError, parse_line, parse_taskfile
+from distcomp.spec import MAX_LINE_BYTES, SpecError, TaskSpec, parse_line, parse_taskfile
+
+# The id of `shell:4:2:2:./cachesim PARAM1 PARAM2` since the first release.
+PINNED_ID = "4b844f3aefc9d92e"
 
 
 def test_colon_format_keeps_colons_in_params():
@@ -37,6 +42,41 @@ def test_id_is_stable_and_normalized():
     assert a.task_id == b.task_id == c.task_id
     assert parse_line(b"shell:5:2:2:echo x").task_id != a.task_id
     assert len(a.task_id) == 16
+
+
+def _reference_canonical(spec: TaskSpec) -> str:
+    doc = {"type": spec.type, "priority": spec.priority, "min_dram_gb": float(spec.min_dram_gb),
+           "min_cpu": float(spec.min_cpu), "params": spec.params,
+           "max_retries": spec.max_retries}
+    if spec.timeout_s is not None:
+        doc["timeout_s"] = float(spec.timeout_s)
+    if spec.cwd is not None:
+        doc["cwd"] = spec.cwd
+    if spec.env:
+        doc["env"] = spec.env
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("line", [
+    b"shell:4:2:2:./cachesim PARAM1 PARAM2",
+    b"python:-7:0.001:0.25:sim.py --x 'a b' --y \"c\"",
+    "shell:999999:1e-7:100000:echo \u00e9\u6f22 \U0001f600 tab\there".encode(),
+    b"shell:0:1048576:0:printf '\\\\' \x1b[0m",
+    (b'{"type":"shell","params":"make","timeout_s":0.5,"cwd":"/d/\u00e9","max_retries":0,'
+     b'"env":{"Z":"1","A":"\\"q\\"","M":"\u00e9"},"priority":-3,"min_dram_gb":3,"min_cpu":7}'),
+])
+def test_canonical_form_is_sorted_compact_json(line):
+    """Task ids must not change: the hand-written canonical form equals json.dumps of the
+    fields with sorted keys, for unicode, escapes, floats and every optional field."""
+    spec = parse_line(line)
+    assert spec.canonical() == _reference_canonical(spec)
+    assert json.loads(spec.canonical())["params"] == spec.params
+
+
+def test_task_ids_are_pinned():
+    """The id of a given line is part of the contract (resubmitting after an upgrade must
+    not queue the task again)."""
+    assert parse_line(b"shell:4:2:2:./cachesim PARAM1 PARAM2").task_id == PINNED_ID
 
 
 def test_duplicates_in_one_file_are_kept_once():
