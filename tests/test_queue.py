@@ -233,3 +233,23 @@ def test_unplaceable_counts_tasks_no_live_worker_can_take(queue):
     register(queue, "w", room_mb=8192)
     queue.r.hset(queue.key("w", "w"), "cores", 16)
     assert queue.unplaceable() == 2
+
+
+def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue):
+    """The worker sends its reports and its next claim in one pipeline. When Redis has lost
+    scripts (restart, SCRIPT FLUSH) only the commands it refused are sent again: a claim that
+    ran is not run a second time."""
+    queue.submit([spec(f"echo {i}") for i in range(6)])
+    register(queue, "w")
+    done = claim_one(queue, "w")
+    queue.r.script_flush()
+    queue.r.script_load(queue._scripts["claim"].script)
+    pipe = queue.pipeline()
+    queue.claim("w", "tok-w", 1e9, 1e9, 2, client=pipe)
+    queue.finish(done.task_id, "w", done.attempt, {"exit_code": 0}, client=pipe)
+    rows, finished = pipe.execute()
+    claims = Queue.claims(rows)
+    assert finished == 1 and len(claims) == 2
+    assert queue.counts() == {"todo": 3, "running": 2, "finished": 1, "failed": 0, "total": 6}
+    assert {c.task_id for c in claims} == {
+        x.decode() for x in queue.r.smembers(queue.key("run", "w"))}
