@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One entry point for the multi-node test: tools, Docker, node image, the linters and the
-# Molecule scenario (three systemd containers built from site.yml, checked end to end).
+# One entry point for the multi-node test: tools, the scenario's inventory (generated from a
+# manifest), Docker, node image, the linters and the Molecule scenario (three systemd
+# containers built from site.yml, checked end to end).
 # Works as root on a fresh Debian 12 machine. Usage: tests/molecule/run.sh [molecule test args]
 # MOLECULE_SKIP_LINT=1 skips the linters; MOLECULE_VENV picks the virtualenv (default .venv-molecule).
 # A lint failure does not stop the scenario from running; the exit status reports both.
@@ -8,6 +9,8 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 venv=${MOLECULE_VENV:-$repo/.venv-molecule}
+manifest=tests/fixtures/cloudlab/local-cluster.xml
+inventory=tests/molecule/default/inventory/hosts.yml
 cd "$repo"
 
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
@@ -21,7 +24,18 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/molecule/requirements.txt
+# distcomp too (editable: later code changes need no reinstall), for `distcomp inventory cloudlab`.
+stamp=$venv/.distcomp-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check -e .
+    touch "$stamp"
+fi
 export PATH="$venv/bin:$PATH"
+
+# The scenario's hosts, groups and addresses come from a CloudLab-style manifest, through the same
+# command a CloudLab user runs; molecule.yml links the result (git-ignored) into its inventory.
+step "inventory from $manifest"
+distcomp inventory cloudlab "$manifest" -o "$inventory"
 
 step "docker engine and debootstrap"
 tests/cluster/install-docker.sh
