@@ -4,6 +4,12 @@ Output goes to files rather than pipes so a task that writes gigabytes (or inval
 the worker nothing; only a bounded tail is read back for Redis. The part files carry the attempt
 number and are renamed to their final names only after the queue accepted the report, so the
 files on disk always belong to the attempt that was recorded.
+
+Tasks start with ``posix_spawn``, not ``subprocess.Popen``: starting a process is most of what
+the worker does for short tasks, and Popen spent as long in Python (converting the environment,
+setting up pipes and handles) as the kernel spent starting the process. The worker opens the two
+output files itself and keeps them open while the task runs, so the tails are read from those
+descriptors without opening the files again.
 """
 
 from __future__ import annotations
@@ -11,26 +17,31 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .queue import Claim
 from .resources import session_pids
+
+_OUTPUT_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+# Python ignores SIGPIPE and SIGXFSZ for itself; a task must start with the defaults, as
+# subprocess's restore_signals gives them.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass
 class RunningTask:
     claim: Claim
-    proc: subprocess.Popen | None
     pid: int
     pidfd: int
     started: float
     started_mono: float
-    out_part: Path
-    err_part: Path
+    out_part: str
+    err_part: str
+    out_fd: int = -1
+    err_fd: int = -1
     peak_rss: int = 0
     rss: int = 0
     kill_reason: str | None = None
@@ -38,6 +49,8 @@ class RunningTask:
     returncode: int | None = None
     ended: float = 0.0
     spawn_error: str | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -52,58 +65,84 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def close_inherited_fds() -> None:
+    """Make every descriptor above stderr close on exec. ``posix_spawn`` does not close
+    descriptors the way Popen's ``close_fds`` does; Python opens its own ones non-inheritable,
+    so only what the worker itself inherited needs this, once."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, closed by now
+
+
 class Runner:
     """Starts, watches and cleans up the processes of tasks on this node."""
 
     def __init__(self, results_dir: str, workdir: str, python: str, tail_bytes: int,
                  extra_env: dict[str, str]) -> None:
-        self.results = Path(results_dir)
-        self.workdir = workdir
-        self.python = python
+        self.results = os.path.abspath(results_dir)
+        self.workdir = os.path.abspath(workdir) if workdir else "/"
         self.tail_bytes = tail_bytes
         self.base_env = {**os.environ, **extra_env}
-        self._made: set[Path] = set()
+        search = self.base_env.get("PATH", os.defpath)
+        # Resolved once: a task's own PATH does not change which interpreter runs it.
+        self.bash = shutil.which("bash", path=search) or "bash"
+        self.python = shutil.which(python, path=search) or python
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._made: set[str] = set()
 
-    def shard(self, task_id: str) -> Path:
+    def shard(self, task_id: str) -> str:
         """Results fan out over 256 directories: a million files in one folder hurts MooseFS."""
-        d = self.results / task_id[:2]
+        d = f"{self.results}/{task_id[:2]}"
         if d not in self._made:
-            d.mkdir(parents=True, exist_ok=True)
+            os.makedirs(d, exist_ok=True)
             self._made.add(d)
         return d
 
-    def final_paths(self, task_id: str) -> tuple[Path, Path]:
-        d = self.results / task_id[:2]
-        return d / f"{task_id}.out", d / f"{task_id}.err"
+    def final_paths(self, task_id: str) -> tuple[str, str]:
+        d = f"{self.results}/{task_id[:2]}"
+        return f"{d}/{task_id}.out", f"{d}/{task_id}.err"
 
     def argv(self, claim: Claim) -> list[str]:
         if claim.type == "python":
             return [self.python, *shlex.split(claim.params)]
-        return ["bash", "-c", claim.params]
+        return [self.bash, "-c", claim.params]
 
     def start(self, claim: Claim) -> RunningTask:
         d = self.shard(claim.task_id)
-        out_part = d / f"{claim.task_id}.a{claim.attempt}.out"
-        err_part = d / f"{claim.task_id}.a{claim.attempt}.err"
-        env = {**self.base_env, **claim.env}
+        stem = f"{d}/{claim.task_id}.a{claim.attempt}"
+        env = {**self.base_env, **claim.env} if claim.env else dict(self.base_env)
         env["DISTCOMP_TASK_ID"] = claim.task_id
         env["DISTCOMP_ATTEMPT"] = str(claim.attempt)
-        now, mono = time.time(), time.monotonic()
+        argv = self.argv(claim)
+        task = RunningTask(claim, 0, -1, time.time(), time.monotonic(), stem + ".out",
+                           stem + ".err")
         try:
-            with open(out_part, "wb") as out, open(err_part, "wb") as err:
-                proc = subprocess.Popen(
-                    self.argv(claim), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    cwd=claim.cwd or self.workdir or None, env=env, start_new_session=True,
-                    close_fds=True,
-                )
+            task.out_fd = os.open(task.out_part, _OUTPUT_FLAGS, 0o666)
+            task.err_fd = os.open(task.err_part, _OUTPUT_FLAGS, 0o666)
+            # posix_spawn cannot change directory in the child, so the worker steps into the
+            # task's directory around the spawn; the path is looked up again for every task
+            # (a remounted shared filesystem is found), and the worker holds no directory open.
+            os.chdir(claim.cwd or self.workdir)
+            try:
+                task.pid = os.posix_spawn(
+                    argv[0], argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, self._devnull, 0),
+                                  (os.POSIX_SPAWN_DUP2, task.out_fd, 1),
+                                  (os.POSIX_SPAWN_DUP2, task.err_fd, 2)])
+            finally:
+                os.chdir("/")
+            task.pidfd = os.pidfd_open(task.pid)
         except (OSError, ValueError) as exc:
             reason = f"cannot start: {getattr(exc, 'strerror', None) or exc}"
-            if isinstance(exc, FileNotFoundError) and exc.filename:
+            if isinstance(exc, OSError) and exc.filename:
                 reason += f": {exc.filename}"
-            return RunningTask(claim, None, 0, -1, now, mono, out_part, err_part,
-                               returncode=127, ended=now, spawn_error=reason)
-        return RunningTask(claim, proc, proc.pid, os.pidfd_open(proc.pid), now, mono,
-                           out_part, err_part)
+            task.returncode, task.ended, task.spawn_error = 127, task.started, reason
+            self.close_output(task)
+        return task
 
     def signal_tree(self, task: RunningTask, sig: int, sweep: bool = False) -> None:
         """Signal the task's process group; with ``sweep`` also any process of its session
@@ -130,7 +169,8 @@ class Runner:
         self.signal_tree(task, signal.SIGKILL, sweep=True)
 
     def try_reap(self, task: RunningTask) -> bool:
-        """Collect the main process if it exited; kill what it left behind in its group."""
+        """Collect the main process if it exited; kill what it left behind in its group and
+        read the tails of its output."""
         if task.returncode is not None:
             return True
         try:
@@ -145,26 +185,32 @@ class Runner:
             self.signal_tree(task, signal.SIGKILL)
             _, status, usage = os.wait4(task.pid, 0)
         task.returncode = os.waitstatus_to_exitcode(status)
-        if task.proc is not None:
-            task.proc.returncode = task.returncode
         if usage is not None:
             task.peak_rss = max(task.peak_rss, usage.ru_maxrss * 1024)
         task.ended = time.time()
         if task.pidfd >= 0:
             os.close(task.pidfd)
             task.pidfd = -1
+        task.stdout_tail = self._tail(task.out_fd)
+        task.stderr_tail = self._tail(task.err_fd)
+        self.close_output(task)
         return True
 
-    def tail(self, path: Path) -> str:
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - self.tail_bytes))
-                data = fh.read()
-        except OSError:
+    def _tail(self, fd: int) -> str:
+        if fd < 0:
             return ""
-        return data.decode("utf-8", errors="replace")
+        size = os.fstat(fd).st_size
+        if not size:
+            return ""
+        start = max(0, size - self.tail_bytes)
+        return os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def close_output(task: RunningTask) -> None:
+        for fd in (task.out_fd, task.err_fd):
+            if fd >= 0:
+                os.close(fd)
+        task.out_fd = task.err_fd = -1
 
     def keep(self, task: RunningTask) -> None:
         """The queue recorded this attempt: its output becomes the task's output."""
@@ -178,7 +224,7 @@ class Runner:
     def discard(self, task: RunningTask) -> None:
         for part in (task.out_part, task.err_part):
             try:
-                part.unlink()
+                os.unlink(part)
             except FileNotFoundError:
                 pass
 

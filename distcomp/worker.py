@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -39,7 +40,7 @@ from .resources import (
     session_rss,
     usable_cores,
 )
-from .runner import Runner, RunningTask, kill_session, signal_name
+from .runner import Runner, RunningTask, close_inherited_fds, kill_session, signal_name
 
 log = logging.getLogger("distcomp.worker")
 
@@ -156,6 +157,16 @@ class Worker:
                 continue
             n = kill_session(pid, signal.SIGKILL)
             log.info("killed %d orphan process(es) of task %s", n, tid)
+
+    @staticmethod
+    def prepare_process() -> None:
+        """Tasks are spawned without Popen's fd closing, and each running task holds three
+        descriptors (its pidfd and two output files): close inherited descriptors on exec and
+        raise the soft descriptor limit to the hard one."""
+        close_inherited_fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
@@ -282,8 +293,7 @@ class Worker:
             "exit_code": "" if task.returncode is None else task.returncode,
             "started": repr(task.started), "ended": repr(task.ended), "wall_s": f"{wall:.3f}",
             "peak_mem": task.peak_rss, "host": self.host,
-            "stdout_tail": self.runner.tail(task.out_part),
-            "stderr_tail": self.runner.tail(task.err_part),
+            "stdout_tail": task.stdout_tail, "stderr_tail": task.stderr_tail,
         }
 
     def completed(self, task: RunningTask) -> None:
@@ -476,6 +486,7 @@ class Worker:
 
     def run(self) -> int:
         self.register()
+        self.prepare_process()
         self.install_signals()
         log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s), results in %s",
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
@@ -507,10 +518,10 @@ class Worker:
                     if self.exchange(claim):
                         idle, next_claim = 0.05, mono
                     elif claim:
-                            next_claim = mono + idle
-                            idle = min(idle * 2, 1.0)
-                            if self.exit_when_empty and not self.running and self._empty():
-                                break
+                        next_claim = mono + idle
+                        idle = min(idle * 2, 1.0)
+                        if self.exit_when_empty and not self.running and self._empty():
+                            break
                     if self.redis_down_since is not None:
                         log.info("Redis is reachable again after %.1fs",
                                  mono - self.redis_down_since)
