@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -101,16 +101,25 @@ local function reported(tkey, worker, attempt, outcome)
   redis.call('HSET', tkey, 'reported', worker .. '#' .. attempt .. '#' .. outcome)
   return outcome
 end
-local function set_result(tkey, first)
-  for i = first, #ARGV, 2 do redis.call('HSET', tkey, ARGV[i], ARGV[i + 1]) end
+-- A record (a task's result, a worker's stats) arrives as one JSON object of strings: one
+-- argument instead of two per field, because the client spends longer packing arguments than
+-- Redis spends storing them.
+local function set_record(key, json)
+  local flat = {}
+  for k, v in pairs(cjson.decode(json)) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 end
 -- The start of every report: fence it, take the task out of running, record the attempt's
--- result pairs (from ARGV[first] on). Returns the task key, or nil and the replayed outcome.
-local function settle(id, worker, attempt, first)
+-- result (the JSON record in ARGV[record]). Returns the task key, or nil and the replayed
+-- outcome.
+local function settle(id, worker, attempt, record)
   local tkey = P .. ':t:' .. id
   if not owned(tkey, worker, attempt) then return nil, replayed(tkey, worker, attempt) end
   leave_running(id, worker)
-  set_result(tkey, first)
+  set_record(tkey, ARGV[record])
   redis.call('SREM', P .. ':cancel', id)
   return tkey
 end
@@ -228,14 +237,17 @@ while #claimed < max_n do
   redis.call('HINCRBY', P .. ':counts', 'running', 1)
   local t = redis.call('HMGET', tkey, 'type', 'params', 'cwd', 'env', 'timeout', 'req_mem',
     'cpu')
+  for i = 1, 7 do t[i] = t[i] or '' end
   claimed[#claimed + 1] = {best, attempt, t[1], t[2], t[3], t[4], t[5], t[6], t[7]}
   free_mem = free_mem - best_mem
   free_cpu = free_cpu - best_cpu
 end
-return claimed
+-- One JSON string rather than nested arrays: the client decodes it in C.
+if #claimed == 0 then return '[]' end
+return cjson.encode(claimed)
 """
 
-# ARGV: P, id, worker, attempt, now, then result field/value pairs.
+# ARGV: P, id, worker, attempt, now, result record (JSON).
 _FINISH = _LUA_COMMON + r"""
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
 local tkey, replay = settle(id, worker, attempt, 6)
@@ -246,7 +258,7 @@ redis.call('HINCRBY', P .. ':counts', 'finished', 1)
 return reported(tkey, worker, attempt, 1)
 """
 
-# ARGV: P, id, worker, attempt, now, retryable (1/0), then result pairs (incl. reason).
+# ARGV: P, id, worker, attempt, now, retryable (1/0), result record (JSON, with reason).
 # Returns 0 rejected (fenced), 1 failed for good, 2 put back in todo for a retry.
 _FAIL = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -266,7 +278,7 @@ to_failed(id, tkey, now)
 return reported(tkey, worker, attempt, 1)
 """
 
-# ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, then pairs.
+# ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, record.
 # A task requeued with a peak no live worker has room for would wait forever: it fails instead,
 # with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
@@ -343,7 +355,7 @@ end
 return n
 """
 
-# ARGV: P, worker, token, ttl_ms, force (1/0), then info field/value pairs.
+# ARGV: P, worker, token, ttl_ms, force (1/0), info record (JSON).
 # Returns {1, ids left running under this name} or {0, holder's info} when the name is taken.
 _REGISTER = _LUA_COMMON + r"""
 local worker, token = ARGV[2], ARGV[3]
@@ -356,11 +368,11 @@ touch_lease(worker, token, ARGV[4])
 redis.call('SADD', P .. ':workers', worker)
 local wkey = P .. ':w:' .. worker
 redis.call('DEL', wkey)
-set_result(wkey, 6)
+set_record(wkey, ARGV[6])
 return {1, redis.call('SMEMBERS', P .. ':run:' .. worker)}
 """
 
-# ARGV: P, worker, token, ttl_ms, then stats pairs.
+# ARGV: P, worker, token, ttl_ms, stats record (JSON).
 # Returns {status, stop_time, ids to cancel, ids the queue thinks run here}; status 1 renewed,
 # 2 re-acquired after it had expired, 0 another instance holds the name.
 _HEARTBEAT = _LUA_COMMON + r"""
@@ -370,7 +382,7 @@ local holder = redis.call('GET', lkey)
 local status = 1
 if holder == false then status = 2 elseif holder ~= token then return {0, '', {}, {}} end
 touch_lease(worker, token, ARGV[4])
-set_result(P .. ':w:' .. worker, 5)
+set_record(P .. ':w:' .. worker, ARGV[5])
 local run = P .. ':run:' .. worker
 return {status, redis.call('GET', P .. ':stop') or '',
         redis.call('SINTER', P .. ':cancel', run), redis.call('SMEMBERS', run)}
@@ -429,11 +441,11 @@ end
 return n
 """
 
-# ARGV: P, id, field/value pairs. Annotate a running task (pid, host) for its own worker.
+# ARGV: P, id, record (JSON). Annotate a running task (pid, host) for its own worker.
 _ANNOTATE = _LUA_COMMON + r"""
 local tkey = P .. ':t:' .. ARGV[2]
 if redis.call('HGET', tkey, 'state') ~= 'running' then return 0 end
-set_result(tkey, 3)
+set_record(tkey, ARGV[3])
 return 1
 """
 
@@ -471,6 +483,12 @@ class _ReportPipeline(redis.client.Pipeline):
         return replies
 
 
+class Submitted(NamedTuple):
+    added: int
+    existing: int      # already in the queue before this call
+    duplicates: int    # repeated within this call, stored once
+
+
 class LeaseLost(RuntimeError):
     """This worker no longer holds its lease: another instance took the name over."""
 
@@ -496,11 +514,11 @@ class Beat:
     running: set[str]
 
 
-def _flat(pairs: dict[str, Any]) -> list[Any]:
-    out: list[Any] = []
-    for key, value in pairs.items():
-        out += [key, "" if value is None else value]
-    return out
+def _record(fields: dict[str, Any]) -> str:
+    """A hash's fields as the one JSON argument the scripts store with ``set_record``; values
+    are stored as the strings Redis would have made of them."""
+    return json.dumps({k: "" if v is None else v if isinstance(v, str) else str(v)
+                       for k, v in fields.items()}, ensure_ascii=False)
 
 
 def _str(value: Any) -> str:
@@ -535,14 +553,17 @@ class Queue:
         return self._scripts[name](args=[self.ns, *args], client=client)
 
     # -- submission -------------------------------------------------------------------------
-    def submit(self, specs: Sequence[TaskSpec], now: float | None = None) -> tuple[int, int]:
-        """Add tasks; ones already known (same id) are left as they are. Returns (added, existing).
+    def submit(self, specs: Sequence[TaskSpec], now: float | None = None) -> Submitted:
+        """Add tasks; ones already known (same id) are left as they are, and a task that
+        appears more than once in ``specs`` is stored once (counted in ``duplicates``).
 
         Tasks go in chunks, each chunk one atomic script, all chunks in one pipeline round trip
-        per batch of chunks, so 100k tasks load in seconds.
+        per batch of chunks, so 100k tasks load in seconds. Task ids are computed here, chunk
+        by chunk, while Redis stores the previous batch.
         """
         now = time.time() if now is None else now
-        added = existing = 0
+        added = existing = duplicates = 0
+        seen: set[str] = set()
         # While Redis stores one batch of chunks, this thread packs the next: the batch goes
         # out from a helper thread, which waits on the socket without holding the GIL.
         sender = ThreadPoolExecutor(1)
@@ -561,13 +582,20 @@ class Queue:
             for start in range(0, len(specs), SUBMIT_CHUNK):
                 fields: list[str] = []
                 for spec in specs[start:start + SUBMIT_CHUNK]:
+                    task_id = spec.task_id
+                    if task_id in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(task_id)
                     fields += [
-                        spec.task_id, spec.type, str(spec.priority), str(spec.mem_mb),
+                        task_id, spec.type, str(spec.priority), str(spec.mem_mb),
                         repr(float(spec.min_cpu)), spec.params,
                         "" if spec.timeout_s is None else repr(spec.timeout_s),
                         spec.cwd or "", json.dumps(spec.env) if spec.env else "",
                         str(spec.max_retries), repr(float(spec.min_dram_gb)),
                     ]
+                if not fields:
+                    continue
                 packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
                 self._run("submit", repr(now), packed, client=pipe)
                 pending += 1
@@ -579,19 +607,19 @@ class Queue:
             send(None)
         finally:
             sender.shutdown(wait=True)
-        return added, existing
+        return Submitted(added, existing, duplicates)
 
     # -- worker lifecycle -------------------------------------------------------------------
     def register(self, worker: str, token: str, ttl_ms: int, info: dict[str, Any],
                  force: bool = False) -> tuple[bool, Any]:
-        ok, payload = self._run("register", worker, token, ttl_ms, int(force), *_flat(info))
+        ok, payload = self._run("register", worker, token, ttl_ms, int(force), _record(info))
         if ok:
             return True, [_str(x) for x in payload]
         return False, {_str(payload[i]): _str(payload[i + 1]) for i in range(0, len(payload), 2)}
 
     def heartbeat(self, worker: str, token: str, ttl_ms: int, stats: dict[str, Any]) -> Beat:
         status, stop, cancel, running = self._run("heartbeat", worker, token, ttl_ms,
-                                                  *_flat(stats))
+                                                  _record(stats))
         return Beat(int(status), float(stop or 0), [_str(x) for x in cancel],
                     {_str(x) for x in running})
 
@@ -622,40 +650,34 @@ class Queue:
         """The tasks a claim script's reply hands over; None when the lease was gone."""
         if rows == -1:
             return None
-        claims = []
-        for row in rows:
-            tid, attempt, ttype, params, cwd, env, timeout, mem, cpu = (
-                row[0], row[1], *(_str(x) for x in row[2:]))
-            claims.append(Claim(
-                task_id=_str(tid), attempt=int(attempt), type=ttype, params=params, cwd=cwd,
-                env=json.loads(env) if env else {}, timeout_s=float(timeout or 0),
-                mem_mb=int(float(mem)), cpu=float(cpu),
-            ))
-        return claims
+        return [Claim(task_id=tid, attempt=int(attempt), type=ttype, params=params, cwd=cwd,
+                      env=json.loads(env) if env else {}, timeout_s=float(timeout or 0),
+                      mem_mb=int(float(mem)), cpu=float(cpu))
+                for tid, attempt, ttype, params, cwd, env, timeout, mem, cpu in json.loads(rows)]
 
     # -- reports (each fenced by worker + attempt) ------------------------------------------
     def finish(self, task_id: str, worker: str, attempt: int, result: dict[str, Any],
                client: Any = None) -> Any:
-        return self._run("finish", task_id, worker, attempt, repr(time.time()), *_flat(result),
+        return self._run("finish", task_id, worker, attempt, repr(time.time()), _record(result),
                          client=client)
 
     def fail(self, task_id: str, worker: str, attempt: int, result: dict[str, Any],
              retryable: bool, client: Any = None) -> Any:
         return self._run("fail", task_id, worker, attempt, repr(time.time()), int(retryable),
-                         *_flat(result), client=client)
+                         _record(result), client=client)
 
     def evict(self, task_id: str, worker: str, attempt: int, peak_mb: int, budget: int,
               reason: str, budget_reason: str, result: dict[str, Any],
               client: Any = None) -> Any:
         return self._run("evict", task_id, worker, attempt, repr(time.time()), peak_mb, budget,
-                         reason, budget_reason, *_flat(result), client=client)
+                         reason, budget_reason, _record(result), client=client)
 
     def requeue(self, task_id: str, worker: str, attempt: int, reason: str,
                 client: Any = None) -> Any:
         return self._run("requeue", task_id, worker, attempt, reason, client=client)
 
     def annotate(self, task_id: str, fields: dict[str, Any], client: Any = None) -> Any:
-        return self._run("annotate", task_id, *_flat(fields), client=client)
+        return self._run("annotate", task_id, _record(fields), client=client)
 
     def pipeline(self) -> Any:
         """A pipeline for reports, annotations and a claim (see ``_ReportPipeline``)."""
