@@ -73,12 +73,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CliError(f"{name}: no tasks in file (only blank lines, comments or invalid lines)",
                        EXIT_BAD_INPUT)
     queue = _connect(args)
-    added, existing = queue.submit(parsed.tasks)
-    existing += parsed.duplicates
+    added, existing, duplicates = queue.submit(parsed.tasks)
+    existing += duplicates
     doc = {"added": added, "existing": existing, "invalid": len(parsed.errors)}
     human = f"{name}: added {added} task(s), {existing} already queued"
-    if parsed.duplicates:
-        human += f" ({parsed.duplicates} duplicate line(s) in the file)"
+    if duplicates:
+        human += f" ({duplicates} duplicate line(s) in the file)"
     if parsed.errors:
         human += f", skipped {len(parsed.errors)} invalid line(s)"
     _emit(args, doc, human)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str
 from typing import Any
@@ -48,7 +49,9 @@ class TaskSpec:
 
     Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, which made
     building the spec a third of the parse time of a million-line taskfile. Treat it as
-    immutable; ``task_id`` is computed once, when the spec is made."""
+    immutable. ``task_id`` is computed on first use, once: a taskfile is validated whole
+    before anything is submitted, and the ids are worked out while Redis stores the chunk
+    before (see ``Queue.submit``)."""
 
     type: str
     priority: int
@@ -59,11 +62,15 @@ class TaskSpec:
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     max_retries: int = DEFAULT_MAX_RETRIES
-    task_id: str = field(init=False, repr=False, compare=False)
+    _id: str = field(default="", init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        # Stable id: the same content always maps to the same id, so resubmission adds nothing.
-        self.task_id = hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+    @property
+    def task_id(self) -> str:
+        """Stable id: the same content always maps to the same id, so resubmission adds
+        nothing."""
+        if not self._id:
+            self._id = hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+        return self._id
 
     def canonical(self) -> str:
         """Normalized content: equal for tasks that mean the same thing (``2`` == ``2.0 GB``).
@@ -71,6 +78,10 @@ class TaskSpec:
         It is ``json.dumps`` of the fields with sorted keys and no spaces, written out by hand
         because this runs once per submitted task and the generic encoder was half the cost of
         submitting a million tasks; tests/test_spec.py checks it against ``json.dumps``."""
+        if self.cwd is None and not self.env and self.timeout_s is None:
+            return (f'{{"max_retries":{int(self.max_retries)},"min_cpu":{float(self.min_cpu)!r},'
+                    f'"min_dram_gb":{float(self.min_dram_gb)!r},"params":{_json_str(self.params)},'
+                    f'"priority":{int(self.priority)},"type":{_json_str(self.type)}}}')
         parts = []
         if self.cwd is not None:
             parts.append('"cwd":' + _json_str(self.cwd))
@@ -96,9 +107,8 @@ class TaskSpec:
 
 @dataclass
 class ParseResult:
-    tasks: list[TaskSpec]
+    tasks: list[TaskSpec]  # duplicates included: the queue counts them when it submits
     errors: list[tuple[int, str]]  # (line number, reason)
-    duplicates: int = 0
 
 
 def _number(value: str, what: str) -> float:
@@ -168,13 +178,15 @@ def parse_colon_line(line: str) -> TaskSpec:
                                       parts[3].strip(), parts[4])
     if not prio.lstrip("+-").isdigit():
         raise SpecError(f"priority must be an integer, got {prio!r}")
-    return _check_python_params(TaskSpec(
-        type=_check_type(ttype),
-        priority=_check_priority(int(prio)),
-        min_dram_gb=_check_resource(_number(dram, "min_dram_gb"), "min_dram_gb", MAX_DRAM_GB),
-        min_cpu=_check_resource(_number(cpu, "min_cpu"), "min_cpu", MAX_CPU),
-        params=_check_params(params),
-    ))
+    # Positional arguments: this runs once per line of a taskfile that may have millions.
+    spec = TaskSpec(
+        _check_type(ttype),
+        _check_priority(int(prio)),
+        _check_resource(_number(dram, "min_dram_gb"), "min_dram_gb", MAX_DRAM_GB),
+        _check_resource(_number(cpu, "min_cpu"), "min_cpu", MAX_CPU),
+        _check_params(params),
+    )
+    return spec if ttype == "shell" else _check_python_params(spec)
 
 
 def parse_json_line(line: str) -> TaskSpec:
@@ -223,10 +235,14 @@ def parse_json_line(line: str) -> TaskSpec:
     ))
 
 
+def _too_long(n_bytes: int) -> SpecError:
+    return SpecError(f"line is {n_bytes} bytes, longer than the {MAX_LINE_BYTES} byte limit")
+
+
 def parse_line(raw: bytes) -> TaskSpec | None:
     """Parse one line (without its newline). Returns None for blank lines and comments."""
     if len(raw) > MAX_LINE_BYTES:
-        raise SpecError(f"line is {len(raw)} bytes, longer than the {MAX_LINE_BYTES} byte limit")
+        raise _too_long(len(raw))
     if b"\0" in raw:
         raise SpecError("line contains a NUL byte (is this a binary file?)")
     try:
@@ -234,6 +250,17 @@ def parse_line(raw: bytes) -> TaskSpec | None:
     except UnicodeDecodeError as exc:
         raise SpecError(f"not valid UTF-8 (byte {exc.object[exc.start]:#04x} at column "
                         f"{exc.start + 1})") from None
+    return _parse_decoded(line)
+
+
+def _parse_text_line(line: str) -> TaskSpec | None:
+    """``parse_line`` for a line of a file already known to be valid UTF-8 without NULs."""
+    if len(line) > MAX_LINE_BYTES // 4 and len(line.encode()) > MAX_LINE_BYTES:
+        raise _too_long(len(line.encode()))
+    return _parse_decoded(line)
+
+
+def _parse_decoded(line: str) -> TaskSpec | None:
     line = line.removesuffix("\r").strip()
     if not line or line.startswith("#"):
         return None
@@ -243,25 +270,28 @@ def parse_line(raw: bytes) -> TaskSpec | None:
 
 
 def parse_taskfile(data: bytes) -> ParseResult:
-    """Parse a whole taskfile. Duplicate tasks inside one file are kept once."""
+    """Parse and validate a whole taskfile. Tasks that repeat within the file are returned
+    as often as they appear; ``Queue.submit`` stores each once."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    # A file that is valid UTF-8 without NUL bytes (nearly every file) is decoded once instead
+    # of line by line; any other file goes line by line so each error names its line.
+    text = None
+    if b"\0" not in data:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    parse: Callable[[Any], TaskSpec | None] = parse_line if text is None else _parse_text_line
+    lines: list[Any] = data.split(b"\n") if text is None else text.split("\n")
     tasks: list[TaskSpec] = []
     errors: list[tuple[int, str]] = []
-    seen: set[str] = set()
-    duplicates = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         try:
-            spec = parse_line(raw)
+            spec = parse(raw)
         except SpecError as exc:
             errors.append((lineno, str(exc)))
             continue
-        if spec is None:
-            continue
-        task_id = spec.task_id
-        if task_id in seen:
-            duplicates += 1
-            continue
-        seen.add(task_id)
-        tasks.append(spec)
-    return ParseResult(tasks=tasks, errors=errors, duplicates=duplicates)
+        if spec is not None:
+            tasks.append(spec)
+    return ParseResult(tasks=tasks, errors=errors)

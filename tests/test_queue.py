@@ -29,10 +29,19 @@ def claim_one(queue: Queue, name: str, mem: float = 1e9, cpu: float = 1e9):
 
 def test_submit_is_idempotent_and_counts_are_exact(queue):
     specs = [spec(f"echo {i}") for i in range(250)]
-    assert queue.submit(specs) == (250, 0)
-    assert queue.submit(specs + [spec("echo new")]) == (1, 250)
+    assert queue.submit(specs) == (250, 0, 0)
+    assert queue.submit(specs + [spec("echo new")]) == (1, 250, 0)
     assert queue.counts() == {"todo": 251, "running": 0, "finished": 0, "failed": 0,
                               "total": 251}
+
+
+def test_tasks_repeated_in_one_submission_are_stored_once(queue):
+    """Ids are worked out chunk by chunk while Redis stores the previous chunk, so a repeat
+    can sit several chunks after its first appearance."""
+    specs = [spec(f"echo {i}") for i in range(2500)]
+    repeated = specs + [spec("echo 3"), spec("echo 2499"), spec("echo 2499")]
+    assert queue.submit(repeated) == (2500, 0, 3)
+    assert queue.counts()["todo"] == 2500
 
 
 def test_priority_is_exact_and_fifo_within_a_priority(queue):

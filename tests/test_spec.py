@@ -62,8 +62,8 @@ def _reference_canonical(spec: TaskSpec) -> str:
     b"python:-7:0.001:0.25:sim.py --x 'a b' --y \"c\"",
     "shell:999999:1e-7:100000:echo \u00e9\u6f22 \U0001f600 tab\there".encode(),
     b"shell:0:1048576:0:printf '\\\\' \x1b[0m",
-    (b'{"type":"shell","params":"make","timeout_s":0.5,"cwd":"/d/\u00e9","max_retries":0,'
-     b'"env":{"Z":"1","A":"\\"q\\"","M":"\u00e9"},"priority":-3,"min_dram_gb":3,"min_cpu":7}'),
+    (b'{"type":"shell","params":"make","timeout_s":0.5,"cwd":"/d/\\u00e9","max_retries":0,'
+     b'"env":{"Z":"1","A":"\\"q\\"","M":"\\u00e9"},"priority":-3,"min_dram_gb":3,"min_cpu":7}'),
 ])
 def test_canonical_form_is_sorted_compact_json(line):
     """Task ids must not change: the hand-written canonical form equals json.dumps of the
@@ -79,9 +79,26 @@ def test_task_ids_are_pinned():
     assert parse_line(b"shell:4:2:2:./cachesim PARAM1 PARAM2").task_id == PINNED_ID
 
 
-def test_duplicates_in_one_file_are_kept_once():
+def test_repeated_lines_share_one_id():
     result = parse_taskfile(b"shell:1:0:1:echo a\nshell:1:0:1:echo a\nshell:1:0:1:echo b\n")
-    assert len(result.tasks) == 2 and result.duplicates == 1
+    ids = [t.task_id for t in result.tasks]
+    assert len(ids) == 3 and ids[0] == ids[1] != ids[2]
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", b"a\0b"])
+def test_a_file_that_is_not_clean_utf8_parses_line_by_line_alike(bad):
+    """A valid UTF-8 file is decoded once; any other goes line by line. Both paths must
+    accept and reject the same lines with the same reasons and line numbers."""
+    lines = [b"shell:1:0:1:echo \xc3\xa9", b"# c", b"bad line", b"  shell : 2 : 0.5 : 0 : x  \r",
+             b'{"type":"python","params":"a.py","cwd":"/tmp"}',
+             b"shell:1:0:1:" + b"x" * MAX_LINE_BYTES, b"", b"python:1:0:1:a 'b"]
+    clean = parse_taskfile(b"\n".join(lines))
+    dirty = parse_taskfile(b"\n".join([*lines, b"shell:1:0:1:" + bad]))
+    assert [t.task_id for t in dirty.tasks] == [t.task_id for t in clean.tasks]
+    assert len(clean.tasks) == 3
+    assert dirty.errors[:-1] == clean.errors
+    assert [n for n, _ in clean.errors] == [3, 6, 8]
+    assert dirty.errors[-1][0] == len(lines) + 1
 
 
 @pytest.mark.parametrize("line, reason", [
