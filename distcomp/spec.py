@@ -111,14 +111,15 @@ class ParseResult:
     errors: list[tuple[int, str]]  # (line number, reason)
 
 
-def _number(value: str, what: str) -> float:
+def _resource_text(text: str, what: str, limit: float) -> float:
+    """A resource field of the colon format: a number (surrounding blanks allowed) in range."""
     try:
-        number = float(value)
+        number = float(text)
     except ValueError:
-        raise SpecError(f"{what} must be a number, got {value!r}") from None
+        raise SpecError(f"{what} must be a number, got {text.strip()!r}") from None
     if not math.isfinite(number):
-        raise SpecError(f"{what} must be a finite number, got {value!r}")
-    return number
+        raise SpecError(f"{what} must be a finite number, got {text.strip()!r}")
+    return _in_range(number, what, limit)
 
 
 def _check_priority(value: Any) -> int:
@@ -134,11 +135,15 @@ def _check_resource(value: Any, what: str, limit: float) -> float:
         raise SpecError(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise SpecError(f"{what} must be a finite number, got {value!r}")
+    return _in_range(float(value), what, limit)
+
+
+def _in_range(value: float, what: str, limit: float) -> float:
     if value < 0:
         raise SpecError(f"{what} must be >= 0, got {value!r}")
     if value > limit:
         raise SpecError(f"{what} {value!r} is larger than any node ({limit:g} at most)")
-    return float(value)
+    return value
 
 
 def _check_type(value: Any) -> str:
@@ -174,16 +179,16 @@ def parse_colon_line(line: str) -> TaskSpec:
         raise SpecError(
             f"expected type:priority:min_dram_gb:min_cpu:params, found {len(parts)} field(s)"
         )
-    ttype, prio, dram, cpu, params = (parts[0].strip(), parts[1].strip(), parts[2].strip(),
-                                      parts[3].strip(), parts[4])
+    ttype, prio, dram, cpu, params = parts
+    ttype, prio = ttype.strip(), prio.strip()
     if not prio.lstrip("+-").isdigit():
         raise SpecError(f"priority must be an integer, got {prio!r}")
-    # Positional arguments: this runs once per line of a taskfile that may have millions.
+    # This runs once per line of a taskfile that may have millions: few calls, positional.
     spec = TaskSpec(
-        _check_type(ttype),
+        ttype if ttype == "shell" else _check_type(ttype),
         _check_priority(int(prio)),
-        _check_resource(_number(dram, "min_dram_gb"), "min_dram_gb", MAX_DRAM_GB),
-        _check_resource(_number(cpu, "min_cpu"), "min_cpu", MAX_CPU),
+        _resource_text(dram, "min_dram_gb", MAX_DRAM_GB),
+        _resource_text(cpu, "min_cpu", MAX_CPU),
         _check_params(params),
     )
     return spec if ttype == "shell" else _check_python_params(spec)
