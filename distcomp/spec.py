@@ -135,7 +135,7 @@ def _check_resource(value: Any, what: str, limit: float) -> float:
         raise SpecError(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise SpecError(f"{what} must be a finite number, got {value!r}")
-    return _in_range(float(value), what, limit)
+    return float(_in_range(value, what, limit))
 
 
 def _in_range(value: float, what: str, limit: float) -> float:
