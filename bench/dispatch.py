@@ -10,6 +10,11 @@ that background load on the machine hits them alike; the table shows each tool's
 A second part runs ``sleep 0.05`` tasks at concurrency 32: useful concurrency is
 ``N * 0.05 s / makespan`` (32 would be perfect) and per-task overhead is what each slot spent
 beyond the 0.05 s sleep.
+
+distcomp keeps every task's stdout and stderr in two files; the peers' output goes into pipes
+this script reads into memory. So that both keep output in memory, the worker's results
+directory is on tmpfs (/dev/shm) by default; ``--results-dir`` puts it elsewhere, e.g. on disk
+to include the file system's cost of creating two files per task.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ SLEEP_S = 0.05
 
 
 def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, results_root: Path) -> dict[str, Any]:
     taskfile = work / f"{ns}.tasks"
     taskfile.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
-    results = work / f"{ns}-results"
+    results = results_root / f"{ns}-results"
     base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
     env = child_env()
     t0 = time.perf_counter()
@@ -78,14 +83,14 @@ def run_xargs(commands: list[str], conc: int, work: Path) -> dict[str, Any]:
 
 
 def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, tag: str,
-            work: Path) -> dict[str, list[dict[str, Any]]]:
+            work: Path, results_root: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {"distcomp": [], "parallel": [], "xargs": []}
     for r in range(rounds):
         order = ["distcomp", "parallel", "xargs"]
         order = order[r % 3:] + order[:r % 3]
         for tool in order:
             if tool == "distcomp":
-                res = run_distcomp(server, commands, conc, f"{tag}{r}", work)
+                res = run_distcomp(server, commands, conc, f"{tag}{r}", work, results_root)
             elif tool == "parallel":
                 res = run_parallel(commands, conc, work)
             else:
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep-concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
+    ap.add_argument("--results-dir", help="where the worker writes task output (default: a "
+                    "temporary directory on /dev/shm, else beside the other temporary files)")
     ap.add_argument("--out", help="result file (default bench/results/dispatch-<time>.json)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -122,17 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools(["redis-server", "parallel"])
     noop = [f"true {i}" for i in range(args.tasks)]
     sleepers = [f"sleep {SLEEP_S} # {i}" for i in range(args.sleep_tasks)]
+    shm = Path("/dev/shm")
+    results_parent = args.results_dir or (str(shm) if shm.is_dir() else None)
     with tempfile.TemporaryDirectory(prefix="distcomp-bench-dispatch-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="distcomp-bench-results-",
+                                        dir=results_parent) as results_tmp, \
             RedisServer() as server:
-        work = Path(tmp)
+        work, results_root = Path(tmp), Path(results_tmp)
+        fs = subprocess.run(["stat", "-f", "-c", "%T", results_tmp], check=True,
+                            capture_output=True, text=True).stdout.strip()
+        print(f"dispatch: worker results in {results_tmp} ({fs})", flush=True)
         print(f"dispatch: {args.tasks} no-op tasks at concurrency {args.concurrency}, "
               f"{args.rounds} round(s)", flush=True)
-        noop_sum = summarise(measure(server, noop, args.concurrency, args.rounds, "noop", work),
-                             args.tasks)
+        noop_sum = summarise(measure(server, noop, args.concurrency, args.rounds, "noop", work,
+                                     results_root), args.tasks)
         print(f"dispatch: {args.sleep_tasks} x sleep {SLEEP_S} at concurrency "
               f"{args.sleep_concurrency}", flush=True)
         sleep_sum = summarise(measure(server, sleepers, args.sleep_concurrency, args.rounds,
-                                      "sleep", work), args.sleep_tasks)
+                                      "sleep", work, results_root), args.sleep_tasks)
     for s in sleep_sum.values():
         s["useful_concurrency"] = args.sleep_tasks * SLEEP_S / s["seconds"]
         s["overhead_ms_per_task"] = 1000 * (s["seconds"] * args.sleep_concurrency
@@ -142,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"tasks": args.tasks, "concurrency": args.concurrency,
                    "sleep_tasks": args.sleep_tasks, "sleep_concurrency": args.sleep_concurrency,
                    "sleep_s": SLEEP_S, "rounds": args.rounds, "smoke": args.smoke,
+                   "results_dir_fs": fs,
                    "shell": "bash -c for every tool"},
         "noop": noop_sum,
         "sleep": sleep_sum,
