@@ -207,10 +207,7 @@ class Worker:
                 kill_session(sid, signal.SIGKILL)
             else:
                 self.sweep_sids.discard(sid)
-        avail = memory_available(self.cgroups)
-        if self.wc.memory_limit:
-            avail = min(avail, self.capacity - total)
-        self.available = avail
+        self.available = avail = self.measure_available()
         self.oom_count = oom_kills(self.cgroups)
         # A task running alone protects nobody by leaving early: it is measured up to the
         # threshold itself, so its peak tells whether it can ever fit this node.
@@ -234,6 +231,24 @@ class Worker:
             shortfall -= victim.rss
             if shortfall <= 0:
                 break
+
+    def measure_available(self) -> int:
+        """What can still be allocated: the node's (or cgroup's) available memory, and with
+        ``memory_limit`` no more than the limit minus what the tasks hold."""
+        avail = memory_available(self.cgroups)
+        if self.wc.memory_limit:
+            avail = min(avail, self.capacity - self.tasks_rss)
+        return avail
+
+    def refresh_after_exit(self) -> None:
+        """A task just ended: when memory is what holds claims back, read available memory
+        again now rather than at the next sample (up to ``sample_interval`` later), so the
+        room the task left is offered at once. Reads counters only, no /proc walk."""
+        free_mem = self.free()[0]
+        if free_mem >= max(self.estimate_mb(), 1.0):
+            return
+        self.tasks_rss = sum(t.rss for t in self.running.values())
+        self.available = self.measure_available()
 
     def sample_every(self) -> float:
         """Sample faster while memory is tight: growth is caught between samples."""
@@ -514,6 +529,7 @@ class Worker:
                         next_hb = mono + hb_every
                     if self.freed:
                         self.freed, idle, next_claim = False, 0.05, mono
+                        self.refresh_after_exit()
                     claim = not self.stopping and mono >= next_claim and self.has_room()
                     if self.exchange(claim):
                         idle, next_claim = 0.05, mono
