@@ -110,7 +110,7 @@ class WorkerProcess:
     """A real ``distcomp worker`` process in its own session."""
 
     def __init__(self, redis_server: RedisServer, namespace: str, name: str, results: Path,
-                 args: list[str]) -> None:
+                 args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
         self.name = name
         self.log = results.parent / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url,
@@ -120,7 +120,8 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "distcomp", "worker", "--name", name, "--results-dir",
                  str(results), "--kill-grace", "1", *args],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                pass_fds=pass_fds)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -143,8 +144,9 @@ def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Qu
     started: list[WorkerProcess] = []
     results = tmp_path / "results"
 
-    def start(name: str, *args: str, wait_registered: bool = True) -> WorkerProcess:
-        w = WorkerProcess(redis_server, namespace, name, results, list(args))
+    def start(name: str, *args: str, wait_registered: bool = True,
+              pass_fds: tuple[int, ...] = ()) -> WorkerProcess:
+        w = WorkerProcess(redis_server, namespace, name, results, list(args), pass_fds)
         started.append(w)
         if wait_registered:
             wait_for(lambda: queue.r.hget(queue.key("w", name), "pid") == str(w.proc.pid).encode()

@@ -56,6 +56,39 @@ def test_runs_tasks_and_records_results(queue, workers):
     assert w.proc.poll() is None, "the worker survives its tasks"
 
 
+def test_tasks_start_with_default_signals_no_worker_descriptors_and_their_directory(
+        queue, workers, tmp_path):
+    """Tasks are spawned with posix_spawn, not Popen: SIGPIPE must be back to its default, no
+    descriptor of the worker (not even one it inherited) may reach a task, and each task runs
+    in the directory it asked for."""
+    held = os.open(tmp_path / "held-by-the-worker", os.O_CREAT | os.O_RDWR)
+    os.set_inheritable(held, True)
+    own_dir = tmp_path / "own dir"
+    own_dir.mkdir()
+    fds = "import os; print(' '.join(sorted(os.listdir('/proc/self/fd'), key=int)))"
+    ids = submit(queue, [
+        'shell:0:0:1:yes | head -c 1 >/dev/null; echo "${PIPESTATUS[0]}"',
+        f'python:0:0:1:-c "{fds}"',
+        "shell:0:0:1:pwd",
+        json.dumps({"type": "shell", "params": "pwd", "cwd": str(own_dir)}),
+        json.dumps({"type": "shell", "params": "pwd", "cwd": str(tmp_path / "gone"),
+                    "max_retries": 0}),
+    ])
+    try:
+        workers("w1", "--cores", "4", pass_fds=(held,))
+    finally:
+        os.close(held)
+    wait_for(lambda: drained(queue), 60, "the queue to drain")
+    pipe, fd_list, default_dir, asked_dir, missing = (queue.task(i) for i in ids)
+    assert pipe["stdout_tail"] == "141\n"  # yes was killed by SIGPIPE (128 + 13)
+    # stdin, stdout, stderr and the one listdir opened: no inherited file, no Redis socket.
+    assert fd_list["stdout_tail"] == "0 1 2 3\n", fd_list
+    assert default_dir["stdout_tail"] == f"{tmp_path}\n"  # the results dir's parent
+    assert asked_dir["stdout_tail"] == f"{own_dir}\n"
+    assert (missing["state"], missing["reason"]) == (
+        "failed", f"cannot start: No such file or directory: {tmp_path / 'gone'}")
+
+
 def test_timeout_kills_and_fails_with_reason(queue, workers):
     (tid,) = submit(queue, ['{"type": "shell", "params": "sleep 60", "timeout_s": 0.5}'])
     workers("w1")
