@@ -97,29 +97,38 @@ local function replayed(tkey, worker, attempt)
   if r and string.sub(r, 1, #prefix) == prefix then return tonumber(string.sub(r, #prefix + 1)) end
   return 0
 end
+local function report_mark(worker, attempt, outcome)
+  return worker .. '#' .. attempt .. '#' .. outcome
+end
 local function reported(tkey, worker, attempt, outcome)
-  redis.call('HSET', tkey, 'reported', worker .. '#' .. attempt .. '#' .. outcome)
+  redis.call('HSET', tkey, 'reported', report_mark(worker, attempt, outcome))
   return outcome
 end
 -- A record (a task's result, a worker's stats) arrives as one JSON object of strings: one
 -- argument instead of two per field, because the client spends longer packing arguments than
 -- Redis spends storing them.
-local function set_record(key, json)
+local function record_fields(json, also)
   local flat = {}
   for k, v in pairs(cjson.decode(json)) do
     flat[#flat + 1] = k
     flat[#flat + 1] = v
   end
+  for _, v in ipairs(also) do flat[#flat + 1] = v end
+  return flat
+end
+local function set_record(key, json)
+  local flat = record_fields(json, {})
   if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 end
 -- The start of every report: fence it, take the task out of running, record the attempt's
--- result (the JSON record in ARGV[record]). Returns the task key, or nil and the replayed
--- outcome.
-local function settle(id, worker, attempt, record)
+-- result (the JSON record in ARGV[record]) and the field/value pairs in ``also`` in one write.
+-- Returns the task key, or nil and the replayed outcome.
+local function settle(id, worker, attempt, record, also)
   local tkey = P .. ':t:' .. id
   if not owned(tkey, worker, attempt) then return nil, replayed(tkey, worker, attempt) end
   leave_running(id, worker)
-  set_record(tkey, ARGV[record])
+  local flat = record_fields(ARGV[record], also)
+  if #flat > 0 then redis.call('HSET', tkey, unpack(flat)) end
   redis.call('SREM', P .. ':cancel', id)
   return tkey
 end
@@ -198,7 +207,7 @@ end
 local buckets = redis.call('SMEMBERS', P .. ':buckets')
 local claimed = {}
 while #claimed < max_n do
-  local best, best_score, best_bucket, best_mem, best_cpu = nil, nil, nil, 0, 0
+  local best, best_score, best_bucket, best_mem, best_cpu, best_f = nil, nil, nil, 0, 0, nil
   for _, b in ipairs(buckets) do
     local m, c = string.match(b, '^m(%d+)c(-?%d+)$')
     m, c = tonumber(m), tonumber(c)
@@ -211,11 +220,13 @@ while #claimed < max_n do
       for i = 1, #head, 2 do
         local score = tonumber(head[i + 1])
         if best_score ~= nil and score >= best_score then break end
+        -- Everything the reply needs too, in the same read.
         local f = redis.call('HMGET', P .. ':t:' .. head[i], 'req_mem', 'cpu', 'failed_on',
-          'last_fail')
+          'last_fail', 'type', 'params', 'cwd', 'env', 'timeout')
         local mem, cpu = math.max(tonumber(f[1]), min_charge), tonumber(f[2])
         if mem <= free_mem and cpu <= free_cpu + 1e-9 and not avoided(f[3], f[4]) then
-          best, best_score, best_bucket, best_mem, best_cpu = head[i], score, b, mem, cpu
+          best, best_score, best_bucket, best_mem, best_cpu, best_f = head[i], score, b, mem,
+            cpu, f
           break
         end
       end
@@ -233,36 +244,35 @@ while #claimed < max_n do
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
   redis.call('SADD', P .. ':run:' .. worker, best)
   redis.call('ZADD', P .. ':s:running', now, best)
-  redis.call('HINCRBY', P .. ':counts', 'todo', -1)
-  redis.call('HINCRBY', P .. ':counts', 'running', 1)
-  local t = redis.call('HMGET', tkey, 'type', 'params', 'cwd', 'env', 'timeout', 'req_mem',
-    'cpu')
-  for i = 1, 7 do t[i] = t[i] or '' end
-  claimed[#claimed + 1] = {best, attempt, t[1], t[2], t[3], t[4], t[5], t[6], t[7]}
+  local f = best_f
+  for i = 5, 9 do f[i] = f[i] or '' end
+  claimed[#claimed + 1] = {best, attempt, f[5], f[6], f[7], f[8], f[9], f[1], f[2]}
   free_mem = free_mem - best_mem
   free_cpu = free_cpu - best_cpu
 end
 -- One JSON string rather than nested arrays: the client decodes it in C.
 if #claimed == 0 then return '[]' end
+redis.call('HINCRBY', P .. ':counts', 'todo', -#claimed)
+redis.call('HINCRBY', P .. ':counts', 'running', #claimed)
 return cjson.encode(claimed)
 """
 
 # ARGV: P, id, worker, attempt, now, result record (JSON).
 _FINISH = _LUA_COMMON + r"""
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
-local tkey, replay = settle(id, worker, attempt, 6)
+local tkey, replay = settle(id, worker, attempt, 6,
+  {'state', 'finished', 'reason', '', 'reported', report_mark(worker, attempt, 1)})
 if not tkey then return replay end
-redis.call('HSET', tkey, 'state', 'finished', 'reason', '')
 redis.call('ZADD', P .. ':s:finished', ARGV[5], id)
 redis.call('HINCRBY', P .. ':counts', 'finished', 1)
-return reported(tkey, worker, attempt, 1)
+return 1
 """
 
 # ARGV: P, id, worker, attempt, now, retryable (1/0), result record (JSON, with reason).
 # Returns 0 rejected (fenced), 1 failed for good, 2 put back in todo for a retry.
 _FAIL = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey, replay = settle(id, worker, attempt, 7)
+local tkey, replay = settle(id, worker, attempt, 7, {})
 if not tkey then return replay end
 local failures = redis.call('HINCRBY', tkey, 'failures', 1)
 if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries')) then
@@ -283,7 +293,7 @@ return reported(tkey, worker, attempt, 1)
 # with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey, replay = settle(id, worker, attempt, 10)
+local tkey, replay = settle(id, worker, attempt, 10, {})
 if not tkey then return replay end
 local evictions = redis.call('HINCRBY', tkey, 'evictions', 1)
 local peak = tonumber(ARGV[6])
