@@ -10,7 +10,8 @@ When the experiment is ready, open its "Manifest" tab, save the XML as
 The whole walk-through is in docs/cloudlab.md.
 """
 
-# This file runs on the CloudLab portal, which provides geni-lib; it is not importable locally.
+# The portal runs this with its own geni-lib; cloudlab/preview.py runs it with geni-lib from PyPI.
+import geni.rspec.emulab  # noqa: F401 (registers Emulab's extensions: LAN.setNoInterSwitchLinks)
 from geni import portal
 from geni.rspec import pg
 
