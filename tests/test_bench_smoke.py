@@ -51,6 +51,8 @@ def test_packing_smoke(tmp_path: Path) -> None:
         assert {"makespan_s", "mem_mean_util", "mem_peak_util", "evictions", "kernel_oom_kills",
                 "wasted_cpu_s", "tasks_lost", "vs_lower_bound"} <= set(tool)
     assert doc["lower_bound_s"] > 0
+    # Reserving whole peaks for a task's whole life can never beat perfectly fluid memory.
+    assert doc["ideal_static_s"] >= doc["lower_bound_s"]
     for name in ("distcomp", "distcomp-static"):
         assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
         assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
