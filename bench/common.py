@@ -250,7 +250,8 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> s
 
 
 def write_result(name: str, doc: dict[str, Any], out: str | None = None) -> Path:
-    """bench/results/<name>-<UTC time>.json, plus <name>-latest.json pointing at the newest."""
+    """bench/results/<name>-<UTC time>.json, plus a copy as <name>-latest.json; with ``out``
+    only that file, so the CI smoke run and one-off runs leave the recorded results alone."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": machine(), **doc}
@@ -258,7 +259,8 @@ def write_result(name: str, doc: dict[str, Any], out: str | None = None) -> Path
     path = Path(out) if out else RESULTS_DIR / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    (RESULTS_DIR / f"{name}-latest.json").write_text(text)
+    if not out:
+        (RESULTS_DIR / f"{name}-latest.json").write_text(text)
     return path
 
 
