@@ -158,15 +158,21 @@ class Worker:
             n = kill_session(pid, signal.SIGKILL)
             log.info("killed %d orphan process(es) of task %s", n, tid)
 
-    @staticmethod
-    def prepare_process() -> None:
+    def prepare_process(self) -> None:
         """Tasks are spawned without Popen's fd closing, and each running task holds three
-        descriptors (its pidfd and two output files): close inherited descriptors on exec and
-        raise the soft descriptor limit to the hard one."""
+        descriptors (its pidfd and two output files): close inherited descriptors on exec, and
+        raise the soft descriptor limit only as far as ``max_tasks`` needs, because tasks
+        inherit it (programs that close every descriptor up to the limit slow down with a
+        huge one)."""
         close_inherited_fds()
+        need = 3 * self.max_tasks + 64
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if soft < need:
+            if hard != resource.RLIM_INFINITY and hard < need:
+                log.warning("descriptor limit %d is below the %d that %d tasks may need; raise "
+                            "LimitNOFILE or lower max_tasks", hard, need, self.max_tasks)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (
+                need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
