@@ -411,13 +411,16 @@ class Worker:
                 log.info("report for %s attempt %d rejected: the task was taken over",
                          task.task_id, task.claim.attempt)
                 self.runner.discard(task)
-            elif kind == "evict" and outcome == 2:
+            elif outcome == 2:
+                # Back in the queue, so not the task's outcome. Renaming these files now could
+                # also land after another worker ran the next attempt and kept its files.
                 self.runner.discard(task)
+                if kind == "fail":
+                    log.info("task %s requeued: %s", task.task_id, _reason(payload))
             else:
                 self.runner.keep(task)
                 if kind != "finish":
-                    log.info("task %s %s: %s", task.task_id,
-                             "requeued" if outcome == 2 else "failed", _reason(payload))
+                    log.info("task %s failed: %s", task.task_id, _reason(payload))
         if not claim:
             return 0
         claims = self.q.claims(replies[-1])

@@ -89,6 +89,23 @@ def test_tasks_start_with_default_signals_no_worker_descriptors_and_their_direct
         "failed", f"cannot start: No such file or directory: {tmp_path / 'gone'}")
 
 
+def test_an_attempt_put_back_in_the_queue_leaves_no_output_files(queue, workers):
+    """Only the recorded attempt's output may become ID.out. A failed attempt that goes back to
+    the queue is not the outcome, and renaming its files after the reply could overwrite the
+    files of the next attempt, run and recorded meanwhile by another worker (the fault suite
+    saw it). A second live worker that never claims makes the retry wait, so the first
+    attempt's files can be looked for."""
+    queue.register("elsewhere", "tok-elsewhere", 120_000, {"room_mb": 1 << 20, "cores": 64})
+    (tid,) = submit(queue, [json.dumps({"type": "shell", "params": "echo first; exit 3",
+                                        "max_retries": 1})])
+    w = workers("w1")
+    wait_for(lambda: f"task {tid} requeued: exit code 3" in w.output(), 30,
+             "the failed attempt to be requeued")
+    t = queue.task(tid)
+    assert (t["state"], t["attempt"], t["stdout_tail"]) == ("todo", "1", "first\n")
+    assert not list(workers.results.glob(f"*/{tid}*")), "the requeued attempt left files"
+
+
 def test_timeout_kills_and_fails_with_reason(queue, workers):
     (tid,) = submit(queue, ['{"type": "shell", "params": "sleep 60", "timeout_s": 0.5}'])
     workers("w1")
