@@ -11,7 +11,9 @@ die() { echo "install-docker.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (apt-get and dockerd need it)"
 
 missing=()
-command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+# The engine, not the client: some machines ship a client-only docker binary
+# (/usr/local/bin/docker here) with no dockerd behind it.
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-docker.sh: installing ${missing[*]}"
