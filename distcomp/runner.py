@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -29,6 +30,40 @@ _OUTPUT_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # Python ignores SIGPIPE and SIGXFSZ for itself; a task must start with the defaults, as
 # subprocess's restore_signals gives them.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+# A shell command made only of plain words (no quoting, expansion, globbing, redirection,
+# comment or control operator) is one that bash would only split at blanks and exec, so the
+# worker execs it itself, as GNU make does for such recipe lines: bash's start-up is half the
+# cost of a short task. The first word may not look like an assignment or a job.
+_PLAIN_COMMAND = re.compile(
+    r"[ \t]*[A-Za-z0-9_./+@,:-]+(?:[ \t]+[A-Za-z0-9_./+@,:%=-]+)*[ \t]*")
+# Words bash gives a meaning of its own: keywords and builtins (``compgen -k; compgen -b``).
+# ``true`` and ``false`` are left out: /usr/bin/true and /usr/bin/false do the same, except
+# when asked for --help or --version, which goes to bash (see ``direct_argv``).
+_SHELL_WORDS = frozenset((
+    "if", "then", "else", "elif", "fi", "case", "esac", "for", "select", "while", "until",
+    "do", "done", "in", "function", "time", "coproc", ".", ":", "[", "alias", "bg", "bind",
+    "break", "builtin", "caller", "cd", "command", "compgen", "complete", "compopt",
+    "continue", "declare", "dirs", "disown", "echo", "enable", "eval", "exec", "exit",
+    "export", "fc", "fg", "getopts", "hash", "help", "history", "jobs", "kill", "let",
+    "local", "logout", "mapfile", "popd", "printf", "pushd", "pwd", "read", "readarray",
+    "readonly", "return", "set", "shift", "shopt", "source", "suspend", "test", "times",
+    "trap", "type", "typeset", "ulimit", "umask", "unalias", "unset", "wait",
+))
+# Variables bash does something with when it finds them in its environment: read a start-up
+# file, turn on options such as xtrace, hide programs from the PATH search, call an exported
+# function (BASH_FUNC_*), or pass on a value of its own instead (found by running
+# ``env -i NAME=7 bash -c env`` for each of bash's variables). With any of them bash runs the
+# task. What bash merely drops is dropped: PS1, PS2, and an OLDPWD that is no directory.
+_BASH_VARIABLES = frozenset((
+    "BASH_ENV", "SHELLOPTS", "BASHOPTS", "EXECIGNORE", "BASH_COMPAT", "BASH_XTRACEFD",
+    "IFS", "PS4", "OPTIND", "OPTERR", "BASH", "BASH_ARGV0", "BASH_VERSION",
+    "BASH_VERSINFO", "BASHPID", "BASH_SUBSHELL", "BASH_COMMAND", "BASH_EXECUTION_STRING",
+    "PPID", "RANDOM", "SRANDOM", "LINENO", "HISTCMD", "EPOCHSECONDS", "EPOCHREALTIME",
+    "COMP_WORDBREAKS",
+))
+_DROPPED = ("PS1", "PS2")
+_LEVEL = re.compile(r"[ \t]*[-+]?[0-9]+")
 
 
 @dataclass
@@ -93,6 +128,7 @@ class Runner:
         self.python = shutil.which(python, path=search) or python
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._made: set[str] = set()
+        self._plain_env = not _needs_bash(self.base_env)
 
     def shard(self, task_id: str) -> str:
         """Results fan out over 256 directories: a million files in one folder hurts MooseFS."""
@@ -111,13 +147,31 @@ class Runner:
             return [self.python, *shlex.split(claim.params)]
         return [self.bash, "-c", claim.params]
 
+    def direct_argv(self, claim: Claim, env: dict[str, str]) -> tuple[str, list[str]] | None:
+        """The program and argv bash would exec for a shell task made of plain words, or None
+        when bash has to run it. A program that cannot be started this way (not found, not
+        executable, a script without #!) is then left to bash, for bash's own behaviour."""
+        if claim.type != "shell" or not _PLAIN_COMMAND.fullmatch(claim.params):
+            return None
+        words = claim.params.split()
+        name = words[0]
+        if name in _SHELL_WORDS or (name in ("true", "false") and len(words) == 2
+                                    and words[1] in ("--help", "--version")):
+            return None
+        if (not self._plain_env or (claim.env and _needs_bash(claim.env))
+                or _shell_level(env.get("SHLVL")) is None):
+            return None
+        if "/" in name:
+            return name, words
+        program = find_program(name, env.get("PATH"))
+        return (program, words) if program else None
+
     def start(self, claim: Claim) -> RunningTask:
         d = self.shard(claim.task_id)
         stem = f"{d}/{claim.task_id}.a{claim.attempt}"
         env = {**self.base_env, **claim.env} if claim.env else dict(self.base_env)
         env["DISTCOMP_TASK_ID"] = claim.task_id
         env["DISTCOMP_ATTEMPT"] = str(claim.attempt)
-        argv = self.argv(claim)
         task = RunningTask(claim, 0, -1, time.time(), time.monotonic(), stem + ".out",
                            stem + ".err")
         try:
@@ -128,11 +182,7 @@ class Runner:
             # (a remounted shared filesystem is found), and the worker holds no directory open.
             os.chdir(claim.cwd or self.workdir)
             try:
-                task.pid = os.posix_spawn(
-                    argv[0], argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, self._devnull, 0),
-                                  (os.POSIX_SPAWN_DUP2, task.out_fd, 1),
-                                  (os.POSIX_SPAWN_DUP2, task.err_fd, 2)])
+                task.pid = self._spawn(claim, env, task)
             finally:
                 os.chdir("/")
             task.pidfd = os.pidfd_open(task.pid)
@@ -143,6 +193,32 @@ class Runner:
             task.returncode, task.ended, task.spawn_error = 127, task.started, reason
             self.close_output(task)
         return task
+
+    def _spawn(self, claim: Claim, env: dict[str, str], task: RunningTask) -> int:
+        """Start the task in the current directory (a relative PATH entry is looked up
+        there, as bash would)."""
+        actions = [(os.POSIX_SPAWN_DUP2, self._devnull, 0),
+                   (os.POSIX_SPAWN_DUP2, task.out_fd, 1),
+                   (os.POSIX_SPAWN_DUP2, task.err_fd, 2)]
+        direct = self.direct_argv(claim, env)
+        if direct:
+            program, argv = direct
+            # What bash would have put in the environment of the program it execs.
+            for name in _DROPPED:
+                env.pop(name, None)
+            if "OLDPWD" in env and not os.path.isdir(env["OLDPWD"]):
+                del env["OLDPWD"]
+            env["PWD"] = _working_directory(env.get("PWD"))
+            env["_"] = program
+            env["SHLVL"] = _shell_level(env.get("SHLVL")) or "0"
+            try:
+                return os.posix_spawn(program, argv, env, setsid=True,
+                                      setsigdef=_DEFAULT_SIGNALS, file_actions=actions)
+            except OSError:
+                pass  # bash reports it, or runs a script that has no #! line
+        argv = self.argv(claim)
+        return os.posix_spawn(argv[0], argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
+                              file_actions=actions)
 
     def signal_tree(self, task: RunningTask, sig: int, sweep: bool = False) -> None:
         """Signal the task's process group; with ``sweep`` also any process of its session
@@ -227,6 +303,45 @@ class Runner:
                 os.unlink(part)
             except FileNotFoundError:
                 pass
+
+
+def _needs_bash(env: dict[str, str]) -> bool:
+    return any(name in _BASH_VARIABLES or name.startswith("BASH_FUNC_") for name in env)
+
+
+def _working_directory(inherited: str | None) -> str:
+    """PWD as bash passes it on: the inherited value when it names the current directory
+    (a path through a symbolic link stays as it is), else the physical path."""
+    if inherited and inherited.startswith("/"):
+        try:
+            if os.path.samefile(inherited, "."):
+                return inherited
+        except OSError:
+            pass
+    return os.getcwd()
+
+
+def _shell_level(value: str | None) -> str | None:
+    """SHLVL as bash passes it on to a command it execs, or None for a level so high that
+    bash warns about it."""
+    if not value or not _LEVEL.fullmatch(value):
+        return "0"
+    level = int(value)
+    if level >= 999:
+        return None
+    return str(max(level, 0))
+
+
+def find_program(name: str, search: str | None) -> str | None:
+    """The path bash's PATH search finds for ``name`` (an empty entry is the current
+    directory), or None."""
+    if search is None:
+        return None
+    for directory in search.split(":"):
+        path = f"{directory or '.'}/{name}"
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def kill_session(sid: int, sig: int) -> int:

@@ -1,0 +1,142 @@
+"""The runner starts a shell task made of plain words without bash; what the task sees and does
+must be what ``bash -c`` would have given it, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from distcomp.queue import Claim
+from distcomp.runner import _BASH_VARIABLES, Runner, RunningTask
+
+SCRIPT = '#!/bin/sh\necho "$0|$*|$PWD|$(pwd -P)"\n'
+
+
+def claim(params: str, cwd: str = "", env: dict[str, str] | None = None,
+          attempt: int = 1) -> Claim:
+    return Claim(task_id=f"t{abs(hash((params, cwd))):x}", attempt=attempt, type="shell",
+                 params=params, cwd=cwd, env=env or {}, timeout_s=0.0, mem_mb=0, cpu=1.0)
+
+
+def run(runner: Runner, c: Claim) -> RunningTask:
+    task = runner.start(c)
+    if task.spawn_error is None:
+        select.select([task.pidfd], [], [])  # readable once the process has exited
+        assert runner.try_reap(task)
+    runner.discard(task)
+    return task
+
+
+def under_bash(runner: Runner, c: Claim) -> tuple[int, str, str]:
+    env = {**runner.base_env, **c.env, "DISTCOMP_TASK_ID": c.task_id,
+           "DISTCOMP_ATTEMPT": str(c.attempt)}
+    proc = subprocess.run([runner.bash, "-c", c.params], cwd=c.cwd or runner.workdir, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          start_new_session=True, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Path:
+    (tmp_path / "bin").mkdir()
+    for name, text in (("show", SCRIPT), ("bin/onpath", SCRIPT),
+                       ("noshebang", 'echo "no #! line: $1"\n'), ("notexec", SCRIPT)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o644 if name == "notexec" else 0o755)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    return tmp_path
+
+
+@pytest.fixture
+def runner(place: Path, monkeypatch: pytest.MonkeyPatch) -> Runner:
+    monkeypatch.setenv("PATH", f"{place}/bin:{os.environ['PATH']}")
+    for name in os.environ:
+        if name in _BASH_VARIABLES or name.startswith("BASH_FUNC_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("SHLVL", raising=False)
+    monkeypatch.setenv("PWD", "/nonexistent")
+    monkeypatch.setenv("PS1", "$ ")  # bash drops it
+    return Runner(str(place / "results"), str(place), "python3", 4096, {})
+
+
+@pytest.mark.parametrize("params,direct", [
+    ("env", True), ("true 1", True), ("false 2", True), ("  sleep 0  ", True),
+    ("./show a b=c d%e", True), ("onpath x,y:z", True),
+    # Tried directly, left to bash when the kernel refuses them.
+    ("./noshebang 7", True), ("./notexec", True), ("./adir", True),
+    ("no-such-program 1", False), ("true --help", False), ("true --version", False),
+    ("echo plain words", False),
+])
+def test_plain_commands_behave_as_under_bash(runner: Runner, place: Path, params: str,
+                                             direct: bool) -> None:
+    c = claim(params)
+    assert (runner.direct_argv(c, dict(runner.base_env)) is not None) == direct
+    task = run(runner, c)
+    got = (task.returncode, task.stdout_tail, task.stderr_tail)
+    want = under_bash(runner, c)
+    if params == "env":  # the same variables, in whatever order each put them
+        got, want = (sorted(got[1].splitlines()), (sorted(want[1].splitlines())))
+    assert got == want
+
+
+@pytest.mark.parametrize("params,env,cwd", [
+    *(("env", {"SHLVL": level}, "") for level in ("4", "-5", "007", " 3", "3x", "3_0", "998",
+                                                  "999", "lots")),
+    ("show 1", {"PATH": f"{os.defpath}:"}, "."),  # an empty entry: the current directory
+    ("env", {}, "link"), ("env", {"PWD": "LINK"}, "link"),  # PWD naming it through a link
+    ("env", {"OLDPWD": "LINK"}, ""), ("env", {"OLDPWD": "/nonexistent"}, ""),
+])
+def test_what_bash_would_set_for_the_program(runner: Runner, place: Path, params: str,
+                                              env: dict[str, str], cwd: str) -> None:
+    env = {k: str(place / "link") if v == "LINK" else v for k, v in env.items()}
+    c = claim(params, cwd=str(place / cwd) if cwd else "", env=env)
+    task = run(runner, c)
+    rc, out, err = under_bash(runner, c)
+    assert (task.returncode, sorted(task.stdout_tail.splitlines()), task.stderr_tail) == (
+        rc, sorted(out.splitlines()), err)
+
+
+@pytest.mark.parametrize("params", [
+    "echo hi", "x=1 env", "env 'a'", 'env "a"', "env $HOME", "env > out", "env; env",
+    "env && env", "env | cat", "env *", "env ?", "~/show", "env # note", "cd /", "exit 3",
+    "time env", "%1", "env {a,b}", "env a\\ b", "env\nenv", "env &", "env (x)", "env é",
+    "", "   ", "true --help", ". ./show", "[ -e x ]",
+])
+def test_anything_more_than_plain_words_goes_to_bash(runner: Runner, params: str) -> None:
+    assert runner.direct_argv(claim(params), dict(runner.base_env)) is None
+
+
+def test_plain_words_start_directly(runner: Runner, place: Path) -> None:
+    env = dict(runner.base_env)
+    assert runner.direct_argv(claim("true 1"), env) == (
+        f"{'/usr/bin' if os.path.exists('/usr/bin/true') else '/bin'}/true", ["true", "1"])
+    assert runner.direct_argv(claim(" ./show a=b  c "), env) == ("./show", ["./show", "a=b", "c"])
+    assert runner.direct_argv(claim("onpath"), env) == (f"{place}/bin/onpath", ["onpath"])
+    assert runner.direct_argv(claim("no-such-program"), env) is None
+
+
+@pytest.mark.parametrize("name,value", [
+    ("SHELLOPTS", "xtrace"), ("BASH_ENV", "STARTUP"), ("BASH_FUNC_env%%", "() { echo f; }"),
+    ("EXECIGNORE", "*/env"),
+])
+def test_variables_that_change_what_bash_does_keep_bash(runner: Runner, place: Path,
+                                                        name: str, value: str) -> None:
+    """From the task's environment or the worker's, these make bash print a trace, read a
+    start-up file, call an exported function or skip programs: bash must run the task."""
+    startup = place / "startup"
+    startup.write_text("echo from the start-up file\n")
+    value = value.replace("STARTUP", str(startup))
+    c = claim("env A=1", env={name: value})
+    assert runner.direct_argv(c, {**runner.base_env, **c.env}) is None
+    task = run(runner, c)
+    rc, out, err = under_bash(runner, c)
+    assert (task.returncode, sorted(task.stdout_tail.splitlines()), task.stderr_tail) == (
+        rc, sorted(out.splitlines()), err)
+    worker_wide = Runner(runner.results, runner.workdir, "python3", 4096, {name: value})
+    assert worker_wide.direct_argv(claim("env A=1"), dict(worker_wide.base_env)) is None
