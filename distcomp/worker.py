@@ -271,12 +271,18 @@ class Worker:
 
     def free(self) -> tuple[float, float, int]:
         est = self.estimate_mb()
-        running = self.running.values()
-        committed = sum(max(t.claim.mem_mb, t.peak_rss / 2**20, est) for t in running)
-        growth = sum(max(0.0, max(t.claim.mem_mb, est) - t.rss / 2**20) for t in running)
+        committed = growth = cpu = 0.0
+        for t in self.running.values():  # one pass: the loop asks this several times a turn
+            c = t.claim
+            expected = c.mem_mb if c.mem_mb > est else est
+            committed += max(expected, t.peak_rss / 2**20)
+            rss_mb = t.rss / 2**20
+            if expected > rss_mb:
+                growth += expected - rss_mb
+            cpu += c.cpu
         free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - committed,
                        (self.available - self.reserve) / 2**20 - growth)
-        free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
+        free_cpu = self.cores - cpu
         slots = min(MAX_CLAIM_BATCH, self.max_tasks - len(self.running))
         return free_mem, free_cpu, slots
 
