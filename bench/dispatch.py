@@ -3,13 +3,17 @@
 distcomp: ``distcomp submit`` of a taskfile, then one ``distcomp worker --exit-when-empty``
 with ``--cores C --max-tasks C`` and tasks declaring ``min_cpu`` 1, so C tasks run at once;
 the clock runs from the start of ``submit`` to the worker's exit and every task must be
-recorded as finished. The peers run the same command lines through the same shell (bash) with
-the same concurrency: ``parallel -jC`` and ``xargs -P C``. The rounds alternate the tools so
-that background load on the machine hits them alike; the table shows each tool's median.
+recorded as finished. The peers run the same command lines with the same concurrency, each the
+way it runs a line: ``parallel -jC`` and ``xargs -P C bash -c`` through bash. distcomp execs a
+line made of plain words itself, as bash would (``distcomp.runner``), so a fourth row shows the
+fork+exec ceiling: ``xargs -P C`` exec'ing the same program with the same arguments, no shell.
+The rounds alternate the tools so that background load on the machine hits them alike; the
+table shows each tool's median.
 
 A second part runs ``sleep 0.05`` tasks at concurrency 32: useful concurrency is
 ``N * 0.05 s / makespan`` (32 would be perfect) and per-task overhead is what each slot spent
-beyond the 0.05 s sleep.
+beyond the 0.05 s sleep. distcomp runs identical lines once, so the lines are made unique by
+digits past the eighth decimal (``sleep 0.0500000017``: 1.7 ns more).
 
 distcomp keeps every task's stdout and stderr in two files; the peers' output goes into pipes
 this script reads into memory. So that both keep output in memory, the worker's results
@@ -82,22 +86,39 @@ def run_xargs(commands: list[str], conc: int, work: Path) -> dict[str, Any]:
             "lost": 0 if proc.returncode == 0 else 1}
 
 
+def run_xargs_exec(commands: list[str], conc: int, work: Path) -> dict[str, Any]:
+    """``xargs -P C PROGRAM`` with each line's arguments: the same programs exec'd directly."""
+    programs = {c.split()[0] for c in commands}
+    if len(programs) != 1:
+        raise ValueError(f"xargs-exec needs one program for every line, got {sorted(programs)}")
+    argfile = work / "xargs-exec.args"
+    argfile.write_text("".join(c.split(None, 1)[1] + "\n" for c in commands))
+    secs, proc = run_timed(["xargs", "-a", str(argfile), "-L", "1", "-P", str(conc),
+                            programs.pop()], capture_output=True, text=True)
+    return {"seconds": secs, "failed": 0 if proc.returncode == 0 else 1,
+            "lost": 0 if proc.returncode == 0 else 1}
+
+
+TOOLS = ("distcomp", "parallel", "xargs", "xargs-exec")
+
+
 def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, tag: str,
             work: Path, results_root: Path) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {"distcomp": [], "parallel": [], "xargs": []}
+    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
     for r in range(rounds):
-        order = ["distcomp", "parallel", "xargs"]
-        order = order[r % 3:] + order[:r % 3]
+        order = list(TOOLS[r % len(TOOLS):] + TOOLS[:r % len(TOOLS)])
         for tool in order:
             if tool == "distcomp":
                 res = run_distcomp(server, commands, conc, f"{tag}{r}", work, results_root)
             elif tool == "parallel":
                 res = run_parallel(commands, conc, work)
-            else:
+            elif tool == "xargs":
                 res = run_xargs(commands, conc, work)
+            else:
+                res = run_xargs_exec(commands, conc, work)
             res["tasks_per_s"] = len(commands) / res["seconds"]
             runs[tool].append(res)
-            print(f"  round {r + 1}/{rounds} {tag} {tool:<8} {res['seconds']:7.2f} s  "
+            print(f"  round {r + 1}/{rounds} {tag} {tool:<10} {res['seconds']:7.2f} s  "
                   f"{res['tasks_per_s']:8.0f} tasks/s", flush=True)
     return runs
 
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tasks, args.sleep_tasks, args.rounds = 200, 100, 1
     ensure_tools(["redis-server", "parallel"])
     noop = [f"true {i}" for i in range(args.tasks)]
-    sleepers = [f"sleep {SLEEP_S} # {i}" for i in range(args.sleep_tasks)]
+    sleepers = [f"sleep {SLEEP_S:.2f}{i:08d}" for i in range(args.sleep_tasks)]
     shm = Path("/dev/shm")
     results_parent = args.results_dir or (str(shm) if shm.is_dir() else None)
     with tempfile.TemporaryDirectory(prefix="distcomp-bench-dispatch-") as tmp, \
@@ -151,16 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         s["useful_concurrency"] = args.sleep_tasks * SLEEP_S / s["seconds"]
         s["overhead_ms_per_task"] = 1000 * (s["seconds"] * args.sleep_concurrency
                                             / args.sleep_tasks - SLEEP_S)
-    d, p, x = (noop_sum[t]["tasks_per_s"] for t in ("distcomp", "parallel", "xargs"))
+    d, p, x, xe = (noop_sum[t]["tasks_per_s"] for t in TOOLS)
     doc = {
         "params": {"tasks": args.tasks, "concurrency": args.concurrency,
                    "sleep_tasks": args.sleep_tasks, "sleep_concurrency": args.sleep_concurrency,
                    "sleep_s": SLEEP_S, "rounds": args.rounds, "smoke": args.smoke,
                    "results_dir_fs": fs,
-                   "shell": "bash -c for every tool"},
+                   "shell": "parallel and xargs: bash -c; xargs-exec: none; distcomp: none "
+                            "for these plain lines (bash would only exec them)"},
         "noop": noop_sum,
         "sleep": sleep_sum,
-        "ratios": {"distcomp_vs_parallel": d / p, "distcomp_vs_xargs": d / x},
+        "ratios": {"distcomp_vs_parallel": d / p, "distcomp_vs_xargs": d / x,
+                   "distcomp_vs_xargs_exec": d / xe},
         "distcomp": {"tasks_per_s": d, "lost": noop_sum["distcomp"]["lost"]
                      + sleep_sum["distcomp"]["lost"], "kernel_oom_kills": 0},
         "targets": {"distcomp_tasks_per_s>=1000": d >= 1000,
@@ -172,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(f"no-op tasks: {args.tasks} x `true N`, concurrency {args.concurrency} "
                 f"(median of {args.rounds})",
-                ["tool", "seconds", "tasks/s", "vs parallel", "lost"],
-                [[t, s["seconds"], s["tasks_per_s"], s["tasks_per_s"] / p, s["lost"]]
-                 for t, s in noop_sum.items()]))
+                ["tool", "seconds", "tasks/s", "vs parallel", "vs xargs-exec", "lost"],
+                [[t, s["seconds"], s["tasks_per_s"], s["tasks_per_s"] / p,
+                  s["tasks_per_s"] / xe, s["lost"]] for t, s in noop_sum.items()]))
     sub = [r["submit_s"] for r in noop_sum["distcomp"]["runs"]]
     print(f"  (distcomp submit alone: median {statistics.median(sub):.2f} s of the total)")
     print()

@@ -33,13 +33,14 @@ def run_bench(name: str, tmp_path: Path) -> dict:
 def test_dispatch_smoke(tmp_path: Path) -> None:
     doc = run_bench("dispatch", tmp_path)
     for part in ("noop", "sleep"):
-        assert set(doc[part]) == {"distcomp", "parallel", "xargs"}
+        assert set(doc[part]) == {"distcomp", "parallel", "xargs", "xargs-exec"}
         for tool in doc[part].values():
             assert tool["seconds"] > 0 and tool["tasks_per_s"] > 0
     assert doc["noop"]["distcomp"]["lost"] == 0
     assert doc["sleep"]["distcomp"]["lost"] == 0
     assert {"useful_concurrency", "overhead_ms_per_task"} <= set(doc["sleep"]["distcomp"])
-    assert {"distcomp_vs_parallel", "distcomp_vs_xargs"} == set(doc["ratios"])
+    assert {"distcomp_vs_parallel", "distcomp_vs_xargs", "distcomp_vs_xargs_exec"} == set(
+        doc["ratios"])
     assert doc["distcomp"]["lost"] == 0
 
 
