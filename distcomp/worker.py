@@ -274,7 +274,7 @@ class Worker:
         committed = growth = cpu = 0.0
         for t in self.running.values():  # one pass: the loop asks this several times a turn
             c = t.claim
-            expected = c.mem_mb if c.mem_mb > est else est
+            expected = max(est, c.mem_mb)
             committed += max(expected, t.peak_rss / 2**20)
             rss_mb = t.rss / 2**20
             if expected > rss_mb:
