@@ -340,7 +340,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     wc = args.cfg.worker
     for opt in ("name", "results_dir", "workdir", "python", "cores", "max_tasks",
-                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace"):
+                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll"):
         value = getattr(args, opt)
         if value is not None:
             setattr(wc, opt, value)
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heartbeat-ttl", type=float, help="lease time-to-live in seconds")
     sp.add_argument("--eviction-budget", type=int, help="evictions before a task fails")
     sp.add_argument("--kill-grace", type=float, help="seconds between TERM and KILL")
+    sp.add_argument("--idle-poll", type=float,
+                    help="most seconds between claims while nothing comes (new tasks are "
+                         "announced and claimed at once)")
     sp.add_argument("--drain", action="store_true",
                     help="on SIGTERM let running tasks finish instead of requeueing them")
     sp.add_argument("--exit-when-empty", action="store_true",

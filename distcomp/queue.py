@@ -18,6 +18,9 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
                        looks at leases that may have expired instead of at every worker
     P:cancel           set: running ids whose workers must kill them
     P:stop             string: time of the last stop-workers request
+    P:wake             pub/sub channel: a notice each time a script makes tasks claimable
+                       (submit, retry, requeue, eviction, retryable failure, reaper), so
+                       idle workers claim at once instead of at their next poll
 
 Task states are ``todo``, ``running`` (with ``worker`` and ``attempt``), ``finished`` and
 ``failed``. Every transition is one Lua script, so it is atomic and a concurrent reader never
@@ -67,7 +70,17 @@ local function bucket_of(mem_mb, cpu)
   if q == 0 then c = -1 end
   return 'm' .. m .. 'c' .. c
 end
+-- Idle workers wait on P:wake rather than polling fast: one notice per script run, however
+-- many tasks it made claimable. A notice carries nothing; a worker that hears it claims.
+local noticed = false
+local function notify()
+  if not noticed then
+    redis.call('PUBLISH', P .. ':wake', '')
+    noticed = true
+  end
+end
 local function to_todo(id, tkey)
+  notify()
   local f = redis.call('HMGET', tkey, 'req_mem', 'cpu', 'score')
   local b = bucket_of(tonumber(f[1]), tonumber(f[2]))
   redis.call('ZADD', P .. ':q:' .. b, f[3], id)
@@ -175,7 +188,10 @@ for i = 0, n - 1 do
     added = added + 1
   end
 end
-if added > 0 then redis.call('HINCRBY', P .. ':counts', 'todo', added) end
+if added > 0 then
+  redis.call('HINCRBY', P .. ':counts', 'todo', added)
+  notify()
+end
 return {added, existing}
 """
 
@@ -688,6 +704,15 @@ class Queue:
 
     def annotate(self, task_id: str, fields: dict[str, Any], client: Any = None) -> Any:
         return self._run("annotate", task_id, _record(fields), client=client)
+
+    def notices(self) -> Any:
+        """A pub/sub connection subscribed to the notice that tasks became claimable (see
+        ``P:wake``); its first message is the subscription's confirmation. Notices published
+        while it is not connected are lost, so a (re)subscription is itself a reason to
+        claim."""
+        sub = self.r.pubsub()
+        sub.subscribe(self.key("wake"))
+        return sub
 
     def pipeline(self) -> Any:
         """A pipeline for reports, annotations and a claim (see ``_ReportPipeline``)."""

@@ -7,6 +7,11 @@ turn of the loop and the claim for the room they free go out in one pipeline, an
 takes several tasks. When Redis is unreachable the tasks keep running and the reports wait; they
 are re-sent when it is back, and the queue answers a re-sent report with the outcome it
 recorded the first time.
+
+A worker whose claim came back empty does not poll fast: a second thread listens for the
+queue's notice that tasks became claimable and wakes the loop through a pipe it polls, so a
+submit is picked up at once by idle workers and an idle cluster puts almost no load on Redis.
+The thread does nothing else; all state stays with the loop.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import resource
 import select
 import signal
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -74,6 +80,8 @@ class Worker:
         # Tasks that reserve no cores never fill a node by cores alone: without an explicit cap,
         # 16 tasks per core keeps a file of `min_cpu 0` tasks from becoming a fork bomb.
         self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
+        if not wc.idle_poll >= 0.05:
+            raise ConfigError(f"idle_poll must be at least 0.05 seconds, got {wc.idle_poll:g}")
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
@@ -111,6 +119,10 @@ class Worker:
         self.poller = select.poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, select.POLLIN)
+        self._notice_r, self._notice_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self._notice_r, select.POLLIN)
+        self.noticed = False           # the queue announced claimable tasks
+        self._stop_listening = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -178,6 +190,23 @@ class Worker:
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+
+    def listen(self) -> None:
+        """Listener thread: each notice from the queue (and each (re)subscription, since notices
+        sent while disconnected are lost) becomes a byte on the notice pipe. It touches no other
+        state of the worker."""
+        while not self._stop_listening.is_set():
+            try:
+                sub = self.q.notices()
+                try:
+                    while not self._stop_listening.is_set():
+                        if sub.get_message(timeout=1.0) is not None:
+                            _poke(self._notice_w)
+                finally:
+                    sub.close()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.debug("notice listener: %s; subscribing again", exc)
+                self._stop_listening.wait(1.0)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.drain_on_term and not self.stopping:
@@ -522,9 +551,9 @@ class Worker:
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
                  gib(self.evict_below), self.wc.results_dir)
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
+        threading.Thread(target=self.listen, name="notices", daemon=True).start()
         mono = time.monotonic()
         next_sample = next_hb = next_claim = mono
-        idle = 0.05
         requeued = False
         try:
             while True:
@@ -543,14 +572,23 @@ class Worker:
                         self.heartbeat()
                         next_hb = mono + hb_every
                     if self.freed:
-                        self.freed, idle, next_claim = False, 0.05, mono
+                        self.freed, next_claim = False, mono
                         self.refresh_after_exit()
+                    if self.noticed:
+                        self.noticed, next_claim = False, mono
                     claim = not self.stopping and mono >= next_claim and self.has_room()
                     if self.exchange(claim):
-                        idle, next_claim = 0.05, mono
+                        next_claim = mono
                     elif claim:
-                        next_claim = mono + idle
-                        idle = min(idle * 2, 1.0)
+                        # Nothing came: new tasks are announced (``listen``), so only what no
+                        # notice covers waits for this poll (an avoid window running out,
+                        # memory freed outside the tasks, and for --exit-when-empty the last
+                        # tasks of other workers ending).
+                        wait = min(self.wc.idle_poll, 1.0) if self.exit_when_empty \
+                            else self.wc.idle_poll
+                        next_claim = mono + wait
+                        log.debug("claim came back empty; next claim in %gs unless tasks are "
+                                  "announced", wait)
                         if self.exit_when_empty and not self.running and self._empty():
                             break
                     if self.redis_down_since is not None:
@@ -571,12 +609,14 @@ class Worker:
                              if t.kill_deadline is not None))
                 self._poll(max(0.0, wake - time.monotonic()))
         except LeaseLost:
+            self._stop_listening.set()
             log.error("worker name %s was taken over by another instance; stopping and killing "
                       "this instance's tasks", self.name)
             for task in self.running.values():
                 self.runner.kill(task, "lost", 0)
                 self.runner.escalate(task)
             return 1
+        self._stop_listening.set()
         try:
             self.q.deregister(self.name, self.token)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -587,17 +627,31 @@ class Worker:
     def _poll(self, timeout: float) -> None:
         for fd, _ in self.poller.poll(timeout * 1000):
             if fd == self._wake_r:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                _drain(self._wake_r)
+            elif fd == self._notice_r:
+                _drain(self._notice_r)
+                self.noticed = True
             elif fd in self.by_fd:
                 self._ready_ids.add(self.by_fd[fd])
 
     def _empty(self) -> bool:
         counts = self.q.counts()
         return counts["todo"] == 0 and counts["running"] == 0
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"!")
+    except BlockingIOError:
+        pass  # the pipe is full: the loop has a wake-up waiting already
 
 
 def _reason(payload: Any) -> str:

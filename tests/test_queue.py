@@ -262,3 +262,45 @@ def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue):
     assert queue.counts() == {"todo": 3, "running": 2, "finished": 1, "failed": 0, "total": 6}
     assert {c.task_id for c in claims} == {
         x.decode() for x in queue.r.smembers(queue.key("run", "w"))}
+
+
+def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue):
+    """Idle workers wait for these notices instead of polling: each script run that puts
+    tasks in the queue publishes exactly one, and nothing else publishes. Messages arrive in
+    order, so a marker published after each step shows what that step sent."""
+    sub = queue.notices()
+    channel = queue.key("wake")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+
+    def sent(step) -> int:
+        step()
+        queue.r.publish(channel, "marker")
+        n = 0
+        while sub.get_message(timeout=5)["data"] != b"marker":
+            n += 1
+        return n
+
+    a, b, c, d = (spec(x, retries=1) for x in "abcd")
+    assert sent(lambda: queue.submit([spec(f"echo {i}") for i in range(2500)])) == 3  # 3 chunks
+    assert sent(lambda: queue.submit([spec("echo 1")])) == 0, "nothing new: no notice"
+    queue.purge()
+    assert sent(lambda: queue.submit([a, b, c, d])) == 1
+    register(queue, "w")
+    assert [x.params for x in queue.claim("w", "tok-w", 1e9, 1e9, 3)] == ["a", "b", "c"]
+    assert sent(lambda: queue.finish(a.task_id, "w", 1, {})) == 0
+    assert sent(lambda: queue.claim("w", "tok-w", 1e9, 1e9, 1)) == 0  # takes d
+    assert sent(lambda: queue.fail(b.task_id, "w", 1, {}, True)) == 1  # back for a retry
+    assert sent(lambda: queue.evict(c.task_id, "w", 1, 10, 5, "e", "b", {})) == 1
+    assert [(x.params, x.attempt) for x in queue.claim("w", "tok-w", 1e9, 1e9, 5)] == [
+        ("b", 2), ("c", 2)]
+    assert sent(lambda: queue.fail(b.task_id, "w", 2, {}, True)) == 0  # failed for good
+    assert sent(lambda: queue.requeue(c.task_id, "w", 2, "r")) == 1
+    assert sent(lambda: queue.requeue_worker("w", "gone")) == 1  # d
+    register(queue, "short", ttl_ms=100)
+    assert len(queue.claim("short", "tok-short", 1e9, 1e9, 5)) == 2
+    wait_for(lambda: not queue.r.exists(queue.key("lease", "short")), 5, "lease expiry")
+    assert sent(queue.reap) == 1
+    assert sent(lambda: queue.retry([b.task_id])) == 1
+    assert sent(lambda: queue.cancel([b.task_id])) == 0
+    assert queue.counts() == {"todo": 2, "running": 0, "finished": 1, "failed": 1, "total": 4}
+    sub.close()

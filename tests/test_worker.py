@@ -11,8 +11,10 @@ import uuid
 
 import psutil
 import pytest
+import redis
 
-from tests.conftest import HELPERS
+from distcomp.queue import Queue
+from tests.conftest import HELPERS, RedisServer, WorkerProcess
 from tests.helpers import wait_for
 
 GROW = HELPERS / "grow.py"
@@ -333,3 +335,36 @@ def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
             os.kill(int(pid), signal.SIGKILL)
         wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "cgroup to empty")
         group.rmdir()
+
+
+def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tmp_path):
+    """With --idle-poll 600 an idle worker does not claim again for ten minutes on its own: it
+    takes tasks submitted later because the queue announces them. Notices sent while it is
+    cut off are lost, so after Redis restarts it must subscribe again (and claim then)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    q = Queue(redis.Redis(port=server.port), "idle")
+    w = WorkerProcess(server, "idle", "w-idle", tmp_path / "results",
+                      ["--idle-poll", "600", "--log-level", "debug"])
+    empty = "claim came back empty; next claim in 600s"
+    try:
+        # The loop claims once at its start and once more when the subscription is confirmed;
+        # after the second empty claim only a notice (or ten minutes) brings another.
+        wait_for(lambda: w.output().count(empty) >= 2 or w.proc.poll() is not None, 30,
+                 "the worker to subscribe and go idle")
+        assert w.proc.poll() is None, w.output()
+        first = submit(q, ["shell:0:0:1:true first"])
+        wait_for(lambda: state(q, first[0]) == "finished", 60, "the announced task to run")
+
+        server.stop()
+        server.start()  # same port, empty: nothing was persisted
+        wait_for(lambda: q.r.pubsub_numsub(q.key("wake"))[0][1] == 1, 60,
+                 "the worker to subscribe again")
+        second = submit(q, ["shell:0:0:1:true second"])
+        wait_for(lambda: state(q, second[0]) == "finished", 60,
+                 "a task announced after the restart to run")
+        assert w.proc.poll() is None, w.output()
+    finally:
+        w.kill_everything()
+        server.stop()
