@@ -13,7 +13,14 @@ table shows each tool's median.
 A second part runs ``sleep 0.05`` tasks at concurrency 32: useful concurrency is
 ``N * 0.05 s / makespan`` (32 would be perfect) and per-task overhead is what each slot spent
 beyond the 0.05 s sleep. distcomp runs identical lines once, so the lines are made unique by
-digits past the eighth decimal (``sleep 0.0500000017``: 1.7 ns more).
+digits past the eighth decimal (``sleep 0.0500000017``: 1.7 ns more). distcomp's makespan also
+holds two Python start-ups (``submit`` and the worker), a fixed cost the peers do not pay; its
+steady state is read from the task records the worker wrote: useful concurrency between the
+first task's start and the last one's end, and the start-up before the first task.
+
+A third part measures pickup as a cluster sees it: a worker daemon already running and idle,
+then ``distcomp submit`` of one task; pickup is the time from the start of ``submit`` to the
+task's start on the worker (new tasks are announced to idle workers, not polled for).
 
 distcomp keeps every task's stdout and stderr in two files; the peers' output goes into pipes
 this script reads into memory. So that both keep output in memory, the worker's results
@@ -35,18 +42,32 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DISTCOMP, RedisServer, child_env, ensure_tools, run_timed, table, write_result
+from common import (
+    DISTCOMP,
+    REPO,
+    RedisServer,
+    child_env,
+    ensure_tools,
+    run_timed,
+    table,
+    write_result,
+)
+
+sys.path.insert(0, str(REPO))
+from distcomp.queue import Queue
 
 SLEEP_S = 0.05
 
 
 def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
-                 work: Path, results_root: Path) -> dict[str, Any]:
+                 work: Path, results_root: Path, records: bool = False) -> dict[str, Any]:
+    """With ``records``, also the steady state from the tasks' own start and end times."""
     taskfile = work / f"{ns}.tasks"
     taskfile.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
     results = results_root / f"{ns}-results"
     base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
     env = child_env()
+    wall0 = time.time()
     t0 = time.perf_counter()
     sub = subprocess.run([*base, "submit", str(taskfile), "--json"], env=env, check=True,
                          capture_output=True, text=True)
@@ -62,9 +83,57 @@ def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
                                        capture_output=True, text=True).stdout)
     added = json.loads(sub.stdout)["added"]
     shutil.rmtree(results, ignore_errors=True)
-    return {"seconds": total, "submit_s": t_submit, "run_s": total - t_submit,
-            "added": added, "finished": status["finished"], "failed": status["failed"],
-            "lost": len(commands) - status["finished"]}
+    res = {"seconds": total, "submit_s": t_submit, "run_s": total - t_submit,
+           "added": added, "finished": status["finished"], "failed": status["failed"],
+           "lost": len(commands) - status["finished"]}
+    if records:
+        queue = Queue(server.client(), ns)
+        spans = [(float(t["started"]), float(t["ended"])) for t in
+                 (queue.task(tid) or {} for tid in queue.iter_ids_in_state("finished"))]
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        res.update(startup_s=first - wall0, active_s=last - first,
+                   exit_s=wall0 + total - last)
+    return res
+
+
+def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
+               ) -> list[dict[str, float]]:
+    """An idle worker daemon, then ``distcomp submit`` of one task, ``rounds`` times."""
+    ns = "pickup"
+    base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+    env = child_env()
+    queue = Queue(server.client(), ns)
+    worker = subprocess.Popen([*base, "worker", "--name", "bench-pickup", "--results-dir",
+                               str(results_root / "pickup-results"), "--log-level", "warning"],
+                              env=env)
+    runs = []
+    try:
+        while queue.workers_alive() == 0:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the pickup worker exited {worker.returncode}")
+            time.sleep(0.05)
+        for r in range(rounds):
+            time.sleep(1.0)  # idle: the worker's last claim came back empty
+            taskfile = work / f"pickup{r}.tasks"
+            taskfile.write_text(f"shell:0:0:1:true pickup {r}\n")
+            wall0 = time.time()
+            t0 = time.perf_counter()
+            subprocess.run([*base, "submit", str(taskfile)], env=env, check=True,
+                           capture_output=True)
+            submit_s = time.perf_counter() - t0
+            while queue.counts()["finished"] < r + 1:
+                if time.perf_counter() - t0 > 60:
+                    raise RuntimeError("a submitted task did not start within 60 s")
+                time.sleep(0.005)
+            tid = queue.ids_in_state("finished")[-1]
+            started = float((queue.task(tid) or {})["started"])
+            runs.append({"submit_s": submit_s, "pickup_s": started - wall0})
+            print(f"  pickup {r + 1}/{rounds}: submit {submit_s:.3f} s, task started "
+                  f"{started - wall0:.3f} s after submit began", flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return runs
 
 
 def run_parallel(commands: list[str], conc: int, work: Path) -> dict[str, Any]:
@@ -103,13 +172,15 @@ TOOLS = ("distcomp", "parallel", "xargs", "xargs-exec")
 
 
 def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, tag: str,
-            work: Path, results_root: Path) -> dict[str, list[dict[str, Any]]]:
+            work: Path, results_root: Path, records: bool = False
+            ) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
     for r in range(rounds):
         order = list(TOOLS[r % len(TOOLS):] + TOOLS[:r % len(TOOLS)])
         for tool in order:
             if tool == "distcomp":
-                res = run_distcomp(server, commands, conc, f"{tag}{r}", work, results_root)
+                res = run_distcomp(server, commands, conc, f"{tag}{r}", work, results_root,
+                                   records)
             elif tool == "parallel":
                 res = run_parallel(commands, conc, work)
             elif tool == "xargs":
@@ -132,6 +203,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]], n: int) -> dict[str, Any]:
     return out
 
 
+def per_task_overhead_ms(seconds: float, args: argparse.Namespace) -> float:
+    """What a slot spent per task beyond the sleep, over ``seconds`` of running."""
+    return 1000 * (seconds * args.sleep_concurrency / args.sleep_tasks - SLEEP_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=10_000, help="no-op tasks (default 10000)")
@@ -140,13 +216,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="tasks of the sleep 0.05 part (default 3000)")
     ap.add_argument("--sleep-concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pickups", type=int, default=5,
+                    help="single-task submits to an idle worker (default 5)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
     ap.add_argument("--results-dir", help="where the worker writes task output (default: a "
                     "temporary directory on /dev/shm, else beside the other temporary files)")
     ap.add_argument("--out", help="result file (default bench/results/dispatch-<time>.json)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.tasks, args.sleep_tasks, args.rounds = 200, 100, 1
+        args.tasks, args.sleep_tasks, args.rounds, args.pickups = 200, 100, 1, 2
     ensure_tools(["redis-server", "parallel"])
     noop = [f"true {i}" for i in range(args.tasks)]
     sleepers = [f"sleep {SLEEP_S:.2f}{i:08d}" for i in range(args.sleep_tasks)]
@@ -167,21 +245,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dispatch: {args.sleep_tasks} x sleep {SLEEP_S} at concurrency "
               f"{args.sleep_concurrency}", flush=True)
         sleep_sum = summarise(measure(server, sleepers, args.sleep_concurrency, args.rounds,
-                                      "sleep", work, results_root), args.sleep_tasks)
+                                      "sleep", work, results_root, records=True),
+                              args.sleep_tasks)
+        print(f"dispatch: pickup by an idle worker, {args.pickups} single-task submits",
+              flush=True)
+        pickups = run_pickup(server, args.pickups, work, results_root)
     for s in sleep_sum.values():
         s["useful_concurrency"] = args.sleep_tasks * SLEEP_S / s["seconds"]
-        s["overhead_ms_per_task"] = 1000 * (s["seconds"] * args.sleep_concurrency
-                                            / args.sleep_tasks - SLEEP_S)
+        s["overhead_ms_per_task"] = per_task_overhead_ms(s["seconds"], args)
+    runs = sleep_sum["distcomp"]["runs"]
+    active = statistics.median(r["active_s"] for r in runs)
+    steady = {"active_s": active, "useful_concurrency": args.sleep_tasks * SLEEP_S / active,
+              "overhead_ms_per_task": per_task_overhead_ms(active, args),
+              "startup_s": statistics.median(r["startup_s"] for r in runs),
+              "exit_s": statistics.median(r["exit_s"] for r in runs)}
+    sleep_sum["distcomp"]["steady"] = steady
+    pickup = {"runs": pickups,
+              "median_pickup_s": statistics.median(r["pickup_s"] for r in pickups),
+              "max_pickup_s": max(r["pickup_s"] for r in pickups),
+              "median_submit_s": statistics.median(r["submit_s"] for r in pickups)}
     d, p, x, xe = (noop_sum[t]["tasks_per_s"] for t in TOOLS)
     doc = {
         "params": {"tasks": args.tasks, "concurrency": args.concurrency,
                    "sleep_tasks": args.sleep_tasks, "sleep_concurrency": args.sleep_concurrency,
-                   "sleep_s": SLEEP_S, "rounds": args.rounds, "smoke": args.smoke,
+                   "sleep_s": SLEEP_S, "rounds": args.rounds, "pickups": args.pickups,
+                   "smoke": args.smoke,
                    "results_dir_fs": fs,
                    "shell": "parallel and xargs: bash -c; xargs-exec: none; distcomp: none "
                             "for these plain lines (bash would only exec them)"},
         "noop": noop_sum,
         "sleep": sleep_sum,
+        "pickup": pickup,
         "ratios": {"distcomp_vs_parallel": d / p, "distcomp_vs_xargs": d / x,
                    "distcomp_vs_xargs_exec": d / xe},
         "distcomp": {"tasks_per_s": d, "lost": noop_sum["distcomp"]["lost"]
@@ -190,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                     "distcomp_vs_parallel>=2": d / p >= 2,
                     "sleep_useful_concurrency>=0.9*C":
                         sleep_sum["distcomp"]["useful_concurrency"]
-                        >= 0.9 * args.sleep_concurrency},
+                        >= 0.9 * args.sleep_concurrency,
+                    "sleep_steady_useful_concurrency>=0.9*C":
+                        steady["useful_concurrency"] >= 0.9 * args.sleep_concurrency},
     }
     print()
     print(table(f"no-op tasks: {args.tasks} x `true N`, concurrency {args.concurrency} "
@@ -205,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
                 ["tool", "seconds", "tasks/s", "useful concurrency", "overhead ms/task", "lost"],
                 [[t, s["seconds"], s["tasks_per_s"], s["useful_concurrency"],
                   s["overhead_ms_per_task"], s["lost"]] for t, s in sleep_sum.items()]))
+    print(f"  distcomp steady state (task records, first start to last end): useful "
+          f"concurrency {steady['useful_concurrency']:.1f}, overhead "
+          f"{steady['overhead_ms_per_task']:.1f} ms/task; before the first task "
+          f"{steady['startup_s']:.2f} s (submit + worker start-up), after the last "
+          f"{steady['exit_s']:.2f} s")
+    print()
+    print(f"pickup by an idle worker (submit of one task -> its start), "
+          f"{args.pickups} submits: median {pickup['median_pickup_s']:.3f} s, max "
+          f"{pickup['max_pickup_s']:.3f} s; the submit command alone: median "
+          f"{pickup['median_submit_s']:.3f} s")
     path = write_result("dispatch", doc, args.out)
     print(f"\nresult: {path}")
     return 0

@@ -39,6 +39,14 @@ def test_dispatch_smoke(tmp_path: Path) -> None:
     assert doc["noop"]["distcomp"]["lost"] == 0
     assert doc["sleep"]["distcomp"]["lost"] == 0
     assert {"useful_concurrency", "overhead_ms_per_task"} <= set(doc["sleep"]["distcomp"])
+    # The steady state is read from the task records: within the run, after its start.
+    steady = doc["sleep"]["distcomp"]["steady"]
+    run = doc["sleep"]["distcomp"]["runs"][0]
+    assert 0 < steady["startup_s"] and 0 < steady["active_s"] < run["seconds"]
+    assert steady["useful_concurrency"] > doc["sleep"]["distcomp"]["useful_concurrency"]
+    # Each submitted task was picked up (the task started after its submit began).
+    assert len(doc["pickup"]["runs"]) == doc["params"]["pickups"] == 2
+    assert all(r["pickup_s"] > 0 and r["submit_s"] > 0 for r in doc["pickup"]["runs"])
     assert {"distcomp_vs_parallel", "distcomp_vs_xargs", "distcomp_vs_xargs_exec"} == set(
         doc["ratios"])
     assert doc["distcomp"]["lost"] == 0
