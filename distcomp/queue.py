@@ -196,12 +196,14 @@ return {added, existing}
 """
 
 # ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead,
-# min_charge_mb (what a task declaring less is charged: the worker's estimate of task size)
+# charges: JSON object, declared min_dram_gb (as stored) -> MiB the worker charges a task that
+# declared it, learned from the peaks of such tasks where they were bigger; any other task is
+# charged its requirement (its declaration, raised to its peak when it was evicted).
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local min_charge = tonumber(ARGV[10])
+local charges = cjson.decode(ARGV[10])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live = nil
 local function others_alive(failed_on)
@@ -238,8 +240,8 @@ while #claimed < max_n do
         if best_score ~= nil and score >= best_score then break end
         -- Everything the reply needs too, in the same read.
         local f = redis.call('HMGET', P .. ':t:' .. head[i], 'req_mem', 'cpu', 'failed_on',
-          'last_fail', 'type', 'params', 'cwd', 'env', 'timeout')
-        local mem, cpu = math.max(tonumber(f[1]), min_charge), tonumber(f[2])
+          'last_fail', 'type', 'params', 'cwd', 'env', 'timeout', 'dram_gb')
+        local mem, cpu = math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
         if mem <= free_mem and cpu <= free_cpu + 1e-9 and not avoided(f[3], f[4]) then
           best, best_score, best_bucket, best_mem, best_cpu, best_f = head[i], score, b, mem,
             cpu, f
@@ -261,8 +263,8 @@ while #claimed < max_n do
   redis.call('SADD', P .. ':run:' .. worker, best)
   redis.call('ZADD', P .. ':s:running', now, best)
   local f = best_f
-  for i = 5, 9 do f[i] = f[i] or '' end
-  claimed[#claimed + 1] = {best, attempt, f[5], f[6], f[7], f[8], f[9], f[1], f[2]}
+  for i = 5, 10 do f[i] = f[i] or '' end
+  claimed[#claimed + 1] = {best, attempt, f[5], f[6], f[7], f[8], f[9], f[1], f[2], f[10]}
   free_mem = free_mem - best_mem
   free_cpu = free_cpu - best_cpu
 end
@@ -530,6 +532,7 @@ class Claim:
     timeout_s: float
     mem_mb: int
     cpu: float
+    declared: str = ""  # min_dram_gb as submitted: the class whose real size the worker learns
 
 
 @dataclass
@@ -659,16 +662,17 @@ class Queue:
         return int(self._run("requeue_worker", worker, reason))
 
     def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
-              avoid_window_s: float = 60.0, min_charge_mb: float = 0.0,
+              avoid_window_s: float = 60.0, charges: dict[str, float] | None = None,
               client: Any = None) -> list[Claim] | None:
         """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone.
 
-        Each task is charged the larger of its memory requirement and ``min_charge_mb``. With
+        A task is charged its memory requirement, or ``charges[declared]`` when that is more
+        (what this worker learned that tasks declaring the same ``min_dram_gb`` use). With
         a ``pipeline()`` as ``client`` the call is only queued: pass its reply to
         ``claims()``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
-                         repr(float(min_charge_mb)), client=client)
+                         json.dumps(charges or {}), client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod
@@ -678,8 +682,9 @@ class Queue:
             return None
         return [Claim(task_id=tid, attempt=int(attempt), type=ttype, params=params, cwd=cwd,
                       env=json.loads(env) if env else {}, timeout_s=float(timeout or 0),
-                      mem_mb=int(float(mem)), cpu=float(cpu))
-                for tid, attempt, ttype, params, cwd, env, timeout, mem, cpu in json.loads(rows)]
+                      mem_mb=int(float(mem)), cpu=float(cpu), declared=declared)
+                for tid, attempt, ttype, params, cwd, env, timeout, mem, cpu, declared
+                in json.loads(rows)]
 
     # -- reports (each fenced by worker + attempt) ------------------------------------------
     def finish(self, task_id: str, worker: str, attempt: int, result: dict[str, Any],

@@ -52,7 +52,8 @@ log = logging.getLogger("distcomp.worker")
 
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
-PEAK_WINDOW = 32  # recent task peaks behind the memory estimate of undeclared tasks
+PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
+PEAK_CLASSES = 64  # declared sizes whose real use is remembered (least recently seen dropped)
 
 
 class Worker:
@@ -107,6 +108,11 @@ class Worker:
         self.last_sample = 0.0
         self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
         self.peaks: collections.deque[int] = collections.deque(maxlen=PEAK_WINDOW)
+        # Per declared min_dram_gb: recent peaks of such tasks, and what such a task is charged
+        # where they used more than they declared (see ``learn``).
+        self.class_peaks: collections.OrderedDict[str, collections.deque[int]] = \
+            collections.OrderedDict()
+        self.charges: dict[str, float] = {}
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
         self.stop_requested = False    # stop-workers: drain, then exit 10
@@ -293,17 +299,38 @@ class Worker:
 
     # -- claiming ---------------------------------------------------------------------------
     def estimate_mb(self) -> float:
-        """What a task that declares less is expected to grow to: the mean peak of recent tasks
-        on this worker. Undeclared tasks are charged this much, so a node does not start more
-        of them than their typical size fits."""
+        """The size of a typical task here: the mean peak of the worker's recent tasks."""
         return sum(self.peaks) / len(self.peaks) / 2**20 if self.peaks else 0.0
 
+    def learn(self, declared: str, peak: int) -> None:
+        """Record the peak of a task that declared ``declared`` (min_dram_gb as submitted).
+
+        Nobody declares memory correctly, but tasks that declare the same size (none, or the
+        same guess for a whole sweep) tend to be alike: a task is charged the mean peak of the
+        recent tasks that declared what it declares, when that is more than its declaration, so
+        a node does not start more of them than their real size fits. A task whose declaration
+        is its own (nobody else declared that size) is charged what it declared."""
+        self.peaks.append(peak)
+        window = self.class_peaks.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
+        window.append(peak)
+        self.class_peaks[declared] = window
+        if len(self.class_peaks) > PEAK_CLASSES:
+            self.charges.pop(self.class_peaks.popitem(last=False)[0], None)
+        mean_mb = sum(window) / len(window) / 2**20
+        try:
+            declared_mb = float(declared or 0) * 1024
+        except ValueError:
+            declared_mb = 0.0
+        if mean_mb > declared_mb:
+            self.charges[declared] = mean_mb
+        else:
+            self.charges.pop(declared, None)
+
     def free(self) -> tuple[float, float, int]:
-        est = self.estimate_mb()
         committed = growth = cpu = 0.0
         for t in self.running.values():  # one pass: the loop asks this several times a turn
             c = t.claim
-            expected = max(est, c.mem_mb)
+            expected = max(self.charges.get(c.declared, 0.0), c.mem_mb)
             committed += max(expected, t.peak_rss / 2**20)
             rss_mb = t.rss / 2**20
             if expected > rss_mb:
@@ -366,7 +393,7 @@ class Worker:
             self.runner.discard(task)
             return
         if task.peak_rss and task.spawn_error is None:
-            self.peaks.append(task.peak_rss)
+            self.learn(task.claim.declared, task.peak_rss)
         if reason is None and rc == -signal.SIGKILL and oom_kills(self.cgroups) > \
                 task.extra.get("oom0", 0):
             # The kernel got there first: the task needs more memory than it had, which is an
@@ -436,7 +463,7 @@ class Worker:
         if claim:
             free_mem, free_cpu, slots = self.free()
             self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
-                         self.wc.avoid_window, self.estimate_mb(), client=pipe)
+                         self.wc.avoid_window, self.charges, client=pipe)
         replies = pipe.execute()
         ops, self.ops = self.ops, []
         for (kind, task, payload), outcome in zip(ops, replies):

@@ -69,6 +69,23 @@ def test_claim_takes_the_best_task_that_fits(queue):
     assert claim_one(queue, "w", mem=8192, cpu=8).task_id == wide.task_id
 
 
+def test_claim_charges_what_the_worker_learned_for_a_declared_size(queue):
+    """A worker that saw undeclared tasks peak at 3000 MiB charges the next one that much; a
+    task that declared a size nobody else declared is charged its declaration, and an evicted
+    task at least its peak."""
+    undeclared, declared = spec("undeclared", priority=2), spec("declared", mem_gb=1)
+    queue.submit([undeclared, declared])
+    register(queue, "w")
+    learned = {"0.0": 3000.0}
+    c = queue.claim("w", "tok-w", 2048, 4, 5, charges=learned)
+    assert [(x.task_id, x.mem_mb, x.declared) for x in c] == [(declared.task_id, 1024, "1.0")]
+    c = queue.claim("w", "tok-w", 3000, 4, 5, charges=learned)
+    assert [(x.task_id, x.declared) for x in c] == [(undeclared.task_id, "0.0")]
+    assert queue.evict(undeclared.task_id, "w", 1, 3500, 5, "evicted", "budget", {}) == 2
+    assert queue.claim("w", "tok-w", 3400, 4, 5, charges=learned) == []
+    assert queue.claim("w", "tok-w", 3500, 4, 5, charges=learned)[0].mem_mb == 3500
+
+
 def test_batch_claim_stops_when_resources_run_out(queue):
     queue.submit([spec(f"t{i}", mem_gb=1, cpu=1) for i in range(10)])
     register(queue, "w")

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import redis
 
+from distcomp.config import Config, WorkerConfig
 from distcomp.queue import Queue
 from tests.conftest import HELPERS, RedisServer, WorkerProcess
 from tests.helpers import wait_for
@@ -368,3 +369,21 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
     finally:
         w.kill_everything()
         server.stop()
+
+
+def test_worker_learns_what_tasks_of_each_declared_size_really_use(queue, tmp_path):
+    """Tasks declaring the same size are charged the mean peak of such tasks when that is more
+    than they declare; a declaration larger than what its tasks used stands."""
+    from distcomp.worker import PEAK_CLASSES, Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path))), queue)
+    for peak_mb in (300, 500):
+        w.learn("0.0", peak_mb << 20)
+    w.learn("1.0", 600 << 20)
+    w.learn("0.25", 400 << 20)
+    assert w.charges == {"0.0": 400.0, "0.25": 400.0}
+    w.learn("0.25", 50 << 20)  # mean 225 MiB, under the 256 MiB declared
+    assert w.charges == {"0.0": 400.0}
+    for i in range(PEAK_CLASSES):
+        w.learn(f"{i + 10}.0", 1 << 40)
+    assert "0.0" not in w.charges and len(w.class_peaks) == PEAK_CLASSES
