@@ -71,11 +71,13 @@ local function bucket_of(mem_mb, cpu)
   return 'm' .. m .. 'c' .. c
 end
 -- Idle workers wait on P:wake rather than polling fast: one notice per script run, however
--- many tasks it made claimable. A notice carries nothing; a worker that hears it claims.
+-- many tasks it made claimable. A notice carries nothing; a worker that hears it claims. pcall:
+-- an ACL user without access to channels (Redis 7 gives new users none by default) still
+-- submits and reports; its workers find new tasks by polling instead.
 local noticed = false
 local function notify()
   if not noticed then
-    redis.call('PUBLISH', P .. ':wake', '')
+    redis.pcall('PUBLISH', P .. ':wake', '')
     noticed = true
   end
 end

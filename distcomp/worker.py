@@ -1,6 +1,6 @@
 """The worker daemon: claim what fits, run it, watch memory, report exactly once.
 
-One thread, one loop. The loop sleeps in ``poll`` on the pidfds of its tasks and a signal
+One loop does all the work. It sleeps in ``poll`` on the pidfds of its tasks and a signal
 wake-up pipe, so a finished task is noticed at once and the worker uses no CPU while tasks run.
 Every Redis round trip carries as much as it can: all reports and annotations gathered in one
 turn of the loop and the claim for the room they free go out in one pipeline, and one claim
@@ -213,6 +213,10 @@ class Worker:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.debug("notice listener: %s; subscribing again", exc)
                 self._stop_listening.wait(1.0)
+            except redis.ResponseError as exc:
+                log.warning("cannot subscribe to %s (%s); new tasks are found by claiming "
+                            "every %gs instead", self.q.key("wake"), exc, self.wc.idle_poll)
+                return
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.drain_on_term and not self.stopping:
@@ -317,11 +321,7 @@ class Worker:
         if len(self.class_peaks) > PEAK_CLASSES:
             self.charges.pop(self.class_peaks.popitem(last=False)[0], None)
         mean_mb = sum(window) / len(window) / 2**20
-        try:
-            declared_mb = float(declared or 0) * 1024
-        except ValueError:
-            declared_mb = 0.0
-        if mean_mb > declared_mb:
+        if mean_mb > float(declared or 0) * 1024:
             self.charges[declared] = mean_mb
         else:
             self.charges.pop(declared, None)

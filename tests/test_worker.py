@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -387,3 +388,29 @@ def test_worker_learns_what_tasks_of_each_declared_size_really_use(queue, tmp_pa
     for i in range(PEAK_CLASSES):
         w.learn(f"{i + 10}.0", 1 << 40)
     assert "0.0" not in w.charges and len(w.class_peaks) == PEAK_CLASSES
+
+
+def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
+    """Redis 7 gives a new ACL user no pub/sub channels unless told: submits and reports must
+    still work for such a user, and its workers fall back to claiming every idle_poll."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis.Redis(port=server.port).acl_setuser("nochan", enabled=True, passwords=["+pw-nochan"],
+                                              keys=["*"], commands=["+@all"], reset_channels=True)
+    user = redis.Redis(port=server.port, username="nochan", password="pw-nochan")
+    q = Queue(user, "acl")
+    ids = submit(q, ["shell:0:0:1:true one", "shell:0:0:1:true two"])
+    url = f"redis://nochan:pw-nochan@127.0.0.1:{server.port}/0"
+    w = WorkerProcess(SimpleNamespace(url=url), "acl", "w-acl", tmp_path / "results",
+                      ["--idle-poll", "0.2"])
+    try:
+        wait_for(lambda: all(state(q, i) == "finished" for i in ids) or w.proc.poll() is not None,
+                 60, "the tasks to run")
+        more = submit(q, ["shell:0:0:1:true three"])
+        wait_for(lambda: state(q, more[0]) == "finished", 60, "a later task to run by polling")
+        assert w.proc.poll() is None, w.output()
+        assert "cannot subscribe to acl:wake" in w.output()
+    finally:
+        w.kill_everything()
+        server.stop()
