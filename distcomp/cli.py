@@ -194,21 +194,62 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Drained:
+    """Sleeps until the queue announces that nothing is left todo or running, or a timeout,
+    whichever comes first. Without a subscription (Redis unreachable, or an ACL user without
+    pub/sub channels) it just sleeps; after a lost connection it subscribes again."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.sub: Any = None
+        self.refused = False
+
+    def wait(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        if not self.refused:
+            try:
+                if self.sub is None:
+                    self.sub = self.queue.notices("drained")
+                self.sub.get_message(timeout=timeout)  # a notice or the confirmation
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.close()
+            except redis.ResponseError:
+                self.close()
+                self.refused = True
+        time.sleep(max(0.0, end - time.monotonic()))
+
+    def close(self) -> None:
+        if self.sub is not None:
+            try:
+                self.sub.close()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass
+            self.sub = None
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     queue = _connect(args)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     outage = _Outage()
-    while True:
-        doc = outage.poll(queue)
-        if doc is not None and doc["todo"] + doc["running"] == 0:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            if doc is None:
-                raise CliError(f"timed out after {args.timeout:g}s: cannot reach Redis at "
-                               f"{args.cfg.redacted_url()}")
-            raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo and "
-                           f"{doc['running']} running")
-        time.sleep(args.interval)
+    drained = _Drained(queue)
+    try:
+        while True:
+            doc = outage.poll(queue)
+            if doc is not None and doc["todo"] + doc["running"] == 0:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                if doc is None:
+                    raise CliError(f"timed out after {args.timeout:g}s: cannot reach Redis at "
+                                   f"{args.cfg.redacted_url()}")
+                raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo "
+                               f"and {doc['running']} running")
+            # Checks every interval still run: they reap the tasks of dead workers.
+            drained.wait(args.interval if deadline is None
+                         else min(args.interval, deadline - now))
+    finally:
+        drained.close()
     _emit(args, {"finished": doc["finished"], "failed": doc["failed"]},
           f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
     return EXIT_OPERATIONAL if doc["failed"] else 0

@@ -21,6 +21,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:wake             pub/sub channel: a notice each time a script makes tasks claimable
                        (submit, retry, requeue, eviction, retryable failure, reaper), so
                        idle workers claim at once instead of at their next poll
+    P:drained          pub/sub channel: a notice when a script leaves nothing todo or
+                       running, so ``distcomp wait`` returns at once
 
 Task states are ``todo``, ``running`` (with ``worker`` and ``attempt``), ``finished`` and
 ``failed``. Every transition is one Lua script, so it is atomic and a concurrent reader never
@@ -95,10 +97,18 @@ local function leave_running(id, worker)
   redis.call('ZREM', P .. ':s:running', id)
   redis.call('HINCRBY', P .. ':counts', 'running', -1)
 end
+-- After a task settled (finished or failed for good): tell waiters when nothing is left.
+local function announce_if_drained()
+  local c = redis.call('HMGET', P .. ':counts', 'todo', 'running')
+  if (tonumber(c[1]) or 0) <= 0 and (tonumber(c[2]) or 0) <= 0 then
+    redis.pcall('PUBLISH', P .. ':drained', '')
+  end
+end
 local function to_failed(id, tkey, now)
   redis.call('HSET', tkey, 'state', 'failed')
   redis.call('ZADD', P .. ':s:failed', now, id)
   redis.call('HINCRBY', P .. ':counts', 'failed', 1)
+  announce_if_drained()
 end
 local function owned(tkey, worker, attempt)
   local s = redis.call('HMGET', tkey, 'state', 'worker', 'attempt')
@@ -285,6 +295,7 @@ local tkey, replay = settle(id, worker, attempt, 6,
 if not tkey then return replay end
 redis.call('ZADD', P .. ':s:finished', ARGV[5], id)
 redis.call('HINCRBY', P .. ':counts', 'finished', 1)
+announce_if_drained()
 return 1
 """
 
@@ -712,13 +723,13 @@ class Queue:
     def annotate(self, task_id: str, fields: dict[str, Any], client: Any = None) -> Any:
         return self._run("annotate", task_id, _record(fields), client=client)
 
-    def notices(self) -> Any:
-        """A pub/sub connection subscribed to the notice that tasks became claimable (see
-        ``P:wake``); its first message is the subscription's confirmation. Notices published
-        while it is not connected are lost, so a (re)subscription is itself a reason to
-        claim."""
+    def notices(self, channel: str = "wake") -> Any:
+        """A pub/sub connection subscribed to ``P:wake`` (tasks became claimable) or
+        ``P:drained`` (nothing is left todo or running); its first message is the
+        subscription's confirmation. Notices published while it is not connected are lost, so
+        a (re)subscription is itself a reason to look again."""
         sub = self.r.pubsub()
-        sub.subscribe(self.key("wake"))
+        sub.subscribe(self.key(channel))
         return sub
 
     def pipeline(self) -> Any:

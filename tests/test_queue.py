@@ -285,17 +285,7 @@ def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue):
     """Idle workers wait for these notices instead of polling: each script run that puts
     tasks in the queue publishes exactly one, and nothing else publishes. Messages arrive in
     order, so a marker published after each step shows what that step sent."""
-    sub = queue.notices()
-    channel = queue.key("wake")
-    assert sub.get_message(timeout=5)["type"] == "subscribe"
-
-    def sent(step) -> int:
-        step()
-        queue.r.publish(channel, "marker")
-        n = 0
-        while sub.get_message(timeout=5)["data"] != b"marker":
-            n += 1
-        return n
+    sent = notice_counter(queue, "wake")
 
     a, b, c, d = (spec(x, retries=1) for x in "abcd")
     assert sent(lambda: queue.submit([spec(f"echo {i}") for i in range(2500)])) == 3  # 3 chunks
@@ -320,4 +310,39 @@ def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue):
     assert sent(lambda: queue.retry([b.task_id])) == 1
     assert sent(lambda: queue.cancel([b.task_id])) == 0
     assert queue.counts() == {"todo": 2, "running": 0, "finished": 1, "failed": 1, "total": 4}
-    sub.close()
+
+
+def test_the_script_that_leaves_nothing_todo_or_running_announces_it(queue):
+    """``distcomp wait`` returns on this notice: the last task settling sends it, whether it
+    finished, failed for good or was cancelled, and nothing sends it while tasks remain."""
+    sent = notice_counter(queue, "drained")
+    a, b, c = (spec(x, retries=0) for x in "abc")
+    queue.submit([a, b, c])
+    register(queue, "w")
+    queue.claim("w", "tok-w", 1e9, 1e9, 2)
+    assert sent(lambda: queue.finish(a.task_id, "w", 1, {})) == 0
+    assert sent(lambda: queue.cancel([c.task_id])) == 0  # b still runs
+    assert sent(lambda: queue.fail(b.task_id, "w", 1, {}, True)) == 1  # no retries left
+    assert sent(lambda: queue.retry([b.task_id])) == 0
+    queue.claim("w", "tok-w", 1e9, 1e9, 1)
+    assert sent(lambda: queue.finish(b.task_id, "w", 2, {})) == 1
+    assert sent(lambda: queue.retry([c.task_id])) == 0
+    assert sent(lambda: queue.cancel([c.task_id])) == 1
+
+
+def notice_counter(queue, channel: str):
+    """Subscribe to one of the queue's notice channels; returns ``sent(step)``, the number of
+    notices ``step`` published. Messages arrive in order, so a marker published after the step
+    shows where its notices end."""
+    sub = queue.notices(channel)
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+
+    def sent(step) -> int:
+        step()
+        queue.r.publish(queue.key(channel), "marker")
+        n = 0
+        while sub.get_message(timeout=5)["data"] != b"marker":
+            n += 1
+        return n
+
+    return sent

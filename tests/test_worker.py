@@ -414,3 +414,28 @@ def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
     finally:
         w.kill_everything()
         server.stop()
+
+
+def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, workers, redis_server,
+                                                           namespace):
+    """With --interval 600 `distcomp wait` checks the queue every ten minutes on its own: it
+    must return when the queue announces that nothing is left todo or running."""
+    submit(queue, ["shell:0:0:1:true done",
+                   json.dumps({"type": "shell", "params": "exit 3", "max_retries": 0})])
+    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
+           "DISTCOMP_CONFIG": os.devnull}
+    waiter = subprocess.Popen([sys.executable, "-m", "distcomp", "wait", "--interval", "600",
+                               "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: queue.r.pubsub_numsub(queue.key("drained"))[0][1] == 1
+                 or waiter.poll() is not None, 30, "wait to subscribe")
+        assert waiter.poll() is None, waiter.communicate()
+        workers("w1", "--cores", "2")
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 1, err  # one task failed
+    assert json.loads(out) == {"finished": 1, "failed": 1}
