@@ -7,6 +7,8 @@ recorded as finished. The peers run the same command lines with the same concurr
 way it runs a line: ``parallel -jC`` and ``xargs -P C bash -c`` through bash. distcomp execs a
 line made of plain words itself, as bash would (``distcomp.runner``), so a fourth row shows the
 fork+exec ceiling: ``xargs -P C`` exec'ing the same program with the same arguments, no shell.
+``distcomp-daemon`` is distcomp as a cluster runs it: the worker daemon is already up and idle,
+and the clock runs from the start of ``distcomp submit`` to the exit of ``distcomp wait``.
 The rounds alternate the tools so that background load on the machine hits them alike; the
 table shows each tool's median.
 
@@ -14,8 +16,8 @@ A second part runs ``sleep 0.05`` tasks at concurrency 32: useful concurrency is
 ``N * 0.05 s / makespan`` (32 would be perfect) and per-task overhead is what each slot spent
 beyond the 0.05 s sleep. distcomp runs identical lines once, so the lines are made unique by
 digits past the eighth decimal (``sleep 0.0500000017``: 1.7 ns more). distcomp's makespan also
-holds two Python start-ups (``submit`` and the worker), a fixed cost the peers do not pay; its
-steady state is read from the task records the worker wrote: useful concurrency between the
+holds two Python start-ups (``submit`` and the worker), a fixed cost the peers do not pay
+(``distcomp-daemon`` pays one, ``submit``'s, and the exit of ``wait``); its steady state is read from the task records the worker wrote: useful concurrency between the
 first task's start and the last one's end, and the start-up before the first task.
 
 A third part measures pickup as a cluster sees it: a worker daemon already running and idle,
@@ -31,6 +33,7 @@ to include the file system's cost of creating two files per task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +100,56 @@ def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
     return res
 
 
-def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
-               ) -> list[dict[str, float]]:
-    """An idle worker daemon, then ``distcomp submit`` of one task, ``rounds`` times."""
-    ns = "pickup"
-    base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
-    env = child_env()
+@contextlib.contextmanager
+def daemon_worker(server: RedisServer, ns: str, results: Path, *args: str) -> Iterator[Queue]:
+    """A ``distcomp worker`` left running, as on a cluster node; yields once it is registered
+    and stops it (SIGTERM) afterwards."""
     queue = Queue(server.client(), ns)
-    worker = subprocess.Popen([*base, "worker", "--name", "bench-pickup", "--results-dir",
-                               str(results_root / "pickup-results"), "--log-level", "warning"],
-                              env=env)
-    runs = []
+    worker = subprocess.Popen([*DISTCOMP, "--redis", server.url, "--namespace", ns, "worker",
+                               "--name", f"bench-{ns}", "--results-dir", str(results),
+                               "--log-level", "warning", *args], env=child_env())
     try:
         while queue.workers_alive() == 0:
             if worker.poll() is not None:
-                raise RuntimeError(f"the pickup worker exited {worker.returncode}")
+                raise RuntimeError(f"the worker of {ns} exited {worker.returncode}")
             time.sleep(0.05)
+        yield queue
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def run_distcomp_daemon(server: RedisServer, commands: list[str], conc: int, ns: str,
+                        work: Path, results_root: Path) -> dict[str, Any]:
+    """As a cluster runs: the worker daemon is up and idle, then ``distcomp submit`` and
+    ``distcomp wait``; the clock runs from the start of submit to the exit of wait."""
+    taskfile = work / f"{ns}.tasks"
+    taskfile.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
+    base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+    env = child_env()
+    with daemon_worker(server, ns, results_root / f"{ns}-results", "--cores", str(conc),
+                       "--max-tasks", str(conc)):
+        t0 = time.perf_counter()
+        subprocess.run([*base, "submit", str(taskfile)], env=env, check=True,
+                       capture_output=True)
+        waited = subprocess.run([*base, "wait", "--json"], env=env, capture_output=True,
+                                text=True, check=False)
+        total = time.perf_counter() - t0
+    if waited.returncode != 0:
+        raise RuntimeError(f"wait exited {waited.returncode}: {waited.stderr[-2000:]}")
+    shutil.rmtree(results_root / f"{ns}-results", ignore_errors=True)
+    doc = json.loads(waited.stdout)
+    return {"seconds": total, "finished": doc["finished"], "failed": doc["failed"],
+            "lost": len(commands) - doc["finished"]}
+
+
+def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
+               ) -> list[dict[str, float]]:
+    """An idle worker daemon, then ``distcomp submit`` of one task, ``rounds`` times."""
+    base = [*DISTCOMP, "--redis", server.url, "--namespace", "pickup"]
+    env = child_env()
+    runs = []
+    with daemon_worker(server, "pickup", results_root / "pickup-results") as queue:
         for r in range(rounds):
             time.sleep(1.0)  # idle: the worker's last claim came back empty
             taskfile = work / f"pickup{r}.tasks"
@@ -130,9 +168,6 @@ def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
             runs.append({"submit_s": submit_s, "pickup_s": started - wall0})
             print(f"  pickup {r + 1}/{rounds}: submit {submit_s:.3f} s, task started "
                   f"{started - wall0:.3f} s after submit began", flush=True)
-    finally:
-        worker.terminate()
-        worker.wait(30)
     return runs
 
 
@@ -168,7 +203,7 @@ def run_xargs_exec(commands: list[str], conc: int, work: Path) -> dict[str, Any]
             "lost": 0 if proc.returncode == 0 else 1}
 
 
-TOOLS = ("distcomp", "parallel", "xargs", "xargs-exec")
+TOOLS = ("distcomp", "distcomp-daemon", "parallel", "xargs", "xargs-exec")
 
 
 def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, tag: str,
@@ -181,6 +216,9 @@ def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, ta
             if tool == "distcomp":
                 res = run_distcomp(server, commands, conc, f"{tag}{r}", work, results_root,
                                    records)
+            elif tool == "distcomp-daemon":
+                res = run_distcomp_daemon(server, commands, conc, f"{tag}d{r}", work,
+                                          results_root)
             elif tool == "parallel":
                 res = run_parallel(commands, conc, work)
             elif tool == "xargs":
@@ -189,7 +227,7 @@ def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, ta
                 res = run_xargs_exec(commands, conc, work)
             res["tasks_per_s"] = len(commands) / res["seconds"]
             runs[tool].append(res)
-            print(f"  round {r + 1}/{rounds} {tag} {tool:<10} {res['seconds']:7.2f} s  "
+            print(f"  round {r + 1}/{rounds} {tag} {tool:<15} {res['seconds']:7.2f} s  "
                   f"{res['tasks_per_s']:8.0f} tasks/s", flush=True)
     return runs
 
@@ -264,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
               "median_pickup_s": statistics.median(r["pickup_s"] for r in pickups),
               "max_pickup_s": max(r["pickup_s"] for r in pickups),
               "median_submit_s": statistics.median(r["submit_s"] for r in pickups)}
-    d, p, x, xe = (noop_sum[t]["tasks_per_s"] for t in TOOLS)
+    d, _, p, x, xe = (noop_sum[t]["tasks_per_s"] for t in TOOLS)
     doc = {
         "params": {"tasks": args.tasks, "concurrency": args.concurrency,
                    "sleep_tasks": args.sleep_tasks, "sleep_concurrency": args.sleep_concurrency,
@@ -286,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                         sleep_sum["distcomp"]["useful_concurrency"]
                         >= 0.9 * args.sleep_concurrency,
                     "sleep_steady_useful_concurrency>=0.9*C":
-                        steady["useful_concurrency"] >= 0.9 * args.sleep_concurrency},
+                        steady["useful_concurrency"] >= 0.9 * args.sleep_concurrency,
+                    "sleep_daemon_useful_concurrency>=0.9*C":
+                        sleep_sum["distcomp-daemon"]["useful_concurrency"]
+                        >= 0.9 * args.sleep_concurrency},
     }
     print()
     print(table(f"no-op tasks: {args.tasks} x `true N`, concurrency {args.concurrency} "

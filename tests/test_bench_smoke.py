@@ -33,11 +33,13 @@ def run_bench(name: str, tmp_path: Path) -> dict:
 def test_dispatch_smoke(tmp_path: Path) -> None:
     doc = run_bench("dispatch", tmp_path)
     for part in ("noop", "sleep"):
-        assert set(doc[part]) == {"distcomp", "parallel", "xargs", "xargs-exec"}
+        assert set(doc[part]) == {"distcomp", "distcomp-daemon", "parallel", "xargs",
+                                  "xargs-exec"}
         for tool in doc[part].values():
             assert tool["seconds"] > 0 and tool["tasks_per_s"] > 0
     assert doc["noop"]["distcomp"]["lost"] == 0
     assert doc["sleep"]["distcomp"]["lost"] == 0
+    assert doc["noop"]["distcomp-daemon"]["lost"] == doc["sleep"]["distcomp-daemon"]["lost"] == 0
     assert {"useful_concurrency", "overhead_ms_per_task"} <= set(doc["sleep"]["distcomp"])
     # The steady state is read from the task records: within the run, after its start.
     steady = doc["sleep"]["distcomp"]["steady"]
