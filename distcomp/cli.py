@@ -166,7 +166,18 @@ class _Outage:
         return doc
 
 
+def _check_seconds(args: argparse.Namespace) -> None:
+    """``--interval`` must be positive and ``--timeout`` (where there is one) not negative."""
+    if not args.interval > 0:
+        raise CliError(f"--interval must be a positive number of seconds, got {args.interval:g}",
+                       EXIT_BAD_INPUT)
+    if not getattr(args, "timeout", 0) >= 0:
+        raise CliError(f"--timeout must be 0 (none) or a positive number of seconds, got "
+                       f"{args.timeout:g}", EXIT_BAD_INPUT)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
+    _check_seconds(args)
     queue = _connect(args)
     tty = sys.stdout.isatty()
     window: list[tuple[float, int]] = []
@@ -229,6 +240,7 @@ class _Drained:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    _check_seconds(args)
     queue = _connect(args)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     outage = _Outage()

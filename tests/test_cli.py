@@ -139,3 +139,16 @@ def test_bad_config_is_a_clear_error(cli, tmp_path):
     proc = cli("--config", str(conf), "status")
     assert proc.returncode == 2
     assert "cannot read size 'lots'" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wait", "--interval", "-1"], "--interval must be a positive number of seconds, got -1"),
+    (["wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),
+    (["wait", "--timeout", "-5"], "--timeout must be 0 (none) or a positive number of seconds"),
+    (["watch", "--interval", "-0.5"], "--interval must be a positive number of seconds"),
+])
+def test_bad_intervals_are_one_line_errors(cli, args, message):
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)  # something to wait for
+    proc = cli(*args)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
