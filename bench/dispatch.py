@@ -63,17 +63,28 @@ from distcomp.queue import Queue
 SLEEP_S = 0.05
 
 
+def cli(server: RedisServer, ns: str) -> list[str]:
+    """The ``distcomp`` command line for one namespace of the benchmark's Redis."""
+    return [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+
+
+def taskfile(work: Path, name: str, commands: list[str]) -> Path:
+    """The commands as shell tasks that reserve one core each."""
+    path = work / f"{name}.tasks"
+    path.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
+    return path
+
+
 def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
                  work: Path, results_root: Path, records: bool = False) -> dict[str, Any]:
     """With ``records``, also the steady state from the tasks' own start and end times."""
-    taskfile = work / f"{ns}.tasks"
-    taskfile.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
+    tasks = taskfile(work, ns, commands)
     results = results_root / f"{ns}-results"
-    base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+    base = cli(server, ns)
     env = child_env()
     wall0 = time.time()
     t0 = time.perf_counter()
-    sub = subprocess.run([*base, "submit", str(taskfile), "--json"], env=env, check=True,
+    sub = subprocess.run([*base, "submit", str(tasks), "--json"], env=env, check=True,
                          capture_output=True, text=True)
     t_submit = time.perf_counter() - t0
     worker = subprocess.run(  # noqa: PLW1510 (its exit status is checked below)
@@ -105,9 +116,9 @@ def daemon_worker(server: RedisServer, ns: str, results: Path, *args: str) -> It
     """A ``distcomp worker`` left running, as on a cluster node; yields once it is registered
     and stops it (SIGTERM) afterwards."""
     queue = Queue(server.client(), ns)
-    worker = subprocess.Popen([*DISTCOMP, "--redis", server.url, "--namespace", ns, "worker",
-                               "--name", f"bench-{ns}", "--results-dir", str(results),
-                               "--log-level", "warning", *args], env=child_env())
+    worker = subprocess.Popen([*cli(server, ns), "worker", "--name", f"bench-{ns}",
+                               "--results-dir", str(results), "--log-level", "warning", *args],
+                              env=child_env())
     try:
         while queue.workers_alive() == 0:
             if worker.poll() is not None:
@@ -123,14 +134,13 @@ def run_distcomp_daemon(server: RedisServer, commands: list[str], conc: int, ns:
                         work: Path, results_root: Path) -> dict[str, Any]:
     """As a cluster runs: the worker daemon is up and idle, then ``distcomp submit`` and
     ``distcomp wait``; the clock runs from the start of submit to the exit of wait."""
-    taskfile = work / f"{ns}.tasks"
-    taskfile.write_text("".join(f"shell:0:0:1:{c}\n" for c in commands))
-    base = [*DISTCOMP, "--redis", server.url, "--namespace", ns]
+    tasks = taskfile(work, ns, commands)
+    base = cli(server, ns)
     env = child_env()
     with daemon_worker(server, ns, results_root / f"{ns}-results", "--cores", str(conc),
                        "--max-tasks", str(conc)):
         t0 = time.perf_counter()
-        subprocess.run([*base, "submit", str(taskfile)], env=env, check=True,
+        subprocess.run([*base, "submit", str(tasks)], env=env, check=True,
                        capture_output=True)
         waited = subprocess.run([*base, "wait", "--json"], env=env, capture_output=True,
                                 text=True, check=False)
@@ -146,17 +156,16 @@ def run_distcomp_daemon(server: RedisServer, commands: list[str], conc: int, ns:
 def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
                ) -> list[dict[str, float]]:
     """An idle worker daemon, then ``distcomp submit`` of one task, ``rounds`` times."""
-    base = [*DISTCOMP, "--redis", server.url, "--namespace", "pickup"]
+    base = cli(server, "pickup")
     env = child_env()
     runs = []
     with daemon_worker(server, "pickup", results_root / "pickup-results") as queue:
         for r in range(rounds):
             time.sleep(1.0)  # idle: the worker's last claim came back empty
-            taskfile = work / f"pickup{r}.tasks"
-            taskfile.write_text(f"shell:0:0:1:true pickup {r}\n")
+            tasks = taskfile(work, f"pickup{r}", [f"true pickup {r}"])
             wall0 = time.time()
             t0 = time.perf_counter()
-            subprocess.run([*base, "submit", str(taskfile)], env=env, check=True,
+            subprocess.run([*base, "submit", str(tasks)], env=env, check=True,
                            capture_output=True)
             submit_s = time.perf_counter() - t0
             while queue.counts()["finished"] < r + 1:
