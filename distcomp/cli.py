@@ -60,6 +60,12 @@ def _read_taskfile(path: str) -> tuple[str, bytes]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if not args.wait and (args.timeout is not None or args.interval is not None):
+        raise CliError("--timeout and --interval only apply with --wait", EXIT_BAD_INPUT)
+    if args.wait:
+        args.timeout = args.timeout or 0.0
+        args.interval = 1.0 if args.interval is None else args.interval
+        _check_seconds(args)
     name, data = _read_taskfile(args.file)
     parsed = parse_taskfile(data)
     for lineno, reason in parsed.errors:
@@ -81,8 +87,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         human += f" ({duplicates} duplicate line(s) in the file)"
     if parsed.errors:
         human += f", skipped {len(parsed.errors)} invalid line(s)"
-    _emit(args, doc, human)
-    return 0
+    if not args.wait:
+        _emit(args, doc, human)
+        return 0
+    if not args.json:
+        print(human, flush=True)
+    drained = _wait_drained(args, queue)
+    doc.update(drained)
+    _emit(args, doc, f"queue drained: {drained['finished']} finished, {drained['failed']} failed")
+    return EXIT_OPERATIONAL if drained["failed"] else 0
 
 
 # -- status, watch, wait -----------------------------------------------------------------------
@@ -241,7 +254,13 @@ class _Drained:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     _check_seconds(args)
-    queue = _connect(args)
+    doc = _wait_drained(args, _connect(args))
+    _emit(args, doc, f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
+    return EXIT_OPERATIONAL if doc["failed"] else 0
+
+
+def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
+    """Block until no task is todo or running; the finished and failed counts then."""
     deadline = time.monotonic() + args.timeout if args.timeout else None
     outage = _Outage()
     drained = _Drained(queue)
@@ -262,9 +281,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                          else min(args.interval, deadline - now))
     finally:
         drained.close()
-    _emit(args, {"finished": doc["finished"], "failed": doc["failed"]},
-          f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
-    return EXIT_OPERATIONAL if doc["failed"] else 0
+    return {"finished": doc["finished"], "failed": doc["failed"]}
 
 
 # -- workers, show -----------------------------------------------------------------------------
@@ -442,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="taskfile, or - for standard input")
     sp.add_argument("--skip-invalid", action="store_true",
                     help="submit the valid lines even if some are invalid (still reported)")
+    sp.add_argument("--wait", action="store_true",
+                    help="then block until no task is todo or running, as `distcomp wait` does")
+    sp.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    sp.add_argument("--interval", type=float,
+                    help="with --wait: seconds between checks (default 1)")
 
     sp = command("status", cmd_status, "queue counts, optionally the tasks of one state")
     sp.add_argument("--state", choices=STATES, help="list tasks in this state")

@@ -152,3 +152,16 @@ def test_bad_intervals_are_one_line_errors(cli, args, message):
     proc = cli(*args)
     err = proc.stderr.decode()
     assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),
+    (["--wait", "--timeout", "-1"], "--timeout must be 0 (none) or a positive number of seconds"),
+    (["--timeout", "60"], "--timeout and --interval only apply with --wait"),
+    (["--interval", "2"], "--timeout and --interval only apply with --wait"),
+])
+def test_bad_submit_wait_options_submit_nothing(cli, queue, args, message):
+    proc = cli("submit", "-", *args, input=b"shell:0:0:1:true\n")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert queue.counts()["todo"] == 0

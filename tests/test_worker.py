@@ -439,3 +439,21 @@ def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, workers, redis
             waiter.wait()
     assert waiter.returncode == 1, err  # one task failed
     assert json.loads(out) == {"finished": 1, "failed": 1}
+
+
+def test_submit_wait_queues_then_returns_when_the_queue_drains(workers, cli, queue):
+    """`submit --wait` is submit followed by wait in one command: it says what it queued at
+    once, returns when nothing is left todo or running, and exits 1 when the queue holds a
+    failed task, as `distcomp wait` does."""
+    workers("w1", "--cores", "2")
+    tasks = ("shell:0:0:1:sleep 0.2\n"
+             + json.dumps({"type": "shell", "params": "exit 3", "max_retries": 0}) + "\n")
+    proc = cli("submit", "-", "--wait", "--interval", "600", input=tasks.encode())
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert proc.stdout.decode().splitlines() == [
+        "<stdin>: added 2 task(s), 0 already queued", "queue drained: 1 finished, 1 failed"]
+    assert queue.counts()["finished"] == 1
+    proc = cli("submit", "-", "--wait", "--json", input=b"shell:0:0:1:true again\n")
+    assert proc.returncode == 1, proc.stderr.decode()  # the queue still holds the failed task
+    assert json.loads(proc.stdout) == {"added": 1, "existing": 0, "invalid": 0,
+                                       "finished": 2, "failed": 1}
