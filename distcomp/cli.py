@@ -92,10 +92,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         print(human, flush=True)
-    drained = _wait_drained(args, queue)
-    doc.update(drained)
-    _emit(args, doc, f"queue drained: {drained['finished']} finished, {drained['failed']} failed")
-    return EXIT_OPERATIONAL if drained["failed"] else 0
+    doc.update(_wait_drained(args, queue))
+    return _report_drained(args, doc)
 
 
 # -- status, watch, wait -----------------------------------------------------------------------
@@ -254,7 +252,11 @@ class _Drained:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     _check_seconds(args)
-    doc = _wait_drained(args, _connect(args))
+    return _report_drained(args, _wait_drained(args, _connect(args)))
+
+
+def _report_drained(args: argparse.Namespace, doc: dict[str, int]) -> int:
+    """Say that the queue drained; exit 1 when it holds failed tasks."""
     _emit(args, doc, f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
     return EXIT_OPERATIONAL if doc["failed"] else 0
 
