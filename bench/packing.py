@@ -17,7 +17,9 @@ The lower bound on the makespan is the workload's memory-seconds (sum of peak * 
 divided by the capacity: nothing packs better than perfectly fluid memory. Next to it, the
 makespan of ideal static packing: every task's true peak known and reserved for exactly
 GROW + HOLD seconds, the worker's default reserve kept free, first fit in submission order, no
-overhead at all - what reservation-based packing could do at best. The same bound from
+overhead at all - what reservation-based packing could do at best - and of ideal admission by
+foresight: every task's size at every age known exactly, a task started as soon as the exact sum
+fits at every later instant (``ideal_foresight``). The same bound from
 the memory-seconds the finished attempts really held is reported too (tasks run slower than
 designed on a loaded machine).
 """
@@ -48,10 +50,14 @@ def make_tasks(n: int, seed: int, lo: int, hi: int) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
+def worker_room(capacity_mb: int) -> int:
+    """What a distcomp worker lets its tasks hold: the capacity minus its default reserve."""
+    return capacity_mb - min(max(capacity_mb // 20, 256), 2048, capacity_mb // 4)
+
+
 def ideal_static(peaks: list[int], capacity_mb: int, slots: int, life_s: float) -> float:
     """Makespan of reservation packing with exact peaks and no overhead (event simulation)."""
-    reserve = min(max(capacity_mb // 20, 256), 2048, capacity_mb // 4)
-    room, queue, running, used, now = capacity_mb - reserve, list(peaks), [], 0, 0.0
+    room, queue, running, used, now = worker_room(capacity_mb), list(peaks), [], 0, 0.0
     while queue or running:
         while len(running) < slots:
             fit = next((i for i, p in enumerate(queue) if used + p <= room), None)
@@ -64,6 +70,39 @@ def ideal_static(peaks: list[int], capacity_mb: int, slots: int, life_s: float) 
         now, peak = heapq.heappop(running)
         used -= peak
     return now
+
+
+def ideal_foresight(peaks: list[int], capacity_mb: int, slots: int, grow_s: float,
+                    hold_s: float, step_s: float = 0.02) -> float:
+    """Makespan when every task's size at every age is known exactly and nothing costs time:
+    first fit in order, a task starts as soon as the exact sum of the started tasks and its
+    own stays within the worker's room at every step of its life (``step_s`` apart). What
+    admission by a perfect memory profile could do; it can still not be fluid, because a
+    task's memory cannot move to where there is room."""
+    room = worker_room(capacity_mb)
+    life = max(1, round((grow_s + hold_s) / step_s))
+    shape = [min(1.0, k * step_s / grow_s) if grow_s else 1.0 for k in range(life)]
+    used = [0.0] * (life * (len(peaks) + 1))  # MB held at each step, by the started tasks
+    queue, ends, now = list(peaks), [], 0
+
+    def fits(peak: int) -> bool:
+        return all(used[now + k] + peak * f <= room for k, f in enumerate(shape))
+
+    while queue:
+        while ends and ends[0] <= now:
+            heapq.heappop(ends)
+        while queue and len(ends) < slots:
+            fit = next((i for i, p in enumerate(queue) if fits(p)), None)
+            if fit is None:
+                break
+            peak = queue.pop(fit)
+            for k, f in enumerate(shape):
+                used[now + k] += peak * f
+            heapq.heappush(ends, now + life)
+        if queue and not ends:
+            raise ValueError(f"a task of {max(queue)} MB never fits in {room} MB")
+        now += 1
+    return max(ends, default=0) * step_s
 
 
 def task_args(i: int, peak: int, grow: float, hold: float, log: Path) -> str:
@@ -221,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # tools that finished every task.
     lower = sum(p * (args.grow / 2 + args.hold) for p in peaks) / capacity_mb
     static_best = ideal_static(peaks, capacity_mb, args.concurrency, args.grow + args.hold)
+    foresight = ideal_foresight(peaks, capacity_mb, args.concurrency, args.grow, args.hold)
     complete = [r["done_mb_s"] for r in results.values() if r["tasks_lost"] == 0]
     measured = min(complete) / capacity_mb if complete else 0.0
     for r in results.values():
@@ -236,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "lower_bound_s": lower,
         "lower_bound_measured_s": measured,
         "ideal_static_s": static_best,
+        "ideal_foresight_s": foresight,
         "tools": results,
         "distcomp": {"tasks_lost": dc.get("tasks_lost"),
                      "kernel_oom_kills": dc.get("kernel_oom_kills")},
@@ -251,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.seed}), grow {args.grow:g}s + hold {args.hold:g}s, capacity "
                 f"{capacity_mb} MiB, {args.concurrency} slots; lower bound {lower:.1f} s "
                 f"(from measured task memory-seconds: {measured:.1f} s); ideal static packing "
-                f"{static_best:.1f} s ({static_best / lower:.2f}x)",
+                f"{static_best:.1f} s ({static_best / lower:.2f}x); exact foresight of every "
+                f"task's growth {foresight:.1f} s ({foresight / lower:.2f}x)",
                 ["tool", "makespan s", "x lower bound", "mem mean", "mem peak", "evictions",
                  "kernel OOM", "wasted CPU s", "wasted task s", "lost"],
                 [[t, r["makespan_s"], r["vs_lower_bound"], f"{100 * r['mem_mean_util']:.0f}%",

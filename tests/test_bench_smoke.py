@@ -64,6 +64,8 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert doc["lower_bound_s"] > 0
     # Reserving whole peaks for a task's whole life can never beat perfectly fluid memory.
     assert doc["ideal_static_s"] >= doc["lower_bound_s"]
+    # Nor can knowing every task's growth: its memory still cannot move to where there is room.
+    assert doc["ideal_foresight_s"] >= doc["lower_bound_s"]
     for name in ("distcomp", "distcomp-static"):
         assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
         assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
