@@ -17,8 +17,9 @@ A second part runs ``sleep 0.05`` tasks at concurrency 32: useful concurrency is
 beyond the 0.05 s sleep. distcomp runs identical lines once, so the lines are made unique by
 digits past the eighth decimal (``sleep 0.0500000017``: 1.7 ns more). distcomp's makespan also
 holds two Python start-ups (``submit`` and the worker), a fixed cost the peers do not pay
-(``distcomp-daemon`` pays one, ``submit``'s, and the exit of ``wait``); its steady state is read from the task records the worker wrote: useful concurrency between the
-first task's start and the last one's end, and the start-up before the first task.
+(``distcomp-daemon`` pays one, ``submit``'s, and the exit of ``wait``); its steady state is
+read from the task records the worker wrote: useful concurrency between the first task's start
+and the last one's end, and the start-up before the first task.
 
 A third part measures pickup as a cluster sees it: a worker daemon already running and idle,
 then ``distcomp submit`` of one task; pickup is the time from the start of ``submit`` to the
