@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -266,7 +267,10 @@ class Runner:
             self.signal_tree(task, signal.SIGKILL)
             _, status, usage = os.wait4(task.pid, 0)
         task.returncode = os.waitstatus_to_exitcode(status)
-        if usage is not None:
+        # A child's ru_maxrss starts from the peak of the memory it was forked or vforked
+        # with: Linux keeps the high-water mark of the pre-exec address space, which is this
+        # worker's. Only a larger value is the task's own; below it the samples are all there is.
+        if usage is not None and usage.ru_maxrss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss:
             task.peak_rss = max(task.peak_rss, usage.ru_maxrss * 1024)
         task.ended = time.time()
         if task.pidfd >= 0:

@@ -140,3 +140,18 @@ def test_variables_that_change_what_bash_does_keep_bash(runner: Runner, place: P
         rc, sorted(out.splitlines()), err)
     worker_wide = Runner(runner.results, runner.workdir, "python3", 4096, {name: value})
     assert worker_wide.direct_argv(claim("env A=1"), dict(worker_wide.base_env)) is None
+
+
+def test_peak_memory_is_the_tasks_own_not_the_workers(runner: Runner) -> None:
+    # Linux starts a child's ru_maxrss at the peak of the address space it was forked with,
+    # the worker's: without the guard a task that uses next to nothing would report at least
+    # the worker's own peak (here inflated by the ballast), and be charged that much.
+    ballast = bytearray(200 << 20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))
+    small = run(runner, claim("true 1"))
+    grow = "b = bytearray(400 << 20); b[::4096] = b'\\1' * len(range(0, len(b), 4096))"
+    big = run(runner, claim(f'python3 -c "{grow}"'))
+    assert small.returncode == 0 and big.returncode == 0
+    assert small.peak_rss < 100 << 20, small.peak_rss
+    assert big.peak_rss >= 400 << 20, "a task's own peak above the worker's is still recorded"
+    del ballast

@@ -51,7 +51,9 @@ def test_runs_tasks_and_records_results(queue, workers):
     ok, binary, bad = (queue.task(i) for i in ids)
     assert ok["state"] == "finished" and ok["exit_code"] == "0" and ok["worker"] == "w1"
     assert ok["stdout_tail"] == "out-42\n" and ok["stderr_tail"] == "err\n"
-    assert float(ok["wall_s"]) >= 0 and int(ok["peak_mem"]) > 0
+    # An echo is over before the first memory sample and uses less than the worker, whose own
+    # peak its ru_maxrss would report (tests/test_runner.py): nothing measurable is 0.
+    assert float(ok["wall_s"]) >= 0 and int(ok["peak_mem"]) < 8 << 20
     out = workers.results / ids[0][:2] / f"{ids[0]}.out"
     assert out.read_text() == "out-42\n"
     assert binary["state"] == "finished" and binary["stdout_tail"] == "\ufffd\ufffd"
