@@ -270,7 +270,8 @@ class Runner:
         # A child's ru_maxrss starts from the peak of the memory it was forked or vforked
         # with: Linux keeps the high-water mark of the pre-exec address space, which is this
         # worker's. Only a larger value is the task's own; below it the samples are all there is.
-        if usage is not None and usage.ru_maxrss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss:
+        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if usage is not None and usage.ru_maxrss > own_peak:
             task.peak_rss = max(task.peak_rss, usage.ru_maxrss * 1024)
         task.ended = time.time()
         if task.pidfd >= 0:
