@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import logging
 import os
 import stat
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, TextIO
 
 import redis
 
@@ -315,26 +319,69 @@ def _resolve(queue: Queue, prefix: str) -> str:
     return ids[0]
 
 
+def _count(raw: str) -> int:
+    return int(raw or 0)
+
+
+def _size(raw: str) -> float:
+    return float(raw or 0)
+
+
+def _maybe_int(raw: str) -> int | None:
+    return int(raw) if raw else None
+
+
+def _maybe_float(raw: str) -> float | None:
+    return float(raw) if raw else None
+
+
+def _mib(raw: str) -> float | None:
+    return round(int(raw) / 2**20, 1) if raw else None
+
+
+def _iso(raw: str) -> str | None:
+    if not raw:
+        return None
+    when = datetime.fromtimestamp(float(raw), timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# What show and export print under each name: the stored field and its JSON type (counts 0 and
+# sizes 0.0 when absent; exit code, peak memory and times null until known; text "" if absent).
+_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    **{k: (k, _count) for k in ("priority", "attempt", "failures", "evictions", "max_retries")},
+    **{k: (k, _maybe_float) for k in ("submitted", "started", "ended", "wall_s", "timeout")},
+    "min_dram_gb": ("dram_gb", _size), "min_cpu": ("cpu", _size),
+    "exit_code": ("exit_code", _maybe_int), "peak_mem": ("peak_mem", _maybe_int),
+    "peak_mem_mb": ("peak_mem", _mib),
+}
+Plan = list[tuple[str, str, Callable[[str], Any]]]
+
+
+def _plan(keys: Sequence[str], **typed: Callable[[str], Any]) -> Plan:
+    """How to read ``keys`` from a task hash, worked out once for a whole export."""
+    plan = []
+    for key in keys:
+        stored, convert = _FIELDS.get(key, (key, str))
+        plan.append((key, stored, typed.get(key, convert)))
+    return plan
+
+
+def _typed(task: dict[str, str], plan: Plan) -> dict[str, Any]:
+    return {key: convert(task.get(stored, "")) for key, stored, convert in plan}
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     queue = _connect(args)
     tid = _resolve(queue, args.id)
     task = queue.task(tid) or {}
     doc: dict[str, Any] = {"id": tid}
-    for key in ("state", "type", "params", "priority", "worker", "attempt", "exit_code",
-                "reason", "started", "ended", "wall_s", "peak_mem", "failures", "evictions",
-                "host", "cwd", "timeout", "max_retries", "submitted", "stdout_tail",
-                "stderr_tail"):
-        doc[key] = task.get(key, "")
-    doc["min_dram_gb"] = float(task.get("dram_gb", 0))
-    doc["min_cpu"] = float(task.get("cpu", 0))
+    doc.update(_typed(task, _plan((
+        "state", "type", "params", "priority", "worker", "attempt", "exit_code", "reason",
+        "started", "ended", "wall_s", "peak_mem", "failures", "evictions", "host", "cwd",
+        "timeout", "max_retries", "submitted", "stdout_tail", "stderr_tail", "min_dram_gb",
+        "min_cpu"))))
     doc["env"] = json.loads(task["env"]) if task.get("env") else {}
-    for key in ("priority", "attempt", "failures", "evictions", "max_retries"):
-        doc[key] = int(doc[key] or 0)
-    doc["peak_mem"] = int(doc["peak_mem"]) if doc["peak_mem"] else None
-    for key in ("exit_code",):
-        doc[key] = int(doc[key]) if doc[key] not in ("", None) else None
-    for key in ("started", "ended", "wall_s", "submitted", "timeout"):
-        doc[key] = float(doc[key]) if doc[key] not in ("", None) else None
     if args.json:
         print(json.dumps(doc, sort_keys=True))
         return 0
@@ -350,6 +397,60 @@ def cmd_show(args: argparse.Namespace) -> int:
         if doc[key]:
             print(f"--- {key} ---")
             print(doc[key].rstrip("\n"))
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------
+EXPORT_COLUMNS = ("id", "state", "type", "priority", "min_dram_gb", "min_cpu", "params",
+                  "attempt", "worker", "host", "exit_code", "reason", "submitted", "started",
+                  "ended", "wall_s", "peak_mem_mb", "evictions", "failures")
+@contextlib.contextmanager
+def _replaced_whole(path: str | None) -> Iterator[TextIO]:
+    """Standard output, or a temporary file beside PATH renamed over it once every row is
+    written: an export that fails half-way leaves no partial file where a whole one is
+    expected."""
+    if path is None:
+        yield sys.stdout
+        return
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, expected a file name", EXIT_BAD_INPUT)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise CliError(f"{path}: cannot write there: {exc.strerror}", EXIT_BAD_INPUT) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    times = dict.fromkeys(("submitted", "started", "ended"), _iso) if args.format == "csv" else {}
+    plan = _plan(EXPORT_COLUMNS[1:], **times)
+    per_state = dict.fromkeys(STATES, 0)
+    with _replaced_whole(args.output) as out:
+        queue = _connect(args)
+        if args.format == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(EXPORT_COLUMNS)
+        for tid, task in queue.iter_tasks([stored for _, stored, _ in plan], args.state):
+            row = _typed(task, plan)
+            per_state[row["state"]] += 1
+            if args.format == "csv":
+                writer.writerow((tid, *row.values()))
+            else:
+                row["id"] = tid
+                out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    if args.output:
+        counts = ", ".join(f"{s} {n}" for s, n in per_state.items())
+        print(f"{args.output}: {sum(per_state.values())} task(s) ({counts})")
     return 0
 
 
@@ -483,6 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("show", cmd_show, "one task: spec, state, result and output tails")
     sp.add_argument("id", help="task id (a unique prefix is enough)")
+
+    sp = command("export", cmd_export, "every task as a CSV or JSON-lines row: the index of "
+                 "the results", json_flag=False)
+    sp.add_argument("--state", action="append", choices=STATES,
+                    help="only tasks in this state (repeatable; default every task)")
+    sp.add_argument("--format", choices=("csv", "jsonl"), default="csv",
+                    help="csv (a header, times in ISO 8601 UTC) or jsonl (one JSON object per "
+                         "line, times in seconds since the epoch); default csv")
+    sp.add_argument("-o", "--output", metavar="FILE",
+                    help="write FILE (replaced whole once complete) instead of standard output")
 
     sp = command("retry", cmd_retry, "put failed tasks back in the queue")
     sp.add_argument("ids", nargs="*")

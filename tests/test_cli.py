@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+from datetime import datetime
 
 import pytest
 
+from distcomp.cli import EXPORT_COLUMNS
+from distcomp.queue import Queue
+from distcomp.spec import parse_taskfile
 from tests.conftest import RedisServer
 from tests.helpers import free_port
 
@@ -165,3 +172,83 @@ def test_bad_submit_wait_options_submit_nothing(cli, queue, args, message):
     err = proc.stderr.decode()
     assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert queue.counts()["todo"] == 0
+
+
+def test_export_is_the_index_of_the_results(cli, tmp_path):
+    f = tmp_path / "tasks.txt"
+    f.write_text('shell:2:0.5:1:echo "a, b"; echo err >&2\n'
+                 '{"type": "shell", "params": "exit 3", "max_retries": 0}\n')
+    cli("submit", str(f), check=True)
+    cli("worker", "--exit-when-empty", "--results-dir", str(tmp_path / "results"),
+        "--log-level", "warning", check=True)
+    f2 = tmp_path / "later.txt"
+    f2.write_text("python:0:0:1:never_run.py\n")
+    cli("submit", str(f2), check=True)
+    rows = list(csv.DictReader(io.StringIO(cli("export", check=True).stdout.decode())))
+    by_params = {r["params"]: r for r in rows}
+    assert list(rows[0]) == list(EXPORT_COLUMNS) and len(rows) == 3
+    done, failed, todo = (by_params[p] for p in ('echo "a, b"; echo err >&2', "exit 3",
+                                                 "never_run.py"))
+    assert (done["state"], done["exit_code"], done["priority"], done["min_dram_gb"]) == \
+        ("finished", "0", "2", "0.5")
+    assert (failed["state"], failed["exit_code"], failed["reason"]) == \
+        ("failed", "3", "exit code 3")
+    assert (todo["state"], todo["exit_code"], todo["started"], todo["type"]) == \
+        ("todo", "", "", "python")
+    started = datetime.fromisoformat(done["started"].replace("Z", "+00:00"))
+    ended = datetime.fromisoformat(done["ended"].replace("Z", "+00:00"))
+    assert started.tzinfo is not None and started <= ended
+    show = json.loads(cli("show", "--json", done["id"], check=True).stdout)
+    assert show["stdout_tail"] == "a, b\n" and show["exit_code"] == 0
+    assert (tmp_path / "results" / done["id"][:2] / f"{done['id']}.out").read_text() == "a, b\n"
+
+    lines = cli("export", "--format", "jsonl", "--state", "failed", "--state", "todo",
+                check=True).stdout.decode().splitlines()
+    docs = {d["id"]: d for d in map(json.loads, lines)}
+    assert set(docs) == {failed["id"], todo["id"]}
+    assert docs[failed["id"]]["exit_code"] == 3 and docs[todo["id"]]["exit_code"] is None
+    shown = json.loads(cli("show", "--json", failed["id"], check=True).stdout)
+    assert docs[failed["id"]]["started"] == shown["started"] and shown["started"] > 0
+    assert set(docs[todo["id"]]) == set(EXPORT_COLUMNS)
+
+    out = tmp_path / "index.csv"
+    proc = cli("export", "--state", "finished", "-o", str(out), check=True)
+    assert proc.stdout.decode() == (f"{out}: 1 task(s) (todo 0, running 0, finished 1, "
+                                    f"failed 0)\n")
+    assert out.read_text().splitlines()[1].startswith(done["id"] + ",finished,")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "the umask's mode, not mkstemp's 0600"
+
+
+def test_export_reads_every_task_once_and_nothing_else(cli, tmp_path, client, namespace):
+    # More tasks than one read of the export (1,000), and a namespace whose keys share the
+    # prefix: <namespace>:t:... are task keys of this one only when a task id follows.
+    f = tmp_path / "many.txt"
+    f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(2500)))
+    ids = {t.task_id for t in parse_taskfile(f.read_bytes()).tasks}
+    Queue(client, f"{namespace}:t").submit(parse_taskfile(b"shell:0:0:1:true other\n").tasks)
+    cli("submit", str(f), check=True)
+    lines = cli("export", "--format", "jsonl", check=True).stdout.decode().splitlines()
+    assert len(lines) == 2500 and {json.loads(line)["id"] for line in lines} == ids
+    todo = cli("export", "--state", "todo", check=True).stdout.decode().splitlines()
+    assert len(todo) == 2501
+    assert [r.split(",")[6] for r in todo[1:4]] == ["true 0", "true 1", "true 2"], \
+        "a state's tasks come in its list's order: todo in claim order"
+
+
+def test_export_errors_change_nothing(cli, tmp_path):
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    missing = cli("export", "-o", str(tmp_path / "no-such-dir" / "x.csv"))
+    assert missing.returncode == 2 and missing.stderr.decode().count("\n") == 1
+    assert "cannot write there: No such file or directory" in missing.stderr.decode()
+    isdir = cli("export", "-o", str(tmp_path))
+    assert isdir.returncode == 2 and "is a directory" in isdir.stderr.decode()
+    out = tmp_path / "out" / "index.csv"
+    out.parent.mkdir()
+    out.write_text("the previous export\n")
+    down = cli("export", "-o", str(out), env={"DISTCOMP_REDIS_URL":
+                                              f"redis://127.0.0.1:{free_port()}/0"})
+    assert down.returncode == 1 and down.stderr.decode().startswith("distcomp: error: cannot")
+    assert out.read_text() == "the previous export\n"
+    assert [p.name for p in out.parent.iterdir()] == ["index.csv"], "no temporary file left"
