@@ -48,7 +48,7 @@ if [ "${MOLECULE_SKIP_LINT:-0}" != 1 ]; then
     step "ansible-lint (production profile)"
     ansible-lint || failed+=(ansible-lint)
     step "syntax check of the top-level playbooks"
-    for playbook in site.yml submit.yml teardown.yml status.yml; do
+    for playbook in site.yml submit.yml teardown.yml status.yml results.yml; do
         [ -f "$playbook" ] || continue
         ANSIBLE_CONFIG=$repo/ansible.cfg ansible-playbook -i inventory/local --syntax-check "$playbook" \
             || failed+=("syntax-check $playbook")
