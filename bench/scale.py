@@ -4,6 +4,7 @@
    Redis memory after it (INFO memory).
 2. ``distcomp status --json`` latency with N queued (the whole CLI process, median of 5), and
    the in-process part (``reap`` + counts + workers alive) separately.
+   ``distcomp export -o FILE`` of the N tasks: wall time of the CLI, rows written.
 3. Claim latency p50/p99 through the real ``Queue.claim`` with 1,000 queued vs N queued, in two
    namespaces of the same server; each claimed task is put back with ``Queue.requeue`` so the
    queue length stays put.
@@ -78,6 +79,17 @@ def status_latency(server: RedisServer, ns: str, runs: int) -> dict[str, Any]:
     return {"cli_median_s": statistics.median(cli), "cli_runs_s": cli,
             "inprocess_median_s": statistics.median(inproc),
             "python_startup_median_s": statistics.median(startup), "todo_seen": doc["todo"]}
+
+
+def export(server: RedisServer, ns: str, path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    subprocess.run([*DISTCOMP, "--redis", server.url, "--namespace", ns, "export", "-o",
+                    str(path)], env=child_env(), check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    with open(path, "rb") as fh:
+        rows = sum(1 for _ in fh) - 1  # the header
+    return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
+            "bytes": path.stat().st_size}
 
 
 def claim_latency(server: RedisServer, ns: str, samples: int) -> dict[str, Any]:
@@ -196,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         submit(server, small, "small")
         print("scale: status latency ...", flush=True)
         status = status_latency(server, "big", 5)
+        print("scale: export ...", flush=True)
+        exported = export(server, "big", Path(tmp) / "index.csv")
         print("scale: claim latency ...", flush=True)
         lat_small = claim_latency(server, "small", args.claim_samples)
         lat_big = claim_latency(server, "big", args.claim_samples)
@@ -214,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                    "redis_bytes_per_task": (mem1["used_memory"] - mem0) / args.tasks,
                    "redis_used_memory_rss": mem1["used_memory_rss"]},
         "status": status,
+        "export": exported,
         "claim_latency": {"small": lat_small, "big": lat_big, "p50_ratio": ratio50,
                           "p99_ratio": ratio99},
         "load": load,
@@ -233,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                  ["status CLI s (median)", status["cli_median_s"], "<= 0.3 s"],
                  ["  of which python startup s", status["python_startup_median_s"], ""],
                  ["status in-process ms", 1000 * status["inprocess_median_s"], ""],
+                 ["export wall s (CLI, CSV)", exported["seconds"], ""],
+                 ["export rows/s", exported["rows_per_s"], ""],
                  [f"claim p50 ms {args.small:,} / {args.tasks:,}",
                   f"{lat_small['p50_ms']:.3f} / {lat_big['p50_ms']:.3f}", ""],
                  [f"claim p99 ms {args.small:,} / {args.tasks:,}",

@@ -77,6 +77,7 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert doc["submit"]["added"] == doc["params"]["tasks"]
     assert doc["submit"]["redis_used_memory"] > 0
     assert doc["status"]["todo_seen"] == doc["params"]["tasks"]
+    assert doc["export"]["rows"] == doc["params"]["tasks"]
     for case in ("small", "big"):
         assert doc["claim_latency"][case]["p99_ms"] > 0
     load = doc["load"]
