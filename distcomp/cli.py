@@ -404,6 +404,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 EXPORT_COLUMNS = ("id", "state", "type", "priority", "min_dram_gb", "min_cpu", "params",
                   "attempt", "worker", "host", "exit_code", "reason", "submitted", "started",
                   "ended", "wall_s", "peak_mem_mb", "evictions", "failures")
+
+
 @contextlib.contextmanager
 def _replaced_whole(path: str | None) -> Iterator[TextIO]:
     """Standard output, or a temporary file beside PATH renamed over it once every row is

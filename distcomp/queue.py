@@ -505,6 +505,7 @@ end
 return cjson.encode(rows)
 """
 
+
 class _ReportPipeline(redis.client.Pipeline):
     """Non-transactional pipeline whose scripts go out as plain EVALSHA.
 
