@@ -291,6 +291,10 @@ def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
 
 
 # -- workers, show -----------------------------------------------------------------------------
+def _worker_state(w: dict[str, Any]) -> str:
+    return "alive" if w["alive"] else "stopped" if w["stopped"] else "lost"
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
     queue = _connect(args)
     rows = queue.workers()
@@ -300,13 +304,16 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if not rows:
         print("no workers have registered yet")
         return 0
-    print(f"{'NAME':<16} {'ALIVE':<5} {'HB AGE':>6} {'RUN':>4} {'CORES':>11} {'MEMORY':>19} "
+    print(f"{'NAME':<16} {'STATE':<7} {'HB AGE':>6} {'RUN':>4} {'CORES':>11} {'MEMORY':>19} "
           f"{'DONE':>7}")
     for w in rows:
         age = "-" if w["heartbeat_age"] is None else f"{w['heartbeat_age']:.1f}s"
         mem = f"{w['mem_used'] / 2**30:.1f}/{w['mem_total'] / 2**30:.1f} GiB"
-        print(f"{w['name']:<16} {'yes' if w['alive'] else 'no':<5} {age:>6} {w['running']:>4} "
+        print(f"{w['name']:<16} {_worker_state(w):<7} {age:>6} {w['running']:>4} "
               f"{w['cores_used']:>5g}/{w['cores']:<5g} {mem:>19} {w['done']:>7}")
+    if any(_worker_state(w) == "lost" for w in rows):
+        print("lost: the lease expired without a clean stop (crashed, killed or cut off from "
+              "Redis); its tasks go back to the queue")
     return 0
 
 

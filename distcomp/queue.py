@@ -432,14 +432,19 @@ return {status, redis.call('GET', P .. ':stop') or '',
         redis.call('SINTER', P .. ':cancel', run), redis.call('SMEMBERS', run)}
 """
 
-# ARGV: P, worker, token. The worker leaves cleanly.
+# ARGV: P, worker, token, final stats record (JSON, with ``stopped``). The worker leaves
+# cleanly: its lease goes and its last stats stay, so ``workers`` tells a clean stop from a lost
+# worker and counts all it did. A lease that already expired is left to the reaper; a name
+# another instance holds now is that instance's, record included (returns 0).
 _DEREGISTER = _LUA_COMMON + r"""
 local lkey = P .. ':lease:' .. ARGV[2]
-if redis.call('GET', lkey) == ARGV[3] then
+local holder = redis.call('GET', lkey)
+if holder and holder ~= ARGV[3] then return 0 end
+if holder then
   redis.call('DEL', lkey)
   redis.call('ZREM', P .. ':leases', ARGV[2])
 end
-redis.call('HSET', P .. ':w:' .. ARGV[2], 'stopped', '1')
+set_record(P .. ':w:' .. ARGV[2], ARGV[4])
 return 1
 """
 
@@ -680,8 +685,8 @@ class Queue:
         return Beat(int(status), float(stop or 0), [_str(x) for x in cancel],
                     {_str(x) for x in running})
 
-    def deregister(self, worker: str, token: str) -> None:
-        self._run("deregister", worker, token)
+    def deregister(self, worker: str, token: str, stats: dict[str, Any]) -> bool:
+        return bool(self._run("deregister", worker, token, _record(stats)))
 
     def reap(self) -> int:
         return int(self._run("reap"))
@@ -863,6 +868,7 @@ class Queue:
             out.append({
                 "name": name,
                 "alive": alive,
+                "stopped": not alive and bool(info.get("stopped")),
                 "heartbeat_age": round((ttl_ms - pttl) / 1000, 1) if alive else None,
                 "running": running,
                 "host": info.get("host", ""),

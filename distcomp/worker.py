@@ -493,14 +493,16 @@ class Worker:
         return len(claims)
 
     # -- heartbeat --------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        stats = {
+    def stats(self) -> dict[str, Any]:
+        return {
             "hb": repr(time.time()), "running": len(self.running),
             "cores_used": sum(t.claim.cpu for t in self.running.values()),
             "mem_used": max(0, self.capacity - self.available), "mem_avail": self.available,
             "tasks_rss": self.tasks_rss, "done": self.done, "evicted": self.evicted,
         }
-        beat = self.q.heartbeat(self.name, self.token, self.ttl_ms, stats)
+
+    def heartbeat(self) -> None:
+        beat = self.q.heartbeat(self.name, self.token, self.ttl_ms, self.stats())
         if beat.status == 0:
             raise LeaseLost(self.name)
         if beat.status == 2:
@@ -645,7 +647,7 @@ class Worker:
             return 1
         self._stop_listening.set()
         try:
-            self.q.deregister(self.name, self.token)
+            self.q.deregister(self.name, self.token, {**self.stats(), "stopped": "1"})
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("could not deregister: Redis unreachable; the lease will expire")
         log.info("worker %s stopped", self.name)

@@ -459,3 +459,25 @@ def test_submit_wait_queues_then_returns_when_the_queue_drains(workers, cli, que
     assert proc.returncode == 1, proc.stderr.decode()  # the queue still holds the failed task
     assert json.loads(proc.stdout) == {"added": 1, "existing": 0, "invalid": 0,
                                        "finished": 2, "failed": 1}
+
+
+def test_workers_tell_a_clean_stop_from_a_lost_worker(queue, workers, cli):
+    ids = submit(queue, [f"shell:0:0:1:echo {i}" for i in range(5)])
+    clean = workers("clean", "--exit-when-empty")
+    assert clean.wait(60) == 0
+    lost = workers("lost", "--heartbeat-ttl", "1")
+    lost.proc.kill()
+    lost.wait()
+    wait_for(lambda: not queue.r.exists(queue.key("lease", "lost")), 30,
+             "the killed worker's lease to expire")
+    rows = {w["name"]: w for w in json.loads(cli("workers", "--json", check=True).stdout)}
+    assert (rows["clean"]["alive"], rows["clean"]["stopped"]) == (False, True)
+    assert (rows["clean"]["done"], rows["clean"]["running"]) == (5, 0), \
+        "a worker that exits before its next heartbeat still reports all it did"
+    assert (rows["lost"]["alive"], rows["lost"]["stopped"]) == (False, False)
+    table = cli("workers", check=True).stdout.decode().splitlines()
+    assert table[0].split()[:2] == ["NAME", "STATE"]
+    states = {line.split()[0]: line.split()[1] for line in table[1:3]}
+    assert states == {"clean": "stopped", "lost": "lost"}
+    assert table[3].startswith("lost: the lease expired without a clean stop")
+    assert all(state(queue, i) == "finished" for i in ids)
