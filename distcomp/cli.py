@@ -261,7 +261,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def _report_drained(args: argparse.Namespace, doc: dict[str, int]) -> int:
     """Say that the queue drained; exit 1 when it holds failed tasks."""
-    _emit(args, doc, f"queue drained: {doc['finished']} finished, {doc['failed']} failed")
+    human = f"queue drained: {doc['finished']} finished, {doc['failed']} failed"
+    if doc["failed"]:
+        human += (" (why: `distcomp export --state failed`; run them again: "
+                  "`distcomp retry --all`)")
+    _emit(args, doc, human)
     return EXIT_OPERATIONAL if doc["failed"] else 0
 
 
