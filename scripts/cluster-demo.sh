@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole product on one machine: three containers as a cluster (tests/cluster/up.sh), provisioned
-# with site.yml, fed examples/cluster.txt with submit.yml (waiting with progress), then status and
-# a few results. `make cluster-down` removes the containers.
+# with site.yml, fed examples/cluster.txt with submit.yml (waiting with progress), then status,
+# the task index (results.yml) and a few results. `make cluster-down` removes the containers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-molecule
@@ -14,5 +14,6 @@ tests/cluster/up.sh
 ansible-playbook -i inventory/local site.yml
 ansible-playbook -i inventory/local submit.yml -e taskfile=examples/cluster.txt -e wait=true
 ansible-playbook -i inventory/local status.yml
+ansible-playbook -i inventory/local results.yml   # the index, to results/tasks.csv here
 echo "--- a few results from the shared filesystem (/mnt/mfs/distcomp/results on every node) ---"
 docker exec local-node0 sh -c 'find /mnt/mfs/distcomp/results -name "*.out" | head -5 | xargs -r head -v'

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local demo of the runtime alone: a private redis-server, two workers with different sizes,
-# the example taskfiles, a live progress view, then the results. Everything under ./demo/.
+# the example taskfiles, a live progress view, then the results and their index. Everything
+# under ./demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -34,4 +35,6 @@ until redis-cli -p "$PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 "$DC" status --state finished --limit 20
 first=$("$DC" status --state finished --limit 1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["id"])')
 "$DC" show "$first"
+"$DC" export -o demo/tasks.csv
+echo "index of every task (id, params, state, exit code, times, peak memory): demo/tasks.csv"
 echo "full outputs: demo/results/<id[:2]>/<id>.out and .err; worker logs: demo/worker-*.log"
