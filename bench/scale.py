@@ -105,7 +105,7 @@ def claim_latency(server: RedisServer, ns: str, samples: int) -> dict[str, Any]:
         assert claims, "queue ran dry"
         for c in claims:
             q.requeue(c.task_id, name, c.attempt, "bench: put back")
-    q.deregister(name, token, {"stopped": "1"})
+    q.deregister(name, token, {})
     return {"p50_ms": 1000 * percentile(lat, 50), "p99_ms": 1000 * percentile(lat, 99),
             "mean_ms": 1000 * statistics.mean(lat), "samples": samples}
 
@@ -145,7 +145,7 @@ def _load_worker(port: int, ns: str, names: list[str], seconds: float, conn: Any
             if time.monotonic() >= t_end:
                 break
     for i, n in enumerate(names):
-        q.deregister(n, tokens[n], {"hb": repr(time.time()), "done": done[i], "stopped": "1"})
+        q.deregister(n, tokens[n], {"hb": repr(time.time()), "done": done[i]})
     conn.send({"done": sum(done), "lat": lat, "heartbeats": hb_count})
     conn.close()
 

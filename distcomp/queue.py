@@ -432,10 +432,10 @@ return {status, redis.call('GET', P .. ':stop') or '',
         redis.call('SINTER', P .. ':cancel', run), redis.call('SMEMBERS', run)}
 """
 
-# ARGV: P, worker, token, final stats record (JSON, with ``stopped``). The worker leaves
+# ARGV: P, worker, token, final stats record (JSON, marked ``stopped``). The worker leaves
 # cleanly: its lease goes and its last stats stay, so ``workers`` tells a clean stop from a lost
 # worker and counts all it did. A lease that already expired is left to the reaper; a name
-# another instance holds now is that instance's, record included (returns 0).
+# another instance holds now is that instance's, record included.
 _DEREGISTER = _LUA_COMMON + r"""
 local lkey = P .. ':lease:' .. ARGV[2]
 local holder = redis.call('GET', lkey)
@@ -685,8 +685,9 @@ class Queue:
         return Beat(int(status), float(stop or 0), [_str(x) for x in cancel],
                     {_str(x) for x in running})
 
-    def deregister(self, worker: str, token: str, stats: dict[str, Any]) -> bool:
-        return bool(self._run("deregister", worker, token, _record(stats)))
+    def deregister(self, worker: str, token: str, stats: dict[str, Any]) -> None:
+        """Leave cleanly, keeping ``stats`` (the last heartbeat's fields) marked stopped."""
+        self._run("deregister", worker, token, _record({**stats, "stopped": "1"}))
 
     def reap(self) -> int:
         return int(self._run("reap"))

@@ -647,7 +647,7 @@ class Worker:
             return 1
         self._stop_listening.set()
         try:
-            self.q.deregister(self.name, self.token, {**self.stats(), "stopped": "1"})
+            self.q.deregister(self.name, self.token, self.stats())
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("could not deregister: Redis unreachable; the lease will expire")
         log.info("worker %s stopped", self.name)
