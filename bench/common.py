@@ -28,6 +28,10 @@ import redis
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO))
+from distcomp.queue import Queue  # this checkout, not an installed copy
+from distcomp.redis_client import Redis as DistcompRedis
+
 RESULTS_DIR = BENCH_DIR / "results"
 DISTCOMP = [sys.executable, "-m", "distcomp"]
 APT_PACKAGES = {"redis-server": "redis-server", "parallel": "parallel"}
@@ -125,7 +129,12 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
+        """redis-py, for INFO: what the benchmark reads about Redis, not through distcomp."""
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def queue(self, namespace: str) -> Queue:
+        """distcomp's own queue API on this server, as the CLI and workers use it."""
+        return Queue(DistcompRedis(self.url), namespace)
 
     def cpu_seconds(self) -> float:
         info = self.client().info("cpu")

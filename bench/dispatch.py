@@ -103,7 +103,7 @@ def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
            "added": added, "finished": status["finished"], "failed": status["failed"],
            "lost": len(commands) - status["finished"]}
     if records:
-        queue = Queue(server.client(), ns)
+        queue = server.queue(ns)
         spans = [(float(t["started"]), float(t["ended"])) for t in
                  (queue.task(tid) or {} for tid in queue.iter_ids_in_state("finished"))]
         first, last = min(s for s, _ in spans), max(e for _, e in spans)
@@ -116,7 +116,7 @@ def run_distcomp(server: RedisServer, commands: list[str], conc: int, ns: str,
 def daemon_worker(server: RedisServer, ns: str, results: Path, *args: str) -> Iterator[Queue]:
     """A ``distcomp worker`` left running, as on a cluster node; yields once it is registered
     and stops it (SIGTERM) afterwards."""
-    queue = Queue(server.client(), ns)
+    queue = server.queue(ns)
     worker = subprocess.Popen([*cli(server, ns), "worker", "--name", f"bench-{ns}",
                                "--results-dir", str(results), "--log-level", "warning", *args],
                               env=child_env())

@@ -34,6 +34,7 @@ from common import DISTCOMP, REPO, RedisServer, child_env, percentile, table, wr
 
 sys.path.insert(0, str(REPO))
 from distcomp.queue import Queue
+from distcomp.redis_client import Redis
 
 TTL_MS = 10_000
 HEARTBEAT_S = 2.5
@@ -62,7 +63,7 @@ def status_latency(server: RedisServer, ns: str, runs: int) -> dict[str, Any]:
             [*DISTCOMP, "--redis", server.url, "--namespace", ns, "status", "--json"],
             env=child_env(), check=True, capture_output=True, text=True).stdout)
         cli.append(time.perf_counter() - t0)
-    q = Queue(server.client(), ns)
+    q = server.queue(ns)
     inproc = []
     for _ in range(runs * 4):
         t0 = time.perf_counter()
@@ -93,7 +94,7 @@ def export(server: RedisServer, ns: str, path: Path) -> dict[str, Any]:
 
 
 def claim_latency(server: RedisServer, ns: str, samples: int) -> dict[str, Any]:
-    q = Queue(server.client(), ns)
+    q = server.queue(ns)
     name, token = f"lat-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     ok, _ = q.register(name, token, 600_000, {"host": "bench", "pid": 0})
     assert ok
@@ -111,9 +112,7 @@ def claim_latency(server: RedisServer, ns: str, samples: int) -> dict[str, Any]:
 
 
 def _load_worker(port: int, ns: str, names: list[str], seconds: float, conn: Any) -> None:
-    import redis
-
-    q = Queue(redis.Redis(host="127.0.0.1", port=port), ns)
+    q = Queue(Redis(f"redis://127.0.0.1:{port}/0"), ns)
     tokens = {n: uuid.uuid4().hex for n in names}
     for n in names:
         ok, _ = q.register(n, tokens[n], TTL_MS, {"host": "sim", "pid": 0, "cores": WORKER_SLOTS})
@@ -156,7 +155,7 @@ def load_test(server: RedisServer, ns: str, workers: int, procs: int,
     ctx = mp.get_context("fork")
     pipes, children = [], []
     before_cpu = server.cpu_seconds()
-    before = Queue(server.client(), ns).counts()["finished"]
+    before = server.queue(ns).counts()["finished"]
     t0 = time.perf_counter()
     for p in range(procs):
         parent, child = ctx.Pipe(duplex=False)
@@ -170,7 +169,7 @@ def load_test(server: RedisServer, ns: str, workers: int, procs: int,
         proc.join()
     wall = time.perf_counter() - t0
     cpu = server.cpu_seconds() - before_cpu
-    finished = Queue(server.client(), ns).counts()["finished"] - before
+    finished = server.queue(ns).counts()["finished"] - before
     lat = [x for r in reports for x in r["lat"]]
     return {"workers": workers, "processes": procs, "seconds": wall,
             "tasks_finished": finished, "tasks_per_s": finished / wall,
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scale: load test, {args.workers} simulated workers for {args.seconds:g} s ...",
               flush=True)
         load = load_test(server, "big", args.workers, args.procs, args.seconds)
-        lost = Queue(r, "big").counts()
+        lost = server.queue("big").counts()
     ratio99 = lat_big["p99_ms"] / lat_small["p99_ms"]
     ratio50 = lat_big["p50_ms"] / lat_small["p50_ms"]
     doc = {

@@ -16,11 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-import redis
-
 from . import __version__
 from .config import Config, ConfigError, load, parse_size
 from .queue import STATES, Queue
+from .redis_client import AuthError, ConnectError, RedisError, ResponseError
 from .spec import parse_taskfile
 
 EXIT_OPERATIONAL = 1
@@ -168,7 +167,7 @@ class _Outage:
         try:
             queue.reap()
             doc = _status_doc(queue)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except ConnectError as exc:
             if self.since is None:
                 self.since = time.monotonic()
                 print(f"distcomp: lost the connection to Redis ({exc}); retrying",
@@ -238,9 +237,9 @@ class _Drained:
                     self.sub = self.queue.notices("drained")
                 self.sub.get_message(timeout=timeout)  # a notice or the confirmation
                 return
-            except (redis.ConnectionError, redis.TimeoutError):
+            except ConnectError:
                 self.close()
-            except redis.ResponseError:
+            except ResponseError:
                 self.close()
                 self.refused = True
         time.sleep(max(0.0, end - time.monotonic()))
@@ -249,7 +248,7 @@ class _Drained:
         if self.sub is not None:
             try:
                 self.sub.close()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
+            except (ConnectError, OSError):
                 pass
             self.sub = None
 
@@ -538,12 +537,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A Redis call that hangs (a silent network cut) stalls the loop, and with it memory
     # sampling and eviction: the worker gives each call a few seconds, not the CLI's 30.
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     timeout = min(5.0, max(1.0, wc.heartbeat_ttl / 4))
-    client = args.cfg.client(socket_timeout=timeout, socket_connect_timeout=timeout,
-                             retry=Retry(NoBackoff(), 1))
+    client = args.cfg.client(timeout=timeout, connect_timeout=timeout, retries=1, backoff=0.0)
     client.ping()
     queue = Queue(client, args.cfg.namespace)
     return Worker(args.cfg, queue, drain=args.drain, exit_when_empty=args.exit_when_empty).run()
@@ -657,16 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _describe_redis_error(cfg: Config, exc: Exception) -> str:
     url = cfg.redacted_url()
     text = str(exc)
-    if isinstance(exc, redis.AuthenticationError) and not cfg.password or "NOAUTH" in text:
+    if isinstance(exc, AuthError) and not cfg.password or "NOAUTH" in text:
         return (f"Redis at {url} requires a password: set DISTCOMP_REDIS_PASSWORD, "
                 f"--password-file or [redis] password_file")
-    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text:
+    if isinstance(exc, AuthError) or "WRONGPASS" in text:
         return (f"Redis at {url} refused the password (check DISTCOMP_REDIS_PASSWORD, "
                 f"--password-file or the config file)")
     if "WRONGTYPE" in text:
         return (f"Redis at {url} holds keys under namespace {cfg.namespace!r} that are not "
                 f"distcomp's: choose another --namespace")
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(exc, ConnectError):
         return f"cannot reach Redis at {url}: {text.rstrip('.')}"
     return f"Redis at {url} answered with an error: {text}"
 
@@ -684,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distcomp: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except redis.RedisError as exc:
+    except RedisError as exc:
         print(f"distcomp: error: {_describe_redis_error(args.cfg, exc)}", file=sys.stderr)
         return EXIT_OPERATIONAL
     except BrokenPipeError:

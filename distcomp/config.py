@@ -1,7 +1,7 @@
 """Configuration: the INI file, environment variables and command-line overrides.
 
-The format is stdlib ``configparser`` so nodes need nothing beyond the runtime's two
-dependencies. See docs/contract.md for every key.
+The format is stdlib ``configparser`` so nodes need nothing beyond the runtime's one
+dependency (psutil). See docs/contract.md for every key.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import redis
+from .redis_client import Redis
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_CONFIG = "/etc/distcomp/distcomp.conf"
@@ -64,22 +64,14 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     source: str | None = None
 
-    def client(self, **kwargs: object) -> redis.Redis:
+    def client(self, timeout: float = 30.0, connect_timeout: float = 5.0, retries: int = 3,
+               backoff: float = 0.05) -> Redis:
         """A Redis client that retries briefly on connection errors before giving up."""
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
-
-        options: dict[str, object] = {
-            "socket_connect_timeout": 5,
-            "socket_timeout": 30,
-            "health_check_interval": 30,
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-        }
-        options.update(kwargs)
-        if self.password is not None and not urlsplit(self.url).password:
-            options["password"] = self.password
-        return redis.Redis.from_url(self.url, **options)
+        try:
+            return Redis(self.url, self.password, timeout=timeout,
+                         connect_timeout=connect_timeout, retries=retries, backoff=backoff)
+        except ValueError as exc:
+            raise ConfigError(f"Redis URL {self.redacted_url()!r}: {exc}") from None
 
     def redacted_url(self) -> str:
         parts = urlsplit(self.url)

@@ -46,8 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import redis
-
+from .redis_client import Pipeline, Redis
 from .spec import TaskSpec
 
 SUBMIT_CHUNK = 1000
@@ -511,39 +510,6 @@ return cjson.encode(rows)
 """
 
 
-class _ReportPipeline(redis.client.Pipeline):
-    """Non-transactional pipeline whose scripts go out as plain EVALSHA.
-
-    redis-py sends SCRIPT EXISTS before every pipeline that runs scripts: one more round trip
-    per turn of the worker loop. Here the scripts are only loaded when Redis says it lost them
-    (NOSCRIPT after a restart or SCRIPT FLUSH), and then only the commands that got NOSCRIPT
-    are sent again: a script that was refused did not run, so each command still runs once,
-    and a claim can share the round trip with the reports.
-    """
-
-    def __init__(self, client: redis.Redis, scripts: list[Any]) -> None:
-        super().__init__(client.connection_pool, client.response_callbacks, False, None)
-        self._client = client
-        self._all_scripts = scripts
-
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        stack = list(self.command_stack)
-        replies = super().execute(raise_on_error=False)
-        refused = [i for i, reply in enumerate(replies)
-                   if isinstance(reply, redis.exceptions.NoScriptError)]
-        if refused:
-            for script in self._all_scripts:
-                self._client.script_load(script.script)
-            self.command_stack = [stack[i] for i in refused]
-            for i, reply in zip(refused, super().execute(raise_on_error=False)):
-                replies[i] = reply
-        if raise_on_error:
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-        return replies
-
-
 class Submitted(NamedTuple):
     added: int
     existing: int      # already in the queue before this call
@@ -592,11 +558,11 @@ def _str(value: Any) -> str:
 class Queue:
     """All reads and writes of distcomp's Redis state go through this class."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "distcomp") -> None:
+    def __init__(self, client: Redis, namespace: str = "distcomp") -> None:
         self.r = client
         self.ns = namespace
         self._scripts = {
-            name: client.register_script(src)
+            name: client.script(src)
             for name, src in (
                 ("submit", _SUBMIT), ("claim", _CLAIM), ("finish", _FINISH), ("fail", _FAIL),
                 ("evict", _EVICT), ("requeue", _REQUEUE), ("requeue_worker", _REQUEUE_WORKER),
@@ -610,9 +576,10 @@ class Queue:
         return ":".join((self.ns, *parts))
 
     def _run(self, name: str, *args: Any, client: Any = None) -> Any:
-        if isinstance(client, _ReportPipeline):
-            return client.evalsha(self._scripts[name].sha, 0, self.ns, *args)
-        return self._scripts[name](args=[self.ns, *args], client=client)
+        """Run script ``name`` now, or with a ``pipeline()`` as ``client`` queue it there."""
+        if client is not None:
+            return client.script(self._scripts[name], self.ns, *args)
+        return self._scripts[name](self.ns, *args)
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, specs: Sequence[TaskSpec], now: float | None = None) -> Submitted:
@@ -638,7 +605,7 @@ class Queue:
                     added, existing = added + a, existing + e
             in_flight = sender.submit(pipe.execute) if pipe is not None else None
 
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline()
         pending = 0
         try:
             for start in range(0, len(specs), SUBMIT_CHUNK):
@@ -663,7 +630,7 @@ class Queue:
                 pending += 1
                 if pending == 20:
                     send(pipe)
-                    pipe = self.r.pipeline(transaction=False)
+                    pipe = self.r.pipeline()
                     pending = 0
             send(pipe if pending else None)
             send(None)
@@ -753,9 +720,11 @@ class Queue:
         sub.subscribe(self.key(channel))
         return sub
 
-    def pipeline(self) -> Any:
-        """A pipeline for reports, annotations and a claim (see ``_ReportPipeline``)."""
-        return _ReportPipeline(self.r, list(self._scripts.values()))
+    def pipeline(self) -> Pipeline:
+        """A pipeline for reports, annotations and a claim: one round trip for all of them.
+        A script Redis lost (restart, SCRIPT FLUSH) is loaded and only its commands are sent
+        again, so each command still runs once (``redis_client.Pipeline``)."""
+        return self.r.pipeline()
 
     # -- operator commands ------------------------------------------------------------------
     def cancel(self, ids: Iterable[str]) -> tuple[int, int]:
@@ -854,7 +823,7 @@ class Queue:
 
     def workers(self) -> list[dict[str, Any]]:
         names = sorted(_str(n) for n in self.r.smembers(self.key("workers")))
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline()
         for name in names:
             pipe.hgetall(self.key("w", name))
             pipe.pttl(self.key("lease", name))
@@ -896,7 +865,7 @@ class Queue:
         live = self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")
         if not live:
             return 0
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline()
         for name in live:
             pipe.hmget(self.key("w", _str(name)), "room_mb", "cores")
         rows = pipe.execute()

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 
 from . import __version__
 from .config import Config, ConfigError
 from .queue import Claim, LeaseLost, Queue
+from .redis_client import ConnectError, ResponseError
 from .resources import (
     gib,
     memory_available,
@@ -210,10 +210,10 @@ class Worker:
                             _poke(self._notice_w)
                 finally:
                     sub.close()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (ConnectError, OSError) as exc:
                 log.debug("notice listener: %s; subscribing again", exc)
                 self._stop_listening.wait(1.0)
-            except redis.ResponseError as exc:
+            except ResponseError as exc:
                 log.warning("cannot subscribe to %s (%s); new tasks are found by claiming "
                             "every %gs instead", self.q.key("wake"), exc, self.wc.idle_poll)
                 return
@@ -545,7 +545,7 @@ class Worker:
                 self.q.requeue(task.task_id, self.name, task.claim.attempt,
                                f"requeued: worker {self.name} was stopped", client=pipe)
             pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except ConnectError as exc:
             log.warning("could not requeue %d task(s) (%s); they return to the queue when this "
                         "worker's lease expires", len(mine), exc)
 
@@ -624,7 +624,7 @@ class Worker:
                         log.info("Redis is reachable again after %.1fs",
                                  mono - self.redis_down_since)
                         self.redis_down_since = None
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except ConnectError as exc:
                     if self.redis_down_since is None:
                         self.redis_down_since = mono
                         log.warning("cannot reach Redis (%s); tasks keep running, reports wait",
@@ -648,7 +648,7 @@ class Worker:
         self._stop_listening.set()
         try:
             self.q.deregister(self.name, self.token, self.stats())
-        except (redis.ConnectionError, redis.TimeoutError):
+        except ConnectError:
             log.warning("could not deregister: Redis unreachable; the lease will expire")
         log.info("worker %s stopped", self.name)
         return EXIT_STOPPED if self.stop_requested and not self.fast_stop else 0

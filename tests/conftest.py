@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from distcomp.queue import Queue
+from distcomp.redis_client import Redis
 from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +78,13 @@ def namespace() -> str:
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> redis.Redis:
+    """redis-py, to look at what distcomp wrote through a client that is not distcomp's."""
     return redis.Redis(port=redis_server.port)
 
 
 @pytest.fixture
-def queue(client: redis.Redis, namespace: str) -> Queue:
-    return Queue(client, namespace)
+def queue(redis_server: RedisServer, namespace: str) -> Queue:
+    return Queue(Redis(redis_server.url), namespace)
 
 
 @pytest.fixture
@@ -139,7 +141,8 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Queue):
+def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Queue,
+            client: redis.Redis):
     """Start workers with ``workers(name, *args)``; waits until each holds its lease."""
     started: list[WorkerProcess] = []
     results = tmp_path / "results"
@@ -149,7 +152,7 @@ def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Qu
         w = WorkerProcess(redis_server, namespace, name, results, list(args), pass_fds)
         started.append(w)
         if wait_registered:
-            wait_for(lambda: queue.r.hget(queue.key("w", name), "pid") == str(w.proc.pid).encode()
+            wait_for(lambda: client.hget(queue.key("w", name), "pid") == str(w.proc.pid).encode()
                      or w.proc.poll() is not None, 30, f"worker {name} to register")
             assert w.proc.poll() is None, w.output()
         return w
@@ -159,17 +162,17 @@ def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Qu
     for w in started:
         w.kill_everything()
     # Tasks live in their own sessions: make sure none outlives the test.
-    for pid_bytes in _task_pids(queue):
+    for pid_bytes in _task_pids(client, queue):
         try:
             os.killpg(int(pid_bytes), signal.SIGKILL)
         except OSError:
             pass
 
 
-def _task_pids(queue: Queue) -> list[bytes]:
+def _task_pids(client: redis.Redis, queue: Queue) -> list[bytes]:
     pids = []
-    for key in queue.r.scan_iter(match=queue.key("t", "*")):
-        pid = queue.r.hget(key, "pid")
+    for key in client.scan_iter(match=queue.key("t", "*")):
+        pid = client.hget(key, "pid")
         if pid:
             pids.append(pid)
     return pids

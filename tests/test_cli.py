@@ -12,6 +12,7 @@ import pytest
 
 from distcomp.cli import EXPORT_COLUMNS
 from distcomp.queue import Queue
+from distcomp.redis_client import Redis
 from distcomp.spec import parse_taskfile
 from tests.conftest import RedisServer
 from tests.helpers import free_port
@@ -221,13 +222,13 @@ def test_export_is_the_index_of_the_results(cli, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "the umask's mode, not mkstemp's 0600"
 
 
-def test_export_reads_every_task_once_and_nothing_else(cli, tmp_path, client, namespace):
+def test_export_reads_every_task_once_and_nothing_else(cli, tmp_path, redis_server, namespace):
     # More tasks than one read of the export (1,000), and a namespace whose keys share the
     # prefix: <namespace>:t:... are task keys of this one only when a task id follows.
     f = tmp_path / "many.txt"
     f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(2500)))
     ids = {t.task_id for t in parse_taskfile(f.read_bytes()).tasks}
-    Queue(client, f"{namespace}:t").submit(parse_taskfile(b"shell:0:0:1:true other\n").tasks)
+    Queue(Redis(redis_server.url), f"{namespace}:t").submit(parse_taskfile(b"shell:0:0:1:true other\n").tasks)
     cli("submit", str(f), check=True)
     lines = cli("export", "--format", "jsonl", check=True).stdout.decode().splitlines()
     assert len(lines) == 2500 and {json.loads(line)["id"] for line in lines} == ids

@@ -476,7 +476,7 @@ def _cli_wires_inventory() -> bool:
 @pytest.mark.skipif(not _cli_wires_inventory(),
                     reason="distcomp/cli.py does not call add_inventory_command yet")
 def test_python_m_distcomp_inventory_cloudlab(tmp_path):
-    for dependency in ("redis", "psutil"):
+    for dependency in ("psutil",):
         pytest.importorskip(dependency, reason="the distcomp CLI needs the runtime dependencies")
     target = tmp_path / "hosts.yml"
     env = clean_env(PYTHONPATH=str(REPO))

@@ -6,6 +6,7 @@ import random
 import threading
 
 from distcomp.queue import Queue
+from distcomp.redis_client import Redis
 from distcomp.spec import TaskSpec, parse_line
 from tests.helpers import wait_for
 
@@ -94,26 +95,24 @@ def test_batch_claim_stops_when_resources_run_out(queue):
     assert queue.counts()["running"] == 3
 
 
-def test_claim_cost_does_not_scan_the_queue(queue):
+def test_claim_cost_does_not_scan_the_queue(queue, client):
     """Tasks that cannot fit sit in their own bucket; claims never walk past them."""
     queue.submit([spec(f"huge {i}", priority=5, mem_gb=512) for i in range(5000)])
     queue.submit([spec("fits", priority=0, mem_gb=1)])
     register(queue, "w")
-    info_before = queue.r.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0)
+    info_before = client.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0)
     assert claim_one(queue, "w", mem=4096, cpu=4).params == "fits"
-    calls = queue.r.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0) - info_before
+    calls = client.info("commandstats").get("cmdstat_zrange", {}).get("calls", 0) - info_before
     assert calls <= 2
 
 
 def test_concurrent_claimers_never_double_claim(redis_server, namespace):
-    import redis as redis_mod
-
-    base = Queue(redis_mod.Redis(port=redis_server.port), namespace)
+    base = Queue(Redis(redis_server.url), namespace)
     base.submit([spec(f"echo {i}", cpu=0) for i in range(2000)])
     got: dict[str, list[str]] = {}
 
     def claimer(name: str) -> None:
-        q = Queue(redis_mod.Redis(port=redis_server.port), namespace)
+        q = Queue(Redis(redis_server.url), namespace)
         register(q, name)
         mine = got.setdefault(name, [])
         while claims := q.claim(name, f"tok-{name}", 1e9, 1e9, 7):
@@ -130,13 +129,13 @@ def test_concurrent_claimers_never_double_claim(redis_server, namespace):
     assert base.counts()["running"] == 2000
 
 
-def test_late_result_of_a_taken_over_attempt_is_rejected(queue):
+def test_late_result_of_a_taken_over_attempt_is_rejected(queue, client):
     s = spec("work")
     queue.submit([s])
     register(queue, "w1", ttl_ms=100)
     first = claim_one(queue, "w1")
     assert first.attempt == 1
-    wait_for(lambda: not queue.r.exists(queue.key("lease", "w1")), 5, "lease expiry")
+    wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
     assert queue.reap() == 1
     register(queue, "w2")
     second = claim_one(queue, "w2")
@@ -146,7 +145,7 @@ def test_late_result_of_a_taken_over_attempt_is_rejected(queue):
     # A re-sent report (lost reply) gets the same answer and changes nothing.
     assert queue.finish(s.task_id, "w2", 2, {"exit_code": 0}) == 1
     assert queue.counts()["finished"] == 1 and queue.counts()["running"] == 0
-    assert queue.r.zcard(queue.key("s", "finished")) == 1
+    assert client.zcard(queue.key("s", "finished")) == 1
 
 
 def test_failure_retries_prefer_another_live_worker(queue):
@@ -192,12 +191,12 @@ def test_eviction_budget_and_peak_memory_placement(queue):
     assert task["evictions"] == "3" and "failures" not in task
 
 
-def test_lease_expiry_requeues_without_a_command(queue):
+def test_lease_expiry_requeues_without_a_command(queue, client):
     queue.submit([spec("a"), spec("b")])
     register(queue, "w", ttl_ms=150)
     assert len(queue.claim("w", "tok-w", 1e9, 1e9, 5)) == 2
     assert queue.reap() == 0
-    wait_for(lambda: not queue.r.exists(queue.key("lease", "w")), 5, "lease expiry")
+    wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
     assert queue.reap() == 2
     assert queue.counts()["todo"] == 2 and queue.running_on("w") == set()
 
@@ -227,10 +226,10 @@ def test_registration_refuses_a_live_name_and_reports_leftovers(queue):
     assert queue.counts()["todo"] == 1
 
 
-def test_namespaces_are_isolated(client, namespace):
+def test_namespaces_are_isolated(client, redis_server, namespace):
     client.set("foreign:key", "keep")
-    a = Queue(client, namespace + "a")
-    b = Queue(client, namespace + "b")
+    a = Queue(Redis(redis_server.url), namespace + "a")
+    b = Queue(Redis(redis_server.url), namespace + "b")
     a.submit([parse_line(b"shell:1:0:1:echo a")])
     assert b.counts()["total"] == 0
     assert b.purge() == 0
@@ -253,23 +252,23 @@ def test_evicted_task_bigger_than_every_worker_fails_instead_of_waiting_forever(
                               "live worker has room for (largest: 2000 MiB)")
 
 
-def test_unplaceable_counts_tasks_no_live_worker_can_take(queue):
+def test_unplaceable_counts_tasks_no_live_worker_can_take(queue, client):
     queue.submit([spec("fits", mem_gb=1), spec("huge", mem_gb=64), spec("wide", cpu=128)])
     assert queue.unplaceable() == 0, "no live worker: nothing to judge against"
     register(queue, "w", room_mb=8192)
-    queue.r.hset(queue.key("w", "w"), "cores", 16)
+    client.hset(queue.key("w", "w"), "cores", 16)
     assert queue.unplaceable() == 2
 
 
-def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue):
+def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue, client):
     """The worker sends its reports and its next claim in one pipeline. When Redis has lost
     scripts (restart, SCRIPT FLUSH) only the commands it refused are sent again: a claim that
     ran is not run a second time."""
     queue.submit([spec(f"echo {i}") for i in range(6)])
     register(queue, "w")
     done = claim_one(queue, "w")
-    queue.r.script_flush()
-    queue.r.script_load(queue._scripts["claim"].script)
+    client.script_flush()
+    client.script_load(queue._scripts["claim"].source)
     pipe = queue.pipeline()
     queue.claim("w", "tok-w", 1e9, 1e9, 2, client=pipe)
     queue.finish(done.task_id, "w", done.attempt, {"exit_code": 0}, client=pipe)
@@ -278,14 +277,14 @@ def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue):
     assert finished == 1 and len(claims) == 2
     assert queue.counts() == {"todo": 3, "running": 2, "finished": 1, "failed": 0, "total": 6}
     assert {c.task_id for c in claims} == {
-        x.decode() for x in queue.r.smembers(queue.key("run", "w"))}
+        x.decode() for x in client.smembers(queue.key("run", "w"))}
 
 
-def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue):
+def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue, client):
     """Idle workers wait for these notices instead of polling: each script run that puts
     tasks in the queue publishes exactly one, and nothing else publishes. Messages arrive in
     order, so a marker published after each step shows what that step sent."""
-    sent = notice_counter(queue, "wake")
+    sent = notice_counter(queue, client, "wake")
 
     a, b, c, d = (spec(x, retries=1) for x in "abcd")
     assert sent(lambda: queue.submit([spec(f"echo {i}") for i in range(2500)])) == 3  # 3 chunks
@@ -305,17 +304,17 @@ def test_every_transition_that_makes_tasks_claimable_sends_one_notice(queue):
     assert sent(lambda: queue.requeue_worker("w", "gone")) == 1  # d
     register(queue, "short", ttl_ms=100)
     assert len(queue.claim("short", "tok-short", 1e9, 1e9, 5)) == 2
-    wait_for(lambda: not queue.r.exists(queue.key("lease", "short")), 5, "lease expiry")
+    wait_for(lambda: not client.exists(queue.key("lease", "short")), 5, "lease expiry")
     assert sent(queue.reap) == 1
     assert sent(lambda: queue.retry([b.task_id])) == 1
     assert sent(lambda: queue.cancel([b.task_id])) == 0
     assert queue.counts() == {"todo": 2, "running": 0, "finished": 1, "failed": 1, "total": 4}
 
 
-def test_the_script_that_leaves_nothing_todo_or_running_announces_it(queue):
+def test_the_script_that_leaves_nothing_todo_or_running_announces_it(queue, client):
     """``distcomp wait`` returns on this notice: the last task settling sends it, whether it
     finished, failed for good or was cancelled, and nothing sends it while tasks remain."""
-    sent = notice_counter(queue, "drained")
+    sent = notice_counter(queue, client, "drained")
     a, b, c = (spec(x, retries=0) for x in "abc")
     queue.submit([a, b, c])
     register(queue, "w")
@@ -330,7 +329,7 @@ def test_the_script_that_leaves_nothing_todo_or_running_announces_it(queue):
     assert sent(lambda: queue.cancel([c.task_id])) == 1
 
 
-def notice_counter(queue, channel: str):
+def notice_counter(queue, client, channel: str):
     """Subscribe to one of the queue's notice channels; returns ``sent(step)``, the number of
     notices ``step`` published. Messages arrive in order, so a marker published after the step
     shows where its notices end."""
@@ -339,7 +338,7 @@ def notice_counter(queue, channel: str):
 
     def sent(step) -> int:
         step()
-        queue.r.publish(queue.key(channel), "marker")
+        client.publish(queue.key(channel), "marker")
         n = 0
         while sub.get_message(timeout=5)["data"] != b"marker":
             n += 1

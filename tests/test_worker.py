@@ -16,6 +16,7 @@ import redis
 
 from distcomp.config import Config, WorkerConfig
 from distcomp.queue import Queue
+from distcomp.redis_client import Redis
 from tests.conftest import HELPERS, RedisServer, WorkerProcess
 from tests.helpers import wait_for
 
@@ -208,7 +209,7 @@ def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_pat
     assert task["attempt"] == "2" and task["stdout_tail"] == "resumed\n"
 
 
-def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path):
+def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path, client):
     (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
     w1 = workers("w1")
     wait_for(lambda: queue.task(tid).get("pid"), 30, "the task to start")
@@ -219,7 +220,7 @@ def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path):
     assert task["state"] == "todo" and task["reason"] == "requeued: worker w1 was stopped"
     assert queue.counts()["running"] == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    assert not queue.r.exists(queue.key("lease", "w1"))
+    assert not client.exists(queue.key("lease", "w1"))
 
 
 def test_drain_lets_running_tasks_finish(queue, workers, tmp_path):
@@ -304,7 +305,7 @@ def test_tasks_reserving_no_cores_are_capped_per_core(queue, workers, tmp_path):
 
 
 def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
-        queue, redis_server, namespace, tmp_path):
+        queue, client, redis_server, namespace, tmp_path):
     """A worker inside a real 300 MiB cgroup (no --memory-limit: capacity comes from the cgroup)
     runs a task that grabs 1 GiB fast. Whether the worker evicts it first or the kernel kills it,
     the task must end failed with a reason about memory, and the worker must survive."""
@@ -331,7 +332,7 @@ def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
         # requeued as an eviction and the queue finds no worker with room: "needs N MiB ...".
         assert reason.startswith("needs "), reason
         assert worker.poll() is None, "the worker survives"
-        assert int(queue.r.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
+        assert int(client.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
     finally:
         worker.kill()
         worker.wait(10)
@@ -348,7 +349,7 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis")
     server.start()
-    q = Queue(redis.Redis(port=server.port), "idle")
+    q = Queue(Redis(server.url), "idle")
     w = WorkerProcess(server, "idle", "w-idle", tmp_path / "results",
                       ["--idle-poll", "600", "--log-level", "debug"])
     empty = "claim came back empty; next claim in 600s"
@@ -363,7 +364,7 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
 
         server.stop()
         server.start()  # same port, empty: nothing was persisted
-        wait_for(lambda: q.r.pubsub_numsub(q.key("wake"))[0][1] == 1, 60,
+        wait_for(lambda: redis.Redis(port=server.port).pubsub_numsub(q.key("wake"))[0][1] == 1, 60,
                  "the worker to subscribe again")
         second = submit(q, ["shell:0:0:1:true second"])
         wait_for(lambda: state(q, second[0]) == "finished", 60,
@@ -400,10 +401,9 @@ def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
     server.start()
     redis.Redis(port=server.port).acl_setuser("nochan", enabled=True, passwords=["+pw-nochan"],
                                               keys=["*"], commands=["+@all"], reset_channels=True)
-    user = redis.Redis(port=server.port, username="nochan", password="pw-nochan")
-    q = Queue(user, "acl")
-    ids = submit(q, ["shell:0:0:1:true one", "shell:0:0:1:true two"])
     url = f"redis://nochan:pw-nochan@127.0.0.1:{server.port}/0"
+    q = Queue(Redis(url), "acl")
+    ids = submit(q, ["shell:0:0:1:true one", "shell:0:0:1:true two"])
     w = WorkerProcess(SimpleNamespace(url=url), "acl", "w-acl", tmp_path / "results",
                       ["--idle-poll", "0.2"])
     try:
@@ -418,7 +418,7 @@ def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
         server.stop()
 
 
-def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, workers, redis_server,
+def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, client, workers, redis_server,
                                                            namespace):
     """With --interval 600 `distcomp wait` checks the queue every ten minutes on its own: it
     must return when the queue announces that nothing is left todo or running."""
@@ -430,7 +430,7 @@ def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, workers, redis
                                "--json"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: queue.r.pubsub_numsub(queue.key("drained"))[0][1] == 1
+        wait_for(lambda: client.pubsub_numsub(queue.key("drained"))[0][1] == 1
                  or waiter.poll() is not None, 30, "wait to subscribe")
         assert waiter.poll() is None, waiter.communicate()
         workers("w1", "--cores", "2")
@@ -463,14 +463,14 @@ def test_submit_wait_queues_then_returns_when_the_queue_drains(workers, cli, que
                                        "finished": 2, "failed": 1}
 
 
-def test_workers_tell_a_clean_stop_from_a_lost_worker(queue, workers, cli):
+def test_workers_tell_a_clean_stop_from_a_lost_worker(queue, client, workers, cli):
     ids = submit(queue, [f"shell:0:0:1:echo {i}" for i in range(5)])
     clean = workers("clean", "--exit-when-empty")
     assert clean.wait(60) == 0
     lost = workers("lost", "--heartbeat-ttl", "1")
     lost.proc.kill()
     lost.wait()
-    wait_for(lambda: not queue.r.exists(queue.key("lease", "lost")), 30,
+    wait_for(lambda: not client.exists(queue.key("lease", "lost")), 30,
              "the killed worker's lease to expire")
     rows = {w["name"]: w for w in json.loads(cli("workers", "--json", check=True).stdout)}
     assert (rows["clean"]["alive"], rows["clean"]["stopped"]) == (False, True)

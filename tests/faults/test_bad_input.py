@@ -187,8 +187,8 @@ def test_redis_unreachable(cluster_factory, redis_server, tmp_path):
                  ("worker", "--name", "w", "--results-dir", str(tmp_path / "r"))):
         out = c.cli(*args, url=url)
         assert (out.returncode, out.stderr.decode()) == (OPERATIONAL, (
-            f"distcomp: error: cannot reach Redis at {url}: Error 111 connecting to "
-            f"127.0.0.1:{port}. Connection refused\n")), args
+            f"distcomp: error: cannot reach Redis at {url}: connecting to "
+            f"127.0.0.1:{port} failed: Connection refused\n")), args
 
 
 def test_foreign_keys_survive_submit_worker_and_purge(redis_server, cluster_factory, tmp_path):

@@ -320,16 +320,17 @@ def test_lost_replies_leave_no_task_stuck_running(redis_server, cluster_factory,
 def test_claim_whose_reply_was_lost_does_not_strand_tasks(redis_server, cluster_factory, rng,
                                                           record):
     """A claim can run in Redis and its reply never reach the worker (connection reset after
-    the script ran; redis-py then re-sends it). The queue then lists tasks as running on a live
+    the script ran; the client then re-sends it). The queue then lists tasks as running on a live
     worker that never started them. Here the lost claim is replayed exactly: the same script,
     with the worker's own name and lease token, its reply thrown away."""
     from distcomp.queue import Queue
+    from distcomp.redis_client import Redis
 
     c = cluster_factory(redis_server, ttl=2.0, worker_args=["--max-tasks", "4"])
     c.submit_lines(short_tasks(c, rng, 200))
     w = c.worker("w0")
     token = wait_for("w0's lease", lambda: c.r.get(f"{c.ns}:lease:w0"), 30).decode()
-    ghosts = Queue(redis_server.client(), c.ns).claim("w0", token, 1024, 4, 3)
+    ghosts = Queue(Redis(redis_server.url), c.ns).claim("w0", token, 1024, 4, 3)
     assert ghosts and len(ghosts) == 3
     c.wait_settled(60)
     assert w.alive()
