@@ -109,6 +109,13 @@ def test_wrong_and_missing_password(cli, tmp_path_factory):
         server.stop()
 
 
+def test_a_redis_url_option_distcomp_does_not_know_is_refused_without_the_password(cli):
+    out = cli("status", env={"DISTCOMP_REDIS_URL": "redis://:pw-xyz@127.0.0.1:1/0?timeout=3"})
+    assert (out.returncode, out.stderr.decode()) == (2, (
+        "distcomp: error: Redis URL 'redis://:***@127.0.0.1:1/0?timeout=3': unsupported Redis "
+        "URL option(s): timeout (supported: db, ssl_cert_reqs, ssl_ca_certs)\n"))
+
+
 def test_show_unknown_id_and_prefix(cli, tmp_path):
     proc = cli("show", "0123456789abcdef")
     assert proc.returncode == 1

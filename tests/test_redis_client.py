@@ -199,3 +199,51 @@ def test_redis_py_is_not_what_the_runtime_imports():
          "import sys, distcomp.cli, distcomp.worker; print('redis' in sys.modules)"],
         cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for ``localhost`` and its key, the certificate its own CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_a_tls_url_verifies_the_server_unless_told_not_to(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([_redis_binary(), "--port", "0", "--tls-port", str(port),
+                             "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                             "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL)
+    try:
+        trusted = Redis(f"rediss://localhost:{port}/0?ssl_ca_certs={cert}", retries=0)
+        wait_for(lambda: _pings(trusted), 20, "redis-server to answer over TLS")
+        trusted.set("k", "over tls")
+        assert trusted.get("k") == b"over tls"
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            Redis(f"rediss://localhost:{port}/0", retries=0).ping()
+        assert Redis(f"rediss://localhost:{port}/0?ssl_cert_reqs=none", retries=0).ping()
+    finally:
+        proc.terminate()
+        proc.wait(10)
