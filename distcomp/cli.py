@@ -6,11 +6,9 @@ import argparse
 import contextlib
 import csv
 import json
-import logging
 import os
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -426,6 +424,8 @@ def _replaced_whole(path: str | None) -> Iterator[TextIO]:
         return
     if os.path.isdir(path):
         raise CliError(f"{path}: is a directory, expected a file name", EXIT_BAD_INPUT)
+    import tempfile  # only here: 7% of every other command's start-up
+
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                                    prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -521,6 +521,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 # -- worker ------------------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
+    import logging  # only the worker logs: the other commands start without it
+
     from .worker import Worker
 
     wc = args.cfg.worker

@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import select
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import ssl
 
 _CRLF = b"\r\n"
 
@@ -95,6 +97,8 @@ class Endpoint:
         self.db = int(db or 0)
         self.tls: ssl.SSLContext | None = None
         if parts.scheme == "rediss":
+            import ssl  # only for TLS: importing it is a tenth of a command's start-up
+
             self.tls = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
             reqs = query.get("ssl_cert_reqs", "required")
             if reqs not in ("none", "optional", "required"):
@@ -151,8 +155,10 @@ class Connection:
 
     def buffered(self) -> bool:
         """Whether a reply can be read without waiting for the network."""
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        return self.pos < len(self.buf) or pending
+        if self.pos < len(self.buf):
+            return True
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes socket-level
+        return pending is not None and pending() > 0  # select cannot see
 
     def readable(self, timeout: float) -> bool:
         if self.buffered():
