@@ -264,35 +264,37 @@ class Redis:
 
     def exchange(self, payload: bytes, count: int) -> list[Any]:
         """Send ``payload`` (``count`` commands) and read their replies; on a broken connection
-        try again on a new one, after a growing pause, up to ``retries`` times."""
+        (or Redis still loading its data) try again on a new one, after a growing pause, up to
+        ``retries`` times."""
         attempt = 0
         while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
             try:
-                if conn is None:
-                    conn = self.connect()
-                conn.send(payload)
-                replies = [conn.read() for _ in range(count)]
+                replies = self._once(payload, count)
+                loading = next((r for r in replies if isinstance(r, ConnectError)), None)
+                if loading is None:
+                    return replies
+                raise loading
             except ConnectError:
-                if conn is not None:
-                    conn.close()
                 if attempt >= self.retries:
                     raise
                 attempt += 1
                 time.sleep(min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
-                continue
-            with self._lock:
-                self._idle.append(conn)
-            for reply in replies:
-                if isinstance(reply, ConnectError):  # LOADING: the next attempt may be served
-                    break
-            else:
-                return replies
-            if attempt >= self.retries:
-                raise next(r for r in replies if isinstance(r, ConnectError))
-            attempt += 1
-            time.sleep(min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
+
+    def _once(self, payload: bytes, count: int) -> list[Any]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = self.connect()
+            conn.send(payload)
+            replies = [conn.read() for _ in range(count)]
+        except BaseException:  # a connection left half-read is never used again
+            if conn is not None:
+                conn.close()
+            raise
+        with self._lock:
+            self._idle.append(conn)
+        return replies
 
     def execute(self, *args: Any) -> Any:
         reply = self.exchange(pack(args), 1)[0]

@@ -247,3 +247,47 @@ def test_a_tls_url_verifies_the_server_unless_told_not_to(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_redis_loading_its_data_is_waited_out_like_an_outage(tmp_path):
+    """A restarted Redis answers LOADING until its data is read; commands are tried again
+    (with backoff) instead of failing as errors."""
+    port = free_port()
+    base = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL)
+    admin = redis.Redis(port=port)
+    wait_for(lambda: _answers(admin), 20, "redis-server to answer")
+    admin.mset({f"k{i}": i for i in range(4000)})
+    admin.save()
+    proc.terminate()
+    proc.wait(10)
+    # Slow loading down (0.5 ms a key) and serve clients while it lasts (every 1 KiB read).
+    proc = subprocess.Popen([*base, "--key-load-delay", "500",
+                             "--loading-process-events-interval-bytes", "1024"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts(port), 20, "redis-server to accept connections")
+        with pytest.raises(ConnectError, match="LOADING"):
+            Redis(f"redis://127.0.0.1:{port}/0", retries=0).get("k1")
+        assert Redis(f"redis://127.0.0.1:{port}/0", retries=12).get("k3999") == b"3999"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
