@@ -157,8 +157,9 @@ class Connection:
         """Whether a reply can be read without waiting for the network."""
         if self.pos < len(self.buf):
             return True
-        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes socket-level
-        return pending is not None and pending() > 0  # select cannot see
+        # TLS: bytes already decrypted, which select() cannot see
+        pending = getattr(self.sock, "pending", None)
+        return pending is not None and pending() > 0
 
     def readable(self, timeout: float) -> bool:
         if self.buffered():
@@ -302,12 +303,6 @@ class Redis:
             raise reply
         return reply
 
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
     def script(self, source: str) -> Script:
         return Script(self, source)
 
@@ -320,9 +315,6 @@ class Redis:
     # -- the commands distcomp reads with, replies shaped for their callers ------------------
     def ping(self) -> bool:
         return self.execute("PING") == b"PONG"
-
-    def get(self, key: str) -> bytes | None:
-        return self.execute("GET", key)
 
     def set(self, key: str, value: Any) -> None:
         self.execute("SET", key, value)
@@ -382,9 +374,6 @@ class Pipeline:
         self.commands: list[tuple[Any, ...]] = []
         self.shapes: list[Any] = []
         self.scripts: dict[str, Script] = {}
-
-    def __len__(self) -> int:
-        return len(self.commands)
 
     def command(self, *args: Any, shape: Any = None) -> Pipeline:
         self.commands.append(args)

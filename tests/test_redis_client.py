@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -31,8 +32,8 @@ def r(redis_server: RedisServer) -> Redis:
 def test_replies_of_every_kind_arrive_intact(r, client, namespace):
     blob = bytes(range(256)) * 4096 + b"\r\n$3\r\n"  # 1 MiB, binary, with protocol look-alikes
     client.set(f"{namespace}:blob", blob)
-    assert r.get(f"{namespace}:blob") == blob
-    assert r.get(f"{namespace}:missing") is None
+    assert r.execute("GET", f"{namespace}:blob") == blob
+    assert r.execute("GET", f"{namespace}:missing") is None
     assert r.execute("INCRBY", f"{namespace}:n", 41) == 41
     assert r.ping() is True
     nested = r.execute("EVAL", "return {1, {'a', {}}, 'b', false}", 0)
@@ -62,7 +63,7 @@ def test_error_replies_raise_or_come_back_in_their_place_in_a_pipeline(r, namesp
     pipe.command("HGET", f"{namespace}:s", "f")
     with pytest.raises(ResponseError):
         pipe.execute()
-    assert r.get(f"{namespace}:c") == b"2", "the commands before the error still ran"
+    assert r.execute("GET", f"{namespace}:c") == b"2", "the commands before the error still ran"
 
 
 def test_a_script_redis_lost_is_loaded_and_runs_once(r, client, namespace):
@@ -81,13 +82,13 @@ def test_a_broken_connection_is_replaced_and_the_command_sent_again(r, client, n
     r.set(f"{namespace}:k", "v")
     my_id = r.execute("CLIENT", "ID")
     client.client_kill_filter(_id=my_id)
-    assert r.get(f"{namespace}:k") == b"v"
+    assert r.execute("GET", f"{namespace}:k") == b"v"
     assert r.execute("CLIENT", "ID") != my_id
 
     once = Redis(redis_server.url, retries=0)
     client.client_kill_filter(_id=once.execute("CLIENT", "ID"))
     with pytest.raises(ConnectError, match="closed the connection|failed"):
-        once.get(f"{namespace}:k")
+        once.execute("GET", f"{namespace}:k")
 
 
 def test_an_unreachable_redis_is_a_connect_error_after_the_retries():
@@ -240,7 +241,7 @@ def test_a_tls_url_verifies_the_server_unless_told_not_to(tmp_path):
         trusted = Redis(f"rediss://localhost:{port}/0?ssl_ca_certs={cert}", retries=0)
         wait_for(lambda: _pings(trusted), 20, "redis-server to answer over TLS")
         trusted.set("k", "over tls")
-        assert trusted.get("k") == b"over tls"
+        assert trusted.execute("GET", "k") == b"over tls"
         with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             Redis(f"rediss://localhost:{port}/0", retries=0).ping()
         assert Redis(f"rediss://localhost:{port}/0?ssl_cert_reqs=none", retries=0).ping()
@@ -252,16 +253,15 @@ def test_a_tls_url_verifies_the_server_unless_told_not_to(tmp_path):
 def test_redis_loading_its_data_is_waited_out_like_an_outage(tmp_path):
     """A restarted Redis answers LOADING until its data is read; commands are tried again
     (with backoff) instead of failing as errors."""
-    port = free_port()
-    base = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-            "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL)
-    admin = redis.Redis(port=port)
-    wait_for(lambda: _answers(admin), 20, "redis-server to answer")
+    server = RedisServer(tmp_path)
+    server.start()
+    admin = redis.Redis(port=server.port)
     admin.mset({f"k{i}": i for i in range(4000)})
     admin.save()
-    proc.terminate()
-    proc.wait(10)
+    server.stop()
+    port = server.port
+    base = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--appendonly", "no"]
     # Slow loading down (0.5 ms a key) and serve clients while it lasts (every 1 KiB read).
     proc = subprocess.Popen([*base, "--key-load-delay", "500",
                              "--loading-process-events-interval-bytes", "1024"],
@@ -269,23 +269,14 @@ def test_redis_loading_its_data_is_waited_out_like_an_outage(tmp_path):
     try:
         wait_for(lambda: _accepts(port), 20, "redis-server to accept connections")
         with pytest.raises(ConnectError, match="LOADING"):
-            Redis(f"redis://127.0.0.1:{port}/0", retries=0).get("k1")
-        assert Redis(f"redis://127.0.0.1:{port}/0", retries=12).get("k3999") == b"3999"
+            Redis(f"redis://127.0.0.1:{port}/0", retries=0).execute("GET", "k1")
+        assert Redis(f"redis://127.0.0.1:{port}/0", retries=12).execute("GET", "k3999") == b"3999"
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def _accepts(port: int) -> bool:
-    import socket
-
     try:
         socket.create_connection(("127.0.0.1", port), 1).close()
         return True
