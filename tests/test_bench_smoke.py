@@ -70,6 +70,13 @@ def test_packing_smoke(tmp_path: Path) -> None:
         assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
         assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
         assert doc["tools"][name]["queue"]["failed"] == 0
+        # Each round ran both distcomp rows on a queue of their own, to the end.
+        assert len(doc["tools"][name]["runs"]) == doc["params"]["rounds"] == 2
+        assert all(r["tasks_lost"] == 0 for r in doc["tools"][name]["runs"])
+    assert len(doc["tools"]["parallel"]["runs"]) == len(doc["tools"]["xargs"]["runs"]) == 1
+    pairs = doc["distcomp_vs_static"]
+    assert len(pairs["rounds"]) == 2 and min(pairs["rounds"]) <= pairs["median"] <= max(
+        pairs["rounds"])
 
 
 def test_scale_smoke(tmp_path: Path) -> None:
