@@ -527,7 +527,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     wc = args.cfg.worker
     for opt in ("name", "results_dir", "workdir", "python", "cores", "max_tasks",
-                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll"):
+                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll",
+                "overcommit"):
         value = getattr(args, opt)
         if value is not None:
             setattr(wc, opt, value)
@@ -639,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--idle-poll", type=float,
                     help="most seconds between claims while nothing comes (new tasks are "
                          "announced and claimed at once)")
+    sp.add_argument("--overcommit", type=float,
+                    help="start this many times as many tasks as their learned mean peak fits "
+                         "(default 1; 0.25-4): above 1 more start and more are evicted")
     sp.add_argument("--drain", action="store_true",
                     help="on SIGTERM let running tasks finish instead of requeueing them")
     sp.add_argument("--exit-when-empty", action="store_true",

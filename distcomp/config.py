@@ -54,6 +54,7 @@ class WorkerConfig:
     tail_bytes: int = 4096
     avoid_window: float = 60.0
     idle_poll: float = 5.0
+    overcommit: float = 1.0
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _read_password_file(path: str) -> str:
 
 
 _WORKER_FLOATS = ("cores", "default_timeout", "heartbeat_ttl", "kill_grace", "sample_interval",
-                  "avoid_window", "idle_poll")
+                  "avoid_window", "idle_poll", "overcommit")
 _WORKER_INTS = ("max_tasks", "eviction_budget", "tail_bytes")
 _WORKER_SIZES = ("memory_limit", "memory_reserve", "evict_below")
 _WORKER_STRS = ("name", "results_dir", "workdir", "python")

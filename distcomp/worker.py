@@ -83,6 +83,8 @@ class Worker:
         self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
         if not wc.idle_poll >= 0.05:
             raise ConfigError(f"idle_poll must be at least 0.05 seconds, got {wc.idle_poll:g}")
+        if not 0.25 <= wc.overcommit <= 4:
+            raise ConfigError(f"overcommit must be between 0.25 and 4, got {wc.overcommit:g}")
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
@@ -313,14 +315,18 @@ class Worker:
         same guess for a whole sweep) tend to be alike: a task is charged the mean peak of the
         recent tasks that declared what it declares, when that is more than its declaration, so
         a node does not start more of them than their real size fits. A task whose declaration
-        is its own (nobody else declared that size) is charged what it declared."""
+        is its own (nobody else declared that size) is charged what it declared.
+
+        ``overcommit`` divides that mean: above 1 more such tasks start than their mean peak
+        fits, on the bet that they do not all hold their peak at once, and eviction settles it
+        when they do."""
         self.peaks.append(peak)
         window = self.class_peaks.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
         window.append(peak)
         self.class_peaks[declared] = window
         if len(self.class_peaks) > PEAK_CLASSES:
             self.charges.pop(self.class_peaks.popitem(last=False)[0], None)
-        mean_mb = sum(window) / len(window) / 2**20
+        mean_mb = sum(window) / len(window) / 2**20 / self.wc.overcommit
         if mean_mb > float(declared or 0) * 1024:
             self.charges[declared] = mean_mb
         else:

@@ -156,6 +156,17 @@ def test_bad_config_is_a_clear_error(cli, tmp_path):
     assert "cannot read size 'lots'" in proc.stderr.decode()
 
 
+@pytest.mark.parametrize("value", ["0", "4.5", "nan"])
+def test_worker_refuses_an_overcommit_out_of_range(cli, client, namespace, tmp_path, value):
+    proc = cli("worker", "--overcommit", value, "--results-dir", str(tmp_path / "results"),
+               "--exit-when-empty")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "overcommit must be between 0.25 and 4, got" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert keys_of(client, namespace) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["wait", "--interval", "-1"], "--interval must be a positive number of seconds, got -1"),
     (["wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),

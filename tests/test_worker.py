@@ -393,6 +393,18 @@ def test_worker_learns_what_tasks_of_each_declared_size_really_use(queue, tmp_pa
     assert "0.0" not in w.charges and len(w.class_peaks) == PEAK_CLASSES
 
 
+def test_overcommit_divides_what_learned_tasks_are_charged(queue, tmp_path):
+    """With overcommit 2 a class is charged half its mean peak, and a declaration above that
+    half is what its tasks are charged again."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), overcommit=2.0)), queue)
+    for peak_mb in (300, 500):
+        w.learn("0.0", peak_mb << 20)
+        w.learn("0.25", peak_mb << 20)
+    assert w.charges == {"0.0": 200.0}  # 0.25 GB = 256 MiB declared, more than 400 / 2
+
+
 def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
     """Redis 7 gives a new ACL user no pub/sub channels unless told: submits and reports must
     still work for such a user, and its workers fall back to claiming every idle_poll."""
