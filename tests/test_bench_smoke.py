@@ -57,7 +57,8 @@ def test_dispatch_smoke(tmp_path: Path) -> None:
 @pytest.mark.skipif(not V1_MEMORY.exists(), reason="needs the cgroup v1 memory controller")
 def test_packing_smoke(tmp_path: Path) -> None:
     doc = run_bench("packing", tmp_path)
-    assert set(doc["tools"]) == {"distcomp", "distcomp-static", "parallel", "xargs"}
+    assert set(doc["tools"]) == {"distcomp", "distcomp-overcommit", "distcomp-static", "parallel",
+                                 "xargs"}
     for tool in doc["tools"].values():
         assert {"makespan_s", "mem_mean_util", "mem_peak_util", "evictions", "kernel_oom_kills",
                 "wasted_cpu_s", "tasks_lost", "vs_lower_bound"} <= set(tool)
@@ -66,7 +67,7 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert doc["ideal_static_s"] >= doc["lower_bound_s"]
     # Nor can knowing every task's growth: its memory still cannot move to where there is room.
     assert doc["ideal_foresight_s"] >= doc["lower_bound_s"]
-    for name in ("distcomp", "distcomp-static"):
+    for name in ("distcomp", "distcomp-overcommit", "distcomp-static"):
         assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
         assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
         assert doc["tools"][name]["queue"]["failed"] == 0
@@ -74,9 +75,10 @@ def test_packing_smoke(tmp_path: Path) -> None:
         assert len(doc["tools"][name]["runs"]) == doc["params"]["rounds"] == 2
         assert all(r["tasks_lost"] == 0 for r in doc["tools"][name]["runs"])
     assert len(doc["tools"]["parallel"]["runs"]) == len(doc["tools"]["xargs"]["runs"]) == 1
-    pairs = doc["distcomp_vs_static"]
-    assert len(pairs["rounds"]) == 2 and min(pairs["rounds"]) <= pairs["median"] <= max(
-        pairs["rounds"])
+    for pairs in doc["vs_static"].values():
+        assert len(pairs["rounds"]) == 2 and min(pairs["rounds"]) <= pairs["median"] <= max(
+            pairs["rounds"])
+    assert set(doc["vs_static"]) == {"distcomp", "distcomp-overcommit"}
 
 
 def test_scale_smoke(tmp_path: Path) -> None:
