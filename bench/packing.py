@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python-mb", type=int, default=16,
                     help="interpreter's own memory added to the true peak for distcomp-static")
     ap.add_argument("--worker-args", default="",
-                    help="extra options for both distcomp workers, e.g. '--memory-reserve 768M'")
+                    help="extra options for every distcomp worker, e.g. '--memory-reserve 768M'")
     ap.add_argument("--overcommit", type=float, default=1.33,
                     help="worker --overcommit of the distcomp-overcommit row")
     ap.add_argument("--rounds", type=int, default=2,

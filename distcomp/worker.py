@@ -582,9 +582,11 @@ class Worker:
         self.register()
         self.prepare_process()
         self.install_signals()
-        log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s), results in %s",
+        log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s%s), results in %s",
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
-                 gib(self.evict_below), self.wc.results_dir)
+                 gib(self.evict_below),
+                 f", overcommit {self.wc.overcommit:g}" if self.wc.overcommit != 1 else "",
+                 self.wc.results_dir)
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         threading.Thread(target=self.listen, name="notices", daemon=True).start()
         mono = time.monotonic()

@@ -167,6 +167,13 @@ def test_worker_refuses_an_overcommit_out_of_range(cli, client, namespace, tmp_p
     assert keys_of(client, namespace) == []
 
 
+def test_worker_takes_an_overcommit_and_says_so(cli, tmp_path):
+    proc = cli("worker", "--overcommit", "1.5", "--results-dir", str(tmp_path / "results"),
+               "--exit-when-empty")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and ", overcommit 1.5), results in" in err, err
+
+
 @pytest.mark.parametrize("args, message", [
     (["wait", "--interval", "-1"], "--interval must be a positive number of seconds, got -1"),
     (["wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),
