@@ -46,6 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DISTCOMP, MemoryCgroup, RedisServer, child_env, ensure_tools, table, write_result
 
+from distcomp.worker import OVERCOMMIT_RANGE
+
 MEMTASK = Path(__file__).resolve().parent / "memtask.py"
 TOOLS = ("distcomp", "distcomp-overcommit", "distcomp-static", "parallel", "xargs")
 UNDECLARED = ("distcomp", "distcomp-overcommit")
@@ -275,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not 0.25 <= args.overcommit <= 4:
-        ap.error(f"--overcommit must be between 0.25 and 4, got {args.overcommit:g}")
+    if not OVERCOMMIT_RANGE[0] <= args.overcommit <= OVERCOMMIT_RANGE[1]:
+        ap.error(f"--overcommit must be between {OVERCOMMIT_RANGE[0]:g} and "
+                 f"{OVERCOMMIT_RANGE[1]:g}, got {args.overcommit:g}")
     if args.smoke:
         args.tasks, args.min_mb, args.max_mb, args.capacity_mb = 8, 50, 250, 1024
         args.grow, args.hold, args.concurrency, args.memfree_mb = 2.0, 0.5, 4, 250

@@ -54,6 +54,7 @@ EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
 PEAK_CLASSES = 64  # declared sizes whose real use is remembered (least recently seen dropped)
+OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
 
 
 class Worker:
@@ -83,8 +84,10 @@ class Worker:
         self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
         if not wc.idle_poll >= 0.05:
             raise ConfigError(f"idle_poll must be at least 0.05 seconds, got {wc.idle_poll:g}")
-        if not 0.25 <= wc.overcommit <= 4:
-            raise ConfigError(f"overcommit must be between 0.25 and 4, got {wc.overcommit:g}")
+        low, high = OVERCOMMIT_RANGE
+        if not low <= wc.overcommit <= high:
+            raise ConfigError(f"overcommit must be between {low:g} and {high:g}, "
+                              f"got {wc.overcommit:g}")
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
