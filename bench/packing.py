@@ -7,8 +7,9 @@ limit, so a tool that overcommits meets the kernel's OOM killer, which is counte
 * ``distcomp``            - declared min_dram_gb 0 (the user did not know); the worker packs
                             by measured memory and evicts the youngest task when memory runs
                             short.
-* ``distcomp-overcommit`` - the same with ``--overcommit`` (1.33): the worker starts that many
-                            times as many undeclared tasks as their learned mean peak fits.
+* ``distcomp-overcommit`` - the same with ``--overcommit`` (auto): the worker starts more
+                            undeclared tasks than their learned mean peak fits, by how much of
+                            their peak finished tasks held over their run (or a fixed factor).
 * ``distcomp-static``     - (a) every task declares its true peak: static reservation packing.
 * ``parallel``            - (b) GNU parallel ``--memfree`` with ``--retries``.
 * ``xargs``               - (c) naive ``xargs -P`` with the same concurrency.
@@ -46,7 +47,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DISTCOMP, MemoryCgroup, RedisServer, child_env, ensure_tools, table, write_result
 
-from distcomp.worker import OVERCOMMIT_RANGE
+from distcomp.config import OVERCOMMIT_AUTO, ConfigError, parse_overcommit
+from distcomp.worker import check_overcommit
 
 MEMTASK = Path(__file__).resolve().parent / "memtask.py"
 TOOLS = ("distcomp", "distcomp-overcommit", "distcomp-static", "parallel", "xargs")
@@ -266,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="interpreter's own memory added to the true peak for distcomp-static")
     ap.add_argument("--worker-args", default="",
                     help="extra options for every distcomp worker, e.g. '--memory-reserve 768M'")
-    ap.add_argument("--overcommit", type=float, default=1.33,
-                    help="worker --overcommit of the distcomp-overcommit row")
+    ap.add_argument("--overcommit", default=OVERCOMMIT_AUTO,
+                    help="worker --overcommit of the distcomp-overcommit row: auto or a factor")
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs of each distcomp row (median reported); peers run once")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per tool")
@@ -277,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not OVERCOMMIT_RANGE[0] <= args.overcommit <= OVERCOMMIT_RANGE[1]:
-        ap.error(f"--overcommit must be between {OVERCOMMIT_RANGE[0]:g} and "
-                 f"{OVERCOMMIT_RANGE[1]:g}, got {args.overcommit:g}")
+    try:
+        args.overcommit = parse_overcommit(args.overcommit, "--overcommit")
+        check_overcommit(args.overcommit)
+    except ConfigError as exc:
+        ap.error(str(exc))
     if args.smoke:
         args.tasks, args.min_mb, args.max_mb, args.capacity_mb = 8, 50, 250, 1024
         args.grow, args.hold, args.concurrency, args.memfree_mb = 2.0, 0.5, 4, 250

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from . import __version__
-from .config import Config, ConfigError, load, parse_size
+from .config import Config, ConfigError, load, parse_overcommit, parse_size
 from .queue import STATES, Queue
 from .redis_client import AuthError, ConnectError, RedisError, ResponseError
 from .spec import parse_taskfile
@@ -527,11 +527,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     wc = args.cfg.worker
     for opt in ("name", "results_dir", "workdir", "python", "cores", "max_tasks",
-                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll",
-                "overcommit"):
+                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll"):
         value = getattr(args, opt)
         if value is not None:
             setattr(wc, opt, value)
+    if args.overcommit is not None:
+        wc.overcommit = parse_overcommit(args.overcommit, "--overcommit")
     for opt in ("memory_limit", "memory_reserve", "evict_below"):
         value = getattr(args, opt)
         if value is not None:
@@ -640,9 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--idle-poll", type=float,
                     help="most seconds between claims while nothing comes (new tasks are "
                          "announced and claimed at once)")
-    sp.add_argument("--overcommit", type=float,
+    sp.add_argument("--overcommit", metavar="F|auto",
                     help="start this many times as many tasks as their learned mean peak fits "
-                         "(default 1; 0.25-4): above 1 more start and more are evicted")
+                         "(default 1; 0.25-4): above 1 more start and more are evicted; auto: "
+                         "from how much of their peak such tasks hold over their run")
     sp.add_argument("--drain", action="store_true",
                     help="on SIGTERM let running tasks finish instead of requeueing them")
     sp.add_argument("--exit-when-empty", action="store_true",

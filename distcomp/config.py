@@ -19,6 +19,7 @@ from .redis_client import Redis
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_CONFIG = "/etc/distcomp/distcomp.conf"
+OVERCOMMIT_AUTO = "auto"  # overcommit derived from how much of their peak tasks hold
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -54,7 +55,7 @@ class WorkerConfig:
     tail_bytes: int = 4096
     avoid_window: float = 60.0
     idle_poll: float = 5.0
-    overcommit: float = 1.0
+    overcommit: float | str = 1.0  # or OVERCOMMIT_AUTO
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _read_password_file(path: str) -> str:
 
 
 _WORKER_FLOATS = ("cores", "default_timeout", "heartbeat_ttl", "kill_grace", "sample_interval",
-                  "avoid_window", "idle_poll", "overcommit")
+                  "avoid_window", "idle_poll")
 _WORKER_INTS = ("max_tasks", "eviction_budget", "tail_bytes")
 _WORKER_SIZES = ("memory_limit", "memory_reserve", "evict_below")
 _WORKER_STRS = ("name", "results_dir", "workdir", "python")
@@ -98,7 +99,7 @@ _WORKER_STRS = ("name", "results_dir", "workdir", "python")
 
 def _load_worker(section: configparser.SectionProxy, where: str) -> WorkerConfig:
     cfg = WorkerConfig()
-    known = set(_WORKER_FLOATS + _WORKER_INTS + _WORKER_SIZES + _WORKER_STRS)
+    known = set(_WORKER_FLOATS + _WORKER_INTS + _WORKER_SIZES + _WORKER_STRS + ("overcommit",))
     for key in section:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r} in [worker]")
@@ -116,7 +117,21 @@ def _load_worker(section: configparser.SectionProxy, where: str) -> WorkerConfig
         value = section.get(key, "").strip()
         if value:
             setattr(cfg, key, parse_size(value, f"{where}: [worker] {key}"))
+    if section.get("overcommit", "").strip():
+        cfg.overcommit = parse_overcommit(section["overcommit"], f"{where}: [worker] overcommit")
     return cfg
+
+
+def parse_overcommit(text: str, what: str) -> float | str:
+    """``auto`` or a number; whether the number is in range is the worker's to say."""
+    text = text.strip()
+    if text.lower() == OVERCOMMIT_AUTO:
+        return OVERCOMMIT_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number or {OVERCOMMIT_AUTO!r}, "
+                          f"got {text!r}") from None
 
 
 def load(path: str | None = None, url: str | None = None, password_file: str | None = None,

@@ -85,6 +85,9 @@ class RunningTask:
     err_fd: int = -1
     peak_rss: int = 0
     rss: int = 0
+    mem_s: float = 0.0  # byte-seconds held up to ``seen``, the last sample
+    seen: float = 0.0
+    samples: int = 0
     kill_reason: str | None = None
     kill_deadline: float | None = None
     returncode: int | None = None

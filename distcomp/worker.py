@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import resource
 import select
@@ -32,7 +33,7 @@ from typing import Any
 import psutil
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import OVERCOMMIT_AUTO, Config, ConfigError
 from .queue import Claim, LeaseLost, Queue
 from .redis_client import ConnectError, ResponseError
 from .resources import (
@@ -55,6 +56,9 @@ MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
 PEAK_CLASSES = 64  # declared sizes whose real use is remembered (least recently seen dropped)
 OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
+AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
+FILL_SAMPLES = 4  # samples of a task's life before how much of its peak it held is trusted
+FILL_TASKS = 4  # such tasks of a class before ``overcommit auto`` departs from 1
 
 
 class Worker:
@@ -84,10 +88,7 @@ class Worker:
         self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
         if not wc.idle_poll >= 0.05:
             raise ConfigError(f"idle_poll must be at least 0.05 seconds, got {wc.idle_poll:g}")
-        low, high = OVERCOMMIT_RANGE
-        if not low <= wc.overcommit <= high:
-            raise ConfigError(f"overcommit must be between {low:g} and {high:g}, "
-                              f"got {wc.overcommit:g}")
+        check_overcommit(wc.overcommit)
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
@@ -113,11 +114,13 @@ class Worker:
         self.last_sample = 0.0
         self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
         self.peaks: collections.deque[int] = collections.deque(maxlen=PEAK_WINDOW)
-        # Per declared min_dram_gb: recent peaks of such tasks, and what such a task is charged
-        # where they used more than they declared (see ``learn``).
-        self.class_peaks: collections.OrderedDict[str, collections.deque[int]] = \
-            collections.OrderedDict()
+        # Per declared min_dram_gb: recent (peak, fill) of such tasks, what such a task is
+        # charged where they used more than they declared, and the overcommit it got last
+        # (see ``learn``).
+        self.classes: collections.OrderedDict[
+            str, collections.deque[tuple[int, float | None]]] = collections.OrderedDict()
         self.charges: dict[str, float] = {}
+        self.factors: dict[str, float] = {}
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
         self.stop_requested = False    # stop-workers: drain, then exit 10
@@ -245,6 +248,10 @@ class Worker:
             last = task.rss
             task.rss = rss.get(task.pid, 0)
             task.peak_rss = max(task.peak_rss, task.rss)
+            if task.kill_reason is None:  # memory-seconds held, for how much of its peak
+                task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
+                task.seen = now
+                task.samples += 1
             total += task.rss
             if task.kill_reason is None:
                 growth += max(0, task.rss - last)
@@ -311,8 +318,9 @@ class Worker:
         """The size of a typical task here: the mean peak of the worker's recent tasks."""
         return sum(self.peaks) / len(self.peaks) / 2**20 if self.peaks else 0.0
 
-    def learn(self, declared: str, peak: int) -> None:
-        """Record the peak of a task that declared ``declared`` (min_dram_gb as submitted).
+    def learn(self, declared: str, peak: int, filled: float | None = None) -> None:
+        """Record the peak of a task that declared ``declared`` (min_dram_gb as submitted),
+        and for a task that ended on its own how much of that peak it held over its life.
 
         Nobody declares memory correctly, but tasks that declare the same size (none, or the
         same guess for a whole sweep) tend to be alike: a task is charged the mean peak of the
@@ -322,18 +330,39 @@ class Worker:
 
         ``overcommit`` divides that mean: above 1 more such tasks start than their mean peak
         fits, on the bet that they do not all hold their peak at once, and eviction settles it
-        when they do."""
+        when they do. ``auto`` makes the bet per class from how much of their peak its recent
+        tasks held over their life on average (the fill): 1 / sqrt(fill), the geometric middle
+        between charging the peak (1) and charging the mean use (1 / fill), at most
+        ``AUTO_OVERCOMMIT_MAX``; tasks that reach their peak early and hold it get 1."""
         self.peaks.append(peak)
-        window = self.class_peaks.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
-        window.append(peak)
-        self.class_peaks[declared] = window
-        if len(self.class_peaks) > PEAK_CLASSES:
-            self.charges.pop(self.class_peaks.popitem(last=False)[0], None)
-        mean_mb = sum(window) / len(window) / 2**20 / self.wc.overcommit
+        window = self.classes.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
+        window.append((peak, filled))
+        self.classes[declared] = window
+        if len(self.classes) > PEAK_CLASSES:
+            dropped = self.classes.popitem(last=False)[0]
+            self.charges.pop(dropped, None)
+            self.factors.pop(dropped, None)
+        factor = self.overcommit(declared, window)
+        mean_mb = sum(p for p, _ in window) / len(window) / 2**20 / factor
         if mean_mb > float(declared or 0) * 1024:
             self.charges[declared] = mean_mb
         else:
             self.charges.pop(declared, None)
+
+    def overcommit(self, declared: str,
+                   window: collections.deque[tuple[int, float | None]]) -> float:
+        if self.wc.overcommit != OVERCOMMIT_AUTO:
+            return float(self.wc.overcommit)
+        fills = [f for _, f in window if f is not None]
+        if len(fills) < FILL_TASKS:
+            return 1.0
+        held = sum(fills) / len(fills)
+        factor = min(AUTO_OVERCOMMIT_MAX, max(1.0, 1 / math.sqrt(held)))
+        if abs(factor - self.factors.get(declared, 1.0)) >= 0.05:
+            log.info("tasks declaring %s GB held %.0f%% of their peak over their run: charging "
+                     "them their mean peak / %.2f", declared or "0", 100 * held, factor)
+            self.factors[declared] = factor
+        return factor
 
     def free(self) -> tuple[float, float, int]:
         committed = growth = cpu = 0.0
@@ -402,7 +431,8 @@ class Worker:
             self.runner.discard(task)
             return
         if task.peak_rss and task.spawn_error is None:
-            self.learn(task.claim.declared, task.peak_rss)
+            ended_itself = reason is None and rc != -signal.SIGKILL
+            self.learn(task.claim.declared, task.peak_rss, fill(task) if ended_itself else None)
         if reason is None and rc == -signal.SIGKILL and oom_kills(self.cgroups) > \
                 task.extra.get("oom0", 0):
             # The kernel got there first: the task needs more memory than it had, which is an
@@ -588,7 +618,7 @@ class Worker:
         log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s%s), results in %s",
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
                  gib(self.evict_below),
-                 f", overcommit {self.wc.overcommit:g}" if self.wc.overcommit != 1 else "",
+                 f", overcommit {self.wc.overcommit}" if self.wc.overcommit != 1 else "",
                  self.wc.results_dir)
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         threading.Thread(target=self.listen, name="notices", daemon=True).start()
@@ -677,6 +707,23 @@ class Worker:
     def _empty(self) -> bool:
         counts = self.q.counts()
         return counts["todo"] == 0 and counts["running"] == 0
+
+
+def check_overcommit(value: float | str) -> None:
+    low, high = OVERCOMMIT_RANGE
+    if value != OVERCOMMIT_AUTO and not (
+            isinstance(value, (int, float)) and low <= value <= high):
+        raise ConfigError(f"overcommit must be between {low:g} and {high:g} or "
+                          f"{OVERCOMMIT_AUTO!r}, got {value}")
+
+
+def fill(task: RunningTask) -> float | None:
+    """How much of its peak a task held over its measured life (memory-seconds / (peak x
+    life)), or None when too few samples saw it to tell."""
+    life = task.seen - task.started_mono
+    if task.samples < FILL_SAMPLES or not task.peak_rss or life <= 0:
+        return None
+    return min(1.0, task.mem_s / (task.peak_rss * life))
 
 
 def _drain(fd: int) -> None:

@@ -156,22 +156,54 @@ def test_bad_config_is_a_clear_error(cli, tmp_path):
     assert "cannot read size 'lots'" in proc.stderr.decode()
 
 
+@pytest.mark.parametrize("line, message", [
+    ("overcommit = lots", "[worker] overcommit must be a number or 'auto', got 'lots'"),
+    ("overcommit = 4.5", "overcommit must be between 0.25 and 4 or 'auto', got 4.5"),
+])
+def test_bad_overcommit_in_the_config_is_a_clear_error(cli, tmp_path, line, message):
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"[worker]\n{line}\n")
+    proc = cli("--config", str(conf), "worker", "--results-dir", str(tmp_path / "results"),
+               "--exit-when-empty")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_overcommit_auto_in_the_config_reaches_the_worker(cli, tmp_path):
+    conf = tmp_path / "auto.conf"
+    conf.write_text("[worker]\novercommit = Auto\n")
+    proc = cli("--config", str(conf), "worker", "--results-dir", str(tmp_path / "results"),
+               "--exit-when-empty")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and ", overcommit auto), results in" in err, err
+
+
 @pytest.mark.parametrize("value", ["0", "4.5", "nan"])
 def test_worker_refuses_an_overcommit_out_of_range(cli, client, namespace, tmp_path, value):
     proc = cli("worker", "--overcommit", value, "--results-dir", str(tmp_path / "results"),
                "--exit-when-empty")
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
-    assert "overcommit must be between 0.25 and 4, got" in err
+    assert "overcommit must be between 0.25 and 4 or 'auto', got" in err
     assert len(err.strip().splitlines()) == 1, err
     assert keys_of(client, namespace) == []
 
 
-def test_worker_takes_an_overcommit_and_says_so(cli, tmp_path):
-    proc = cli("worker", "--overcommit", "1.5", "--results-dir", str(tmp_path / "results"),
+def test_worker_refuses_an_overcommit_that_is_not_a_number(cli, client, namespace, tmp_path):
+    proc = cli("worker", "--overcommit", "lots", "--results-dir", str(tmp_path / "results"),
                "--exit-when-empty")
     err = proc.stderr.decode()
-    assert proc.returncode == 0 and ", overcommit 1.5), results in" in err, err
+    assert proc.returncode == 2, err
+    assert err.strip() == "distcomp: error: --overcommit must be a number or 'auto', got 'lots'"
+    assert keys_of(client, namespace) == []
+
+
+@pytest.mark.parametrize("value", ["1.5", "auto"])
+def test_worker_takes_an_overcommit_and_says_so(cli, tmp_path, value):
+    proc = cli("worker", "--overcommit", value, "--results-dir", str(tmp_path / "results"),
+               "--exit-when-empty")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and f", overcommit {value}), results in" in err, err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -390,7 +391,7 @@ def test_worker_learns_what_tasks_of_each_declared_size_really_use(queue, tmp_pa
     assert w.charges == {"0.0": 400.0}
     for i in range(PEAK_CLASSES):
         w.learn(f"{i + 10}.0", 1 << 40)
-    assert "0.0" not in w.charges and len(w.class_peaks) == PEAK_CLASSES
+    assert "0.0" not in w.charges and len(w.classes) == PEAK_CLASSES
 
 
 def test_overcommit_divides_what_learned_tasks_are_charged(queue, tmp_path):
@@ -403,6 +404,41 @@ def test_overcommit_divides_what_learned_tasks_are_charged(queue, tmp_path):
         w.learn("0.0", peak_mb << 20)
         w.learn("0.25", peak_mb << 20)
     assert w.charges == {"0.0": 200.0}  # 0.25 GB = 256 MiB declared, more than 400 / 2
+
+
+def test_overcommit_auto_bets_by_how_much_of_their_peak_tasks_held(queue, tmp_path):
+    """auto: a class is charged its mean peak / sqrt(1 / mean fill), at most 2, once 4 of its
+    tasks that ended on their own were measured; evicted tasks (fill None) do not count."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), overcommit="auto")), queue)
+    for _ in range(3):
+        w.learn("0.0", 400 << 20, 0.25)
+        w.learn("0.1", 400 << 20, 0.01)
+    w.learn("0.0", 400 << 20, None)
+    w.learn("0.5", 800 << 20, 1.0)
+    assert w.charges == {"0.0": 400.0, "0.1": 400.0, "0.5": 800.0}  # too few fills yet
+    w.learn("0.0", 400 << 20, 0.25)
+    w.learn("0.1", 400 << 20, 0.01)
+    for _ in range(3):
+        w.learn("0.5", 800 << 20, 1.0)
+    assert w.charges == {"0.0": 200.0, "0.1": 200.0, "0.5": 800.0}  # 1/sqrt(0.25); at most 2
+
+
+def test_overcommit_auto_measures_how_much_of_its_peak_each_task_held(queue, workers):
+    """Real tasks, real sampling: tasks that grow through their whole run hold about half their
+    peak and get a bet above 1; tasks that reach their peak at once and hold it get none."""
+    growers = [f"python:0:0:1:{GROW} 150 0.1 0 grower{i}" for i in range(5)]
+    holders = [f"python:0:0.1:1:{GROW} 150 0 1.5 holder{i}" for i in range(5)]
+    submit(queue, growers + holders)
+    w = workers("w1", "--cores", "2", "--overcommit", "auto")
+    wait_for(lambda: drained(queue), 120, "the queue to drain")
+    bets = re.findall(r"tasks declaring (\S+) GB held (\d+)% of their peak over their run: "
+                      r"charging them their mean peak / ([\d.]+)", w.output())
+    assert bets and {d for d, _, _ in bets} == {"0.0"}, w.output()
+    held, factor = int(bets[-1][1]), float(bets[-1][2])
+    assert 35 <= held <= 75 and factor >= 1.15, w.output()
+    assert ", overcommit auto)" in w.output()
 
 
 def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
