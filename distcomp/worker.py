@@ -351,6 +351,8 @@ class Worker:
 
     def overcommit(self, declared: str,
                    window: collections.deque[tuple[int, float | None]]) -> float:
+        """What a class's mean peak is divided by: the configured factor, or with ``auto`` the
+        one its tasks' mean fill gives (see ``learn``), logged when it changes."""
         if self.wc.overcommit != OVERCOMMIT_AUTO:
             return float(self.wc.overcommit)
         fills = [f for _, f in window if f is not None]
