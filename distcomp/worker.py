@@ -248,13 +248,13 @@ class Worker:
             last = task.rss
             task.rss = rss.get(task.pid, 0)
             task.peak_rss = max(task.peak_rss, task.rss)
-            if task.kill_reason is None:  # memory-seconds held, for how much of its peak
-                task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
-                task.seen = now
-                task.samples += 1
             total += task.rss
             if task.kill_reason is None:
                 growth += max(0, task.rss - last)
+                # memory-seconds held, for how much of its peak it held (``fill``)
+                task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
+                task.seen = now
+                task.samples += 1
         elapsed = now - self.last_sample if self.last_sample else 0.0
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
