@@ -29,6 +29,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from .forecast import Trace
 from .queue import Claim
 from .resources import session_pids
 
@@ -88,6 +89,7 @@ class RunningTask:
     mem_s: float = 0.0  # byte-seconds held up to ``seen``, the last sample
     seen: float = 0.0
     samples: int = 0
+    trace: Trace = field(default_factory=lambda: Trace([]))  # memory over its life, sampled
     kill_reason: str | None = None
     kill_deadline: float | None = None
     returncode: int | None = None

@@ -34,6 +34,7 @@ import psutil
 
 from . import __version__
 from .config import OVERCOMMIT_AUTO, Config, ConfigError
+from .forecast import Outlook, Profile, profile, shape
 from .queue import Claim, LeaseLost, Queue
 from .redis_client import ConnectError, ResponseError
 from .resources import (
@@ -59,6 +60,10 @@ OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
 AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
 FILL_SAMPLES = 4  # samples of a task's life before how much of its peak it held is trusted
 FILL_TASKS = 4  # such tasks of a class before ``overcommit auto`` departs from 1
+
+# What a class remembers of a task that ended: its peak, and when it ended on its own and was
+# sampled enough, how much of the peak it held (``fill``) and its (life, shape).
+Record = tuple[int, "float | None", "tuple[float, tuple[float, ...]] | None"]
 
 
 class Worker:
@@ -114,13 +119,17 @@ class Worker:
         self.last_sample = 0.0
         self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
         self.peaks: collections.deque[int] = collections.deque(maxlen=PEAK_WINDOW)
-        # Per declared min_dram_gb: recent (peak, fill) of such tasks, what such a task is
-        # charged where they used more than they declared, and the overcommit it got last
-        # (see ``learn``).
-        self.classes: collections.OrderedDict[
-            str, collections.deque[tuple[int, float | None]]] = collections.OrderedDict()
+        # Per declared min_dram_gb: recent (peak, fill, (life, shape)) of such tasks, what such
+        # a task is charged where they used more than they declared, the overcommit it got last
+        # (see ``learn``) and the forecast of its memory over its life (distcomp.forecast).
+        self.classes: collections.OrderedDict[str, collections.deque[Record]] = \
+            collections.OrderedDict()
         self.charges: dict[str, float] = {}
         self.factors: dict[str, float] = {}
+        self.profiles: dict[str, Profile] = {}
+        # Free memory (MiB) when a claim came back empty while forecast tasks ran: their
+        # forecast frees memory as they age, so a claim is due again once it has grown.
+        self.short_at: float | None = None
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
         self.stop_requested = False    # stop-workers: drain, then exit 10
@@ -255,6 +264,7 @@ class Worker:
                 task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
                 task.seen = now
                 task.samples += 1
+                task.trace.add(now - task.started_mono, task.rss)
         elapsed = now - self.last_sample if self.last_sample else 0.0
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
@@ -318,9 +328,11 @@ class Worker:
         """The size of a typical task here: the mean peak of the worker's recent tasks."""
         return sum(self.peaks) / len(self.peaks) / 2**20 if self.peaks else 0.0
 
-    def learn(self, declared: str, peak: int, filled: float | None = None) -> None:
+    def learn(self, declared: str, peak: int, filled: float | None = None,
+              shaped: tuple[float, tuple[float, ...]] | None = None) -> None:
         """Record the peak of a task that declared ``declared`` (min_dram_gb as submitted),
-        and for a task that ended on its own how much of that peak it held over its life.
+        and for a task that ended on its own how much of that peak it held over its life and
+        its (life, shape) (distcomp.forecast).
 
         Nobody declares memory correctly, but tasks that declare the same size (none, or the
         same guess for a whole sweep) tend to be alike: a task is charged the mean peak of the
@@ -333,29 +345,41 @@ class Worker:
         when they do. ``auto`` makes the bet per class from how much of their peak its recent
         tasks held over their life on average (the fill): 1 / sqrt(fill), the geometric middle
         between charging the peak (1) and charging the mean use (1 / fill), at most
-        ``AUTO_OVERCOMMIT_MAX``; tasks that reach their peak early and hold it get 1."""
+        ``AUTO_OVERCOMMIT_MAX``; tasks that reach their peak early and hold it get 1.
+
+        Once enough tasks of a class have a shape, its running tasks are charged by their
+        forecast (``free``)."""
         self.peaks.append(peak)
         window = self.classes.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
-        window.append((peak, filled))
+        window.append((peak, filled, shaped))
         self.classes[declared] = window
         if len(self.classes) > PEAK_CLASSES:
             dropped = self.classes.popitem(last=False)[0]
             self.charges.pop(dropped, None)
             self.factors.pop(dropped, None)
+            self.profiles.pop(dropped, None)
+        prof = profile(s for _, _, s in window if s is not None)
+        if prof is None:
+            self.profiles.pop(declared, None)
+        else:
+            if declared not in self.profiles:
+                log.info("tasks declaring %s GB: forecasting their memory over their run "
+                         "(usually over by %.1f s, at their peak by %.0f%% of it)", declared or "0",
+                         prof.life, 100 * (prof.reached.index(1.0) + 1) / len(prof.reached))
+            self.profiles[declared] = prof
         factor = self.overcommit(declared, window)
-        mean_mb = sum(p for p, _ in window) / len(window) / 2**20 / factor
+        mean_mb = sum(p for p, _, _ in window) / len(window) / 2**20 / factor
         if mean_mb > float(declared or 0) * 1024:
             self.charges[declared] = mean_mb
         else:
             self.charges.pop(declared, None)
 
-    def overcommit(self, declared: str,
-                   window: collections.deque[tuple[int, float | None]]) -> float:
+    def overcommit(self, declared: str, window: collections.deque[Record]) -> float:
         """What a class's mean peak is divided by: the configured factor, or with ``auto`` the
         one its tasks' mean fill gives (see ``learn``), logged when it changes."""
         if self.wc.overcommit != OVERCOMMIT_AUTO:
             return float(self.wc.overcommit)
-        fills = [f for _, f in window if f is not None]
+        fills = [f for _, f, _ in window if f is not None]
         if len(fills) < FILL_TASKS:
             return 1.0
         held = sum(fills) / len(fills)
@@ -366,21 +390,59 @@ class Worker:
             self.factors[declared] = factor
         return factor
 
-    def free(self) -> tuple[float, float, int]:
-        committed = growth = cpu = 0.0
+    def outlook(self) -> Outlook:
+        """The running tasks' memory from now on. A task is charged its expected peak (the
+        larger of its declaration and its class's charge) or its own peak so far; a task whose
+        class has a profile, what its forecast holds at each instant until its expected end."""
+        committed = growth = 0.0
+        shaped = []
         for t in self.running.values():  # one pass: the loop asks this several times a turn
             c = t.claim
             expected = max(self.charges.get(c.declared, 0.0), c.mem_mb)
-            committed += max(expected, t.peak_rss / 2**20)
             rss_mb = t.rss / 2**20
+            prof = self.profiles.get(c.declared) if self.profiles else None
+            if prof is not None and t.samples:
+                age = t.seen - t.started_mono
+                if age < prof.life:
+                    shaped.append((prof, age, rss_mb, t.peak_rss / 2**20, expected))
+                    continue
+            committed += max(expected, t.peak_rss / 2**20)
             if expected > rss_mb:
                 growth += expected - rss_mb
-            cpu += c.cpu
-        free_mem = min(self.capacity / 2**20 - self.reserve / 2**20 - committed,
-                       (self.available - self.reserve) / 2**20 - growth)
-        free_cpu = self.cores - cpu
+        return Outlook.of(shaped, committed, growth)
+
+    def rooms(self) -> tuple[float, float]:
+        """MiB the tasks may commit (capacity minus reserve) and MiB available above the
+        reserve now."""
+        return (self.capacity - self.reserve) / 2**20, (self.available - self.reserve) / 2**20
+
+    def free(self, outlook: Outlook | None = None) -> tuple[float, float, int]:
+        """Memory (MiB) a new task can be charged, cores and task slots a claim may fill."""
+        free_mem = (outlook or self.outlook()).free(*self.rooms())
+        free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
         slots = min(MAX_CLAIM_BATCH, self.max_tasks - len(self.running))
         return free_mem, free_cpu, slots
+
+    def claim_charges(self, outlook: Outlook, free_mem: float) -> dict[str, float]:
+        """What a claim charges a task of each class that has a charge. A class with a profile
+        is charged its expected peak scaled by ``free_mem`` / its ``Outlook.fit``: the claim
+        compares it with ``free_mem``, so such a task is taken exactly when its growth fits
+        the forecast."""
+        if not outlook.step or free_mem <= 0:
+            return self.charges
+        out = dict(self.charges)
+        for declared, expected in self.charges.items():
+            prof = self.profiles.get(declared)
+            if prof is not None:
+                fit = outlook.fit(prof, *self.rooms())
+                if fit > free_mem:
+                    out[declared] = expected * free_mem / fit
+        return out
+
+    def forecasting(self) -> bool:
+        """Whether a running task is charged by its forecast (its class has a profile)."""
+        return bool(self.profiles) and any(
+            t.claim.declared in self.profiles for t in self.running.values())
 
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
@@ -432,9 +494,15 @@ class Worker:
         if reason in ("shutdown", "lost"):
             self.runner.discard(task)
             return
-        if task.peak_rss and task.spawn_error is None:
-            ended_itself = reason is None and rc != -signal.SIGKILL
-            self.learn(task.claim.declared, task.peak_rss, fill(task) if ended_itself else None)
+        if task.peak_rss and task.spawn_error is None and reason is None and \
+                rc != -signal.SIGKILL:
+            # Only a task that ended on its own reached its real peak: one killed early would
+            # make its class look smaller than it is.
+            filled = fill(task)
+            life = task.ended - task.started
+            held = shape(task.trace, life, task.peak_rss) if filled is not None else None
+            self.learn(task.claim.declared, task.peak_rss, filled,
+                       None if held is None else (life, held))
         if reason is None and rc == -signal.SIGKILL and oom_kills(self.cgroups) > \
                 task.extra.get("oom0", 0):
             # The kernel got there first: the task needs more memory than it had, which is an
@@ -502,9 +570,11 @@ class Worker:
                     f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
                     res, client=pipe)
         if claim:
-            free_mem, free_cpu, slots = self.free()
+            outlook = self.outlook()
+            free_mem, free_cpu, slots = self.free(outlook)
             self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
-                         self.wc.avoid_window, self.charges, client=pipe)
+                         self.wc.avoid_window, self.claim_charges(outlook, free_mem),
+                         client=pipe)
         replies = pipe.execute()
         ops, self.ops = self.ops, []
         for (kind, task, payload), outcome in zip(ops, replies):
@@ -634,6 +704,9 @@ class Worker:
                 if mono >= next_sample:
                     self.sample()
                     next_sample = mono + self.sample_every()
+                    if self.short_at is not None and \
+                            self.free()[0] >= self.short_at + max(self.estimate_mb() / 4, 1):
+                        self.short_at, next_claim = None, mono
                 self.check_deadlines(mono)
                 try:
                     if self.fast_stop and not requeued:
@@ -659,8 +732,10 @@ class Worker:
                         wait = min(self.wc.idle_poll, 1.0) if self.exit_when_empty \
                             else self.wc.idle_poll
                         next_claim = mono + wait
+                        self.short_at = self.free()[0] if self.forecasting() else None
                         log.debug("claim came back empty; next claim in %gs unless tasks are "
-                                  "announced", wait)
+                                  "announced%s", wait, "" if self.short_at is None else
+                                  " or forecast memory frees up")
                         if self.exit_when_empty and not self.running and self._empty():
                             break
                     if self.redis_down_since is not None:

@@ -443,6 +443,21 @@ def test_overcommit_auto_measures_how_much_of_its_peak_each_task_held(queue, wor
     assert ", overcommit auto)" in w.output()
 
 
+def test_a_forecast_starts_a_task_beside_ones_that_will_be_gone_before_it_grows(queue, workers):
+    """Tasks that grow to 300 MB through their run, on a node with 768 MiB for tasks: charged
+    their peak, two fit at once. Once four have ended on their own the worker forecasts the
+    class, and starts a third while two still run, since they end before it has grown much."""
+    ids = submit(queue, [f"python:0:0:1:{GROW} 300 0.06 0 t{i}" for i in range(12)])
+    w = workers("w1", "--cores", "3", "--memory-limit", "1G")
+    wait_for(lambda: drained(queue), 180, "the queue to drain")
+    assert "tasks declaring 0.0 GB: forecasting their memory over their run" in w.output()
+    tasks = [queue.task(i) for i in ids]
+    assert {t["state"] for t in tasks} == {"finished"}, w.output()
+    spans = [(float(t["started"]), float(t["ended"])) for t in tasks]
+    most = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert most == 3, w.output()
+
+
 def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
     """Redis 7 gives a new ACL user no pub/sub channels unless told: submits and reports must
     still work for such a user, and its workers fall back to claiming every idle_poll."""

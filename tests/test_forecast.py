@@ -1,0 +1,130 @@
+"""Memory forecasts (distcomp/forecast.py) and how the worker claims by them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from distcomp.config import Config, WorkerConfig
+from distcomp.forecast import (
+    HORIZON_POINTS,
+    SHAPE_POINTS,
+    SHAPE_TASKS,
+    TRACE_POINTS,
+    Outlook,
+    Trace,
+    profile,
+    shape,
+)
+from distcomp.queue import Claim
+from distcomp.runner import RunningTask
+from distcomp.spec import parse_taskfile
+
+MiB = 1 << 20
+# A task of 4 s that grows evenly to its peak over the first 3 s, then holds it.
+RAMP = tuple(min(1.0, (i + 1) / SHAPE_POINTS * 4 / 3) for i in range(SHAPE_POINTS))
+
+
+def test_a_trace_keeps_a_bounded_record_of_the_whole_life_and_its_highs():
+    trace = Trace([])
+    for i in range(10_000):
+        trace.add(i / 100, 1000 + i if i != 5_000 else 10**9)
+    assert len(trace.points) < TRACE_POINTS
+    ages = [a for a, _ in trace.points]
+    assert ages == sorted(ages) and ages[0] == 0 and ages[-1] > 95
+    assert max(r for _, r in trace.points) == 10**9  # a spike is merged in, not dropped
+
+
+def test_a_shape_is_the_share_of_the_peak_held_over_the_life():
+    trace = Trace([])
+    for i in range(1, 41):  # every 0.1 s of a 4 s life: linear up to 300 MiB at 3 s
+        trace.add(i / 10, min(300, 100 * i // 10) * MiB)
+    got = shape(trace, 4.0, 300 * MiB)
+    assert got is not None and len(got) == SHAPE_POINTS
+    assert got[-4:] == (1.0,) * 4 and got[-5] < 1 and got[0] < 0.1  # at the peak from 3 s
+    assert list(got) == sorted(got)
+    gappy = Trace([(0.5, 50 * MiB), (3.9, 200 * MiB)])
+    assert shape(gappy, 4.0, 200 * MiB) == (0.0, 0.0, 0.25, *(0.25,) * 12, 1.0)
+    assert shape(Trace([]), 4.0, MiB) is None and shape(trace, 0.0, MiB) is None
+
+
+def test_a_profile_needs_enough_tasks_and_expects_a_late_end():
+    recs = [(life, RAMP) for life in (3.0, 4.0, 5.0)]
+    assert profile(recs) is None
+    half = tuple(s / 2 for s in RAMP)
+    prof = profile([*recs, (8.0, half)])
+    assert prof is not None and SHAPE_TASKS == 4
+    assert prof.life == 8.0  # the 75th percentile of 3, 4, 5, 8
+    assert max(prof.share) == 1.0 and prof.share == tuple(sorted(prof.share))
+    assert prof.reached == prof.share  # rising, so the share reached is the share
+    assert prof.point(0) == 0 and prof.point(100) == SHAPE_POINTS - 1
+
+
+def test_a_running_task_is_scaled_by_its_own_size_once_it_shows_it():
+    prof = profile([(4.0, RAMP)] * 4)
+    assert prof is not None
+    # Half way up at 1.5 s, 200 MiB held: heading for about 400, whatever the class says (a
+    # shape holds the highest sample of each sixteenth, so the estimate is up to one low).
+    assert prof.peak_of(1.5, 200, 250) == pytest.approx(200 / prof.reached[prof.point(1.5)])
+    assert 330 < prof.peak_of(1.5, 200, 250) < 400
+    # Just started: too little of the shape shown, so the class's expected peak.
+    assert prof.peak_of(0.1, 5, 250) == 250
+
+
+def test_the_outlook_gives_back_what_ending_tasks_hold_and_fits_a_growing_task():
+    prof = profile([(4.0, RAMP)] * 4)
+    assert prof is not None
+    # Near its end at 3.5 s and holding 400 MiB; the other task is unknown (charged 300 MiB).
+    out = Outlook.of([(prof, 3.5, 400.0, 400.0, 400.0)], committed=300.0, growth=0.0)
+    assert len(out.committed) == HORIZON_POINTS + 1 and out.step == pytest.approx(0.5 / 32)
+    assert out.committed[0] == 700 and out.committed[-1] == 300
+    assert out.growth[-1] == -400  # gone by then: its memory comes back
+    assert out.free(1000, 800) == 300  # now, both held
+    # A new task of the class is tiny for the half second the old one has left.
+    assert out.fit(prof, 1000, 800) == 700
+    alone = Outlook.of([], committed=300.0, growth=50.0)
+    assert alone.free(1000, 800) == alone.fit(prof, 1000, 800) == 700
+
+
+def _running(claim: Claim, age: float, rss_mb: int) -> RunningTask:
+    now = time.monotonic()
+    task = RunningTask(claim=claim, pid=-1, pidfd=-1, started=time.time() - age,
+                       started_mono=now - age, out_part="", err_part="")
+    task.rss = task.peak_rss = rss_mb * MiB
+    task.seen, task.samples = now, 10
+    return task
+
+
+def test_a_worker_claims_into_memory_that_a_forecast_task_will_give_back(queue, tmp_path):
+    """A 400 MiB task of a learned class runs 3.5 s into its usual 4 s. Charged its peak, no
+    other such task fits the 368 MiB left; by the forecast it is gone before a new one grows,
+    so the real claim takes one, and a second does not fit the new one's growth."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="fw")), queue)
+    w.register()
+    parsed = parse_taskfile(b"shell:0:0:0:true a\nshell:0:0:0:true b\nshell:0:0:0:true c\n")
+    queue.submit(parsed.tasks)
+    assert {t.min_dram_gb for t in parsed.tasks} == {0.0}  # stored as "0.0", the class
+    for _ in range(SHAPE_TASKS - 1):
+        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    old = Claim("old", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0")
+    w.running["old"] = _running(old, 3.5, 400)
+    w.available = w.capacity - 400 * MiB
+    out = w.outlook()
+    free_mem = w.free(out)[0]
+    assert free_mem == pytest.approx(368)
+    assert w.claim_charges(out, free_mem) == {"0.0": 400.0}  # no profile yet: the peak
+    assert queue.claim("fw", w.token, free_mem, 2, 8,
+                       charges=w.claim_charges(out, free_mem)) == []
+    w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    assert "0.0" in w.profiles
+    out = w.outlook()
+    free_mem = w.free(out)[0]
+    charged = w.claim_charges(out, free_mem)["0.0"]
+    assert charged == pytest.approx(400 * free_mem / out.fit(w.profiles["0.0"], *w.rooms()))
+    assert free_mem / 2 < charged <= free_mem
+    got = queue.claim("fw", w.token, free_mem, 2, 8, charges=w.claim_charges(out, free_mem))
+    assert got is not None and len(got) == 1
