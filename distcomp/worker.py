@@ -127,8 +127,8 @@ class Worker:
         self.charges: dict[str, float] = {}
         self.factors: dict[str, float] = {}
         self.profiles: dict[str, Profile] = {}
-        # Free memory (MiB) when a claim came back empty while forecast tasks ran: their
-        # forecast frees memory as they age, so a claim is due again once it has grown.
+        # Headroom (MiB) when a claim came back empty while forecast tasks ran: it grows as
+        # they age, so a claim is due again once it has grown (``forecast_freed``).
         self.short_at: float | None = None
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
@@ -444,6 +444,32 @@ class Worker:
         return bool(self.profiles) and any(
             t.claim.declared in self.profiles for t in self.running.values())
 
+    def headroom(self) -> float:
+        """MiB the largest task a claim could take now may reach: what is free, or for a class
+        with a profile the peak a task growing as its class does fits (``Outlook.fit``), which
+        grows as the running tasks near their expected end even while nothing ends."""
+        outlook = self.outlook()
+        free_mem = self.free(outlook)[0]
+        if not outlook.step:
+            return free_mem
+        rooms = self.rooms()
+        return max(free_mem, *(outlook.fit(prof, *rooms) for prof in self.profiles.values()))
+
+    def claimed_nothing(self) -> None:
+        """A claim came back empty: with forecast tasks running, remember the headroom, so
+        that the loop claims again once the forecast frees more (``forecast_freed``) rather
+        than at the idle poll."""
+        self.short_at = self.headroom() if self.forecasting() else None
+
+    def forecast_freed(self) -> bool:
+        """Whether, since a claim came back empty, the forecast has freed a quarter of a
+        typical task or more (checked at each sample; the claim is then tried at once)."""
+        if self.short_at is None or \
+                self.headroom() < self.short_at + max(self.estimate_mb() / 4, 1):
+            return False
+        self.short_at = None
+        return True
+
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
         free_mem, free_cpu, slots = self.free()
@@ -704,9 +730,8 @@ class Worker:
                 if mono >= next_sample:
                     self.sample()
                     next_sample = mono + self.sample_every()
-                    if self.short_at is not None and \
-                            self.free()[0] >= self.short_at + max(self.estimate_mb() / 4, 1):
-                        self.short_at, next_claim = None, mono
+                    if self.forecast_freed():
+                        next_claim = mono
                 self.check_deadlines(mono)
                 try:
                     if self.fast_stop and not requeued:
@@ -732,7 +757,7 @@ class Worker:
                         wait = min(self.wc.idle_poll, 1.0) if self.exit_when_empty \
                             else self.wc.idle_poll
                         next_claim = mono + wait
-                        self.short_at = self.free()[0] if self.forecasting() else None
+                        self.claimed_nothing()
                         log.debug("claim came back empty; next claim in %gs unless tasks are "
                                   "announced%s", wait, "" if self.short_at is None else
                                   " or forecast memory frees up")

@@ -128,3 +128,41 @@ def test_a_worker_claims_into_memory_that_a_forecast_task_will_give_back(queue, 
     assert free_mem / 2 < charged <= free_mem
     got = queue.claim("fw", w.token, free_mem, 2, 8, charges=w.claim_charges(out, free_mem))
     assert got is not None and len(got) == 1
+
+
+def test_an_empty_claim_is_tried_again_once_the_forecast_leaves_room(queue, tmp_path):
+    """Nothing ends and nothing is submitted, yet a task of a learned class nearing its end
+    makes room for a new one that will grow after it is gone: the worker's headroom grows with
+    the running task's age although less memory is free, and the claim then gets a task."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="fr")), queue)
+    w.register()
+    queue.submit(parse_taskfile(b"shell:0:0:0:true a\nshell:0:0:0:true b\n").tasks)
+    for _ in range(SHAPE_TASKS):
+        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+
+    def claim() -> tuple[list[Claim] | None, float]:
+        out = w.outlook()
+        free_mem = w.free(out)[0]
+        return queue.claim("fr", w.token, free_mem, 2, 8,
+                           charges=w.claim_charges(out, free_mem)), free_mem
+
+    # 0.25 s into its 4 s it is charged its class's 400 MiB, and peaks when a new one would.
+    task = w.running["old"] = _running(Claim("old", 1, "shell", "true", "", {}, 0, 0, 0.0,
+                                             "0.0"), 0.25, 33)
+    w.available = w.capacity - 33 * MiB
+    got, free_young = claim()
+    assert got == []
+    w.claimed_nothing()
+    assert not w.forecast_freed()
+    # 3.45 s later it holds its peak, and is gone before a task started now has grown.
+    task.started_mono -= 3.45
+    task.rss = task.peak_rss = 400 * MiB
+    w.available = w.capacity - 400 * MiB
+    assert w.free()[0] <= free_young
+    assert w.forecast_freed()
+    assert not w.forecast_freed()  # once per empty claim
+    got, _ = claim()
+    assert got is not None and len(got) == 1
