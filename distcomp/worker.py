@@ -60,6 +60,8 @@ OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
 AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
 FILL_SAMPLES = 4  # samples of a task's life before how much of its peak it held is trusted
 FILL_TASKS = 4  # such tasks of a class before ``overcommit auto`` departs from 1
+SETTLED_BYTES_S = 1 << 20  # tasks gaining less a second each than this are not growing
+SETTLE_S = 1.0  # running tasks that did not grow for this long have stopped growing
 
 # What a class remembers of a task that ended: its peak, and when it ended on its own and was
 # sampled enough, how much of the peak it held (``fill``) and its (life, shape).
@@ -115,6 +117,10 @@ class Worker:
         self.available = self.capacity
         self.tasks_rss = 0
         self.evicting: set[str] = set()  # evicted tasks not yet exited: measure again after
+        # After an eviction with tasks beyond their charge left, no claims until a task has
+        # ended or they stop growing (``sample``): they grow into what the victims gave back.
+        self.held = False
+        self.grew_at = 0.0  # when a sample last found the running tasks growing
         self.oom_count = 0
         self.last_sample = 0.0
         self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
@@ -245,11 +251,19 @@ class Worker:
     def sample(self) -> None:
         """Measure every task's tree and the node's available memory; evict if it is short.
 
-        The decision looks one sample ahead: memory the running tasks gained since the last
+        The decision looks one sample ahead: memory each running task gained since the last
         sample (per second) is assumed to keep coming until the next sample plus the time a
-        kill takes, because tasks that grow together can eat the whole reserve in between."""
+        kill takes, because tasks that grow together can eat the whole reserve in between; a
+        task with a forecast only up to the peak it expects (``ahead``).
+
+        When a task that outgrew its charge remains (``unforeseen``), an eviction also holds
+        claims (``held``) until a task ends or the running tasks stop growing: otherwise the
+        memory the victims give back is claimed at once by tasks that the same growth evicts a
+        moment later (the packing benchmark once started and evicted one task 6 times in 1.2 s;
+        the eviction budget is 10)."""
         rss = session_rss()
         total = growth = 0
+        gains = []
         now = time.monotonic()
         for task in self.running.values():
             if "pstart" not in task.extra and task.pid > 0:
@@ -259,7 +273,8 @@ class Worker:
             task.peak_rss = max(task.peak_rss, task.rss)
             total += task.rss
             if task.kill_reason is None:
-                growth += max(0, task.rss - last)
+                gains.append((task, max(0, task.rss - last)))
+                growth += gains[-1][1]
                 # memory-seconds held, for how much of its peak it held (``fill``)
                 task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
                 task.seen = now
@@ -268,6 +283,8 @@ class Worker:
         elapsed = now - self.last_sample if self.last_sample else 0.0
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
+        if self.growth_rate > SETTLED_BYTES_S * len(self.running):
+            self.grew_at = now
         self.tasks_rss = total
         for sid in list(self.sweep_sids):
             if sid in rss:
@@ -278,8 +295,13 @@ class Worker:
         self.oom_count = oom_kills(self.cgroups)
         # A task running alone protects nobody by leaving early: it is measured up to the
         # threshold itself, so its peak tells whether it can ever fit this node.
-        ahead = self.growth_rate * (self.sample_every() + 0.1) if len(self.running) > 1 else 0
+        ahead = self.ahead(gains, (self.sample_every() + 0.1) / elapsed) \
+            if len(self.running) > 1 and elapsed > 0 else 0
         projected = avail - ahead
+        if self.held and not self.evicting and \
+                (now - self.grew_at >= SETTLE_S or not self.unforeseen()):
+            log.info("running tasks stopped outgrowing their charge: taking new tasks again")
+            self.held = False
         if self.evicting or projected >= self.evict_below:
             return
         # Evict the youngest tasks until what they hold brings available memory back up to the
@@ -298,6 +320,39 @@ class Worker:
             shortfall -= victim.rss
             if shortfall <= 0:
                 break
+        if not self.held and self.unforeseen():
+            log.info("running tasks hold more memory than they are charged: taking no new "
+                     "tasks until one ends or they stop growing")
+            self.held = True
+
+    def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> float:
+        """Bytes the running tasks may gain before the next sample has acted on it: what each
+        gained over the last sample, ``scale``d to that span, but a task with a forecast no more
+        than up to the peak its forecast expects. It stops growing there, and the rate alone
+        would have it go on and set off an eviction at every forecast peak."""
+        out = 0.0
+        for task, gained in gains:
+            more = gained * scale
+            prof = self.profiles.get(task.claim.declared) if self.profiles and more else None
+            age = task.seen - task.started_mono
+            if prof is not None and age < prof.life:
+                c = task.claim
+                expected = max(self.charges.get(c.declared, 0.0), c.mem_mb) * 2**20
+                top = prof.peak_of(age, task.peak_rss, expected)
+                more = min(more, max(0.0, top - task.rss))
+            out += more
+        return out
+
+    def unforeseen(self) -> bool:
+        """Whether a running task (not being killed) holds more than admission charges it:
+        a task of a class without a profile beyond its declaration and its class's charge.
+        Its growth is in no forecast, so memory that comes back may be what it grows into."""
+        for t in self.running.values():
+            c = t.claim
+            if t.kill_reason is None and c.declared not in self.profiles and \
+                    t.rss > max(self.charges.get(c.declared, 0.0), c.mem_mb) * 2**20:
+                return True
+        return False
 
     def measure_available(self) -> int:
         """What can still be allocated: the node's (or cgroup's) available memory, and with
@@ -473,7 +528,8 @@ class Worker:
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
         free_mem, free_cpu, slots = self.free()
-        return slots > 0 and free_mem >= 0 and free_cpu >= 0 and not self.evicting
+        return slots > 0 and free_mem >= 0 and free_cpu >= 0 and not self.evicting and \
+            not self.held
 
     def start(self, claims: list[Claim]) -> None:
         for claim in claims:
@@ -516,6 +572,8 @@ class Worker:
         self.evicting.discard(task.task_id)
         res = self.result(task)
         reason = task.kill_reason
+        if reason != "evict":
+            self.held = False  # a task ended: what it held is room admission can judge
         rc = task.returncode
         if reason in ("shutdown", "lost"):
             self.runner.discard(task)

@@ -166,3 +166,23 @@ def test_an_empty_claim_is_tried_again_once_the_forecast_leaves_room(queue, tmp_
     assert not w.forecast_freed()  # once per empty claim
     got, _ = claim()
     assert got is not None and len(got) == 1
+
+
+def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp_path, queue):
+    """Eviction looks one sample ahead: what each task gained over the last sample, scaled to
+    the span until the next has acted. A task of a learned class stops growing at the peak its
+    forecast expects, so it is projected no further; a task without a profile keeps its rate."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="fa")), queue)
+    for _ in range(SHAPE_TASKS):
+        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    # 2.5 s into its 4 s a task of the class holds 11/12 of its peak: 300 MiB heads for 327.
+    known = _running(Claim("known", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 300)
+    other = _running(Claim("other", 1, "shell", "true", "", {}, 0, 0, 0.0, "1.0"), 2.5, 300)
+    top = 300 * 12 / 11
+    assert w.ahead([(known, 20 * MiB)], 3.0) == pytest.approx((top - 300) * MiB)
+    assert w.ahead([(known, 5 * MiB)], 3.0) == pytest.approx(15 * MiB)  # slower than that
+    assert w.ahead([(known, 20 * MiB), (other, 20 * MiB)], 3.0) == \
+        pytest.approx((top - 300 + 60) * MiB)

@@ -166,6 +166,22 @@ def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
     assert int(tasks["old"]["peak_mem"]) >= 250 << 20
 
 
+def test_an_eviction_holds_new_tasks_while_the_rest_still_outgrow_their_charge(queue, workers):
+    """Six tasks that declare nothing start at once on a node with 768 MiB for tasks and each
+    grow to 300 MB. The youngest are evicted; had the worker claimed the memory they gave back
+    at once, the ones left, still growing, would evict them again and again (up to their
+    eviction budget). It waits for a task to end instead: nothing is evicted twice."""
+    ids = submit(queue, [f"python:0:0:1:{GROW} 300 0.05 0.5 t{i}" for i in range(6)])
+    w = workers("w1", "--cores", "6", "--memory-limit", "1G")
+    wait_for(lambda: drained(queue), 180, "the queue to drain")
+    tasks = [queue.task(i) for i in ids]
+    assert {t["state"] for t in tasks} == {"finished"}, w.output()
+    evictions = [int(t.get("evictions", 0)) for t in tasks]
+    assert sum(evictions) >= 1, w.output()
+    assert max(evictions) == 1, (evictions, w.output())
+    assert "taking no new tasks until one ends or they stop growing" in w.output()
+
+
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
     (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
     workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
