@@ -60,8 +60,8 @@ OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
 AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
 FILL_SAMPLES = 4  # samples of a task's life before how much of its peak it held is trusted
 FILL_TASKS = 4  # such tasks of a class before ``overcommit auto`` departs from 1
-SETTLED_BYTES_S = 1 << 20  # tasks gaining less a second each than this are not growing
-SETTLE_S = 1.0  # running tasks that did not grow for this long have stopped growing
+GROWTH_HORIZON_S = 30.0  # tasks that would not fill the free memory this soon do not grow into it
+SETTLE_S = 1.0  # running tasks that did not grow into it for this long have stopped
 
 # What a class remembers of a task that ended: its peak, and when it ended on its own and was
 # sampled enough, how much of the peak it held (``fill``) and its (life, shape).
@@ -118,9 +118,9 @@ class Worker:
         self.tasks_rss = 0
         self.evicting: set[str] = set()  # evicted tasks not yet exited: measure again after
         # After an eviction with tasks beyond their charge left, no claims until a task has
-        # ended or they stop growing (``sample``): they grow into what the victims gave back.
+        # ended or they stop growing into it (``sample``): they grow into what victims gave back.
         self.held = False
-        self.grew_at = 0.0  # when a sample last found the running tasks growing
+        self.grew_at = 0.0  # when a sample last found the running tasks growing into free memory
         self.oom_count = 0
         self.last_sample = 0.0
         self.growth_rate = 0.0  # bytes/s the running tasks gained between the last two samples
@@ -257,10 +257,11 @@ class Worker:
         task with a forecast only up to the peak it expects (``ahead``).
 
         When a task that outgrew its charge remains (``unforeseen``), an eviction also holds
-        claims (``held``) until a task ends or the running tasks stop growing: otherwise the
-        memory the victims give back is claimed at once by tasks that the same growth evicts a
-        moment later (the packing benchmark once started and evicted one task 6 times in 1.2 s;
-        the eviction budget is 10)."""
+        claims (``held``) until a task ends or the running tasks have not been growing into the
+        free memory for a second (``growing_into``): otherwise the memory the victims give back
+        is claimed at once by tasks that the same growth evicts a moment later (the packing
+        benchmark once started and evicted one task 6 times in 1.2 s; the eviction budget is
+        10)."""
         rss = session_rss()
         total = growth = 0
         gains = []
@@ -283,8 +284,6 @@ class Worker:
         elapsed = now - self.last_sample if self.last_sample else 0.0
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
-        if self.growth_rate > SETTLED_BYTES_S * len(self.running):
-            self.grew_at = now
         self.tasks_rss = total
         for sid in list(self.sweep_sids):
             if sid in rss:
@@ -293,6 +292,8 @@ class Worker:
                 self.sweep_sids.discard(sid)
         self.available = avail = self.measure_available()
         self.oom_count = oom_kills(self.cgroups)
+        if self.growing_into(avail - self.reserve):
+            self.grew_at = now
         # A task running alone protects nobody by leaving early: it is measured up to the
         # threshold itself, so its peak tells whether it can ever fit this node.
         ahead = self.ahead(gains, (self.sample_every() + 0.1) / elapsed) \
@@ -300,7 +301,8 @@ class Worker:
         projected = avail - ahead
         if self.held and not self.evicting and \
                 (now - self.grew_at >= SETTLE_S or not self.unforeseen()):
-            log.info("running tasks stopped outgrowing their charge: taking new tasks again")
+            log.info("taking new tasks again: the running tasks are within their charge or no "
+                     "longer growing into the free memory")
             self.held = False
         if self.evicting or projected >= self.evict_below:
             return
@@ -342,6 +344,13 @@ class Worker:
                 more = min(more, max(0.0, top - task.rss))
             out += more
         return out
+
+    def growing_into(self, free: float) -> bool:
+        """Whether the running tasks, at the rate they grew over the last sample, would fill
+        ``free`` bytes within ``GROWTH_HORIZON_S``: a task claimed into that memory would be
+        evicted soon. Tasks that grow slowly beside plenty of free memory do not hold claims
+        until one of them ends, which for tasks of hours would leave the node idle."""
+        return self.growth_rate * GROWTH_HORIZON_S > max(0.0, free)
 
     def unforeseen(self) -> bool:
         """Whether a running task (not being killed) holds more than admission charges it:

@@ -182,6 +182,22 @@ def test_an_eviction_holds_new_tasks_while_the_rest_still_outgrow_their_charge(q
     assert "taking no new tasks until one ends or they stop growing" in w.output()
 
 
+def test_a_hold_lasts_only_while_the_tasks_would_soon_fill_the_free_memory(queue, tmp_path):
+    """Tasks of hours that grow slowly must not keep a node from taking work for hours after
+    one eviction: a hold counts them as growing only while, at their rate, they would fill
+    the free memory within GROWTH_HORIZON_S."""
+    from distcomp.worker import GROWTH_HORIZON_S, Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="gh")), queue)
+    w.growth_rate = 40 << 20  # 40 MiB/s
+    assert w.growing_into(40 * GROWTH_HORIZON_S * (1 << 20) - 1)
+    assert not w.growing_into(40 * GROWTH_HORIZON_S * (1 << 20) + 1)
+    w.growth_rate = 0.0
+    assert not w.growing_into(0)
+    w.growth_rate = 1.0
+    assert w.growing_into(-1)  # below the reserve, any growth is into the memory left
+
+
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
     (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
     workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
