@@ -274,8 +274,9 @@ class Worker:
             task.peak_rss = max(task.peak_rss, task.rss)
             total += task.rss
             if task.kill_reason is None:
-                gains.append((task, max(0, task.rss - last)))
-                growth += gains[-1][1]
+                gained = max(0, task.rss - last)
+                gains.append((task, gained))
+                growth += gained
                 # memory-seconds held, for how much of its peak it held (``fill``)
                 task.mem_s += (last + task.rss) / 2 * (now - (task.seen or task.started_mono))
                 task.seen = now
@@ -335,12 +336,10 @@ class Worker:
         out = 0.0
         for task, gained in gains:
             more = gained * scale
-            prof = self.profiles.get(task.claim.declared) if self.profiles and more else None
-            age = task.seen - task.started_mono
-            if prof is not None and age < prof.life:
-                c = task.claim
-                expected = max(self.charges.get(c.declared, 0.0), c.mem_mb) * 2**20
-                top = prof.peak_of(age, task.peak_rss, expected)
+            forecast = self.forecast(task) if more else None
+            if forecast is not None:
+                prof, age = forecast
+                top = prof.peak_of(age, task.peak_rss, self.expected_mb(task.claim) * 2**20)
                 more = min(more, max(0.0, top - task.rss))
             out += more
         return out
@@ -356,12 +355,8 @@ class Worker:
         """Whether a running task (not being killed) holds more than admission charges it:
         a task of a class without a profile beyond its declaration and its class's charge.
         Its growth is in no forecast, so memory that comes back may be what it grows into."""
-        for t in self.running.values():
-            c = t.claim
-            if t.kill_reason is None and c.declared not in self.profiles and \
-                    t.rss > max(self.charges.get(c.declared, 0.0), c.mem_mb) * 2**20:
-                return True
-        return False
+        return any(t.kill_reason is None and t.claim.declared not in self.profiles
+                   and t.rss > self.expected_mb(t.claim) * 2**20 for t in self.running.values())
 
     def measure_available(self) -> int:
         """What can still be allocated: the node's (or cgroup's) available memory, and with
@@ -412,7 +407,7 @@ class Worker:
         ``AUTO_OVERCOMMIT_MAX``; tasks that reach their peak early and hold it get 1.
 
         Once enough tasks of a class have a shape, its running tasks are charged by their
-        forecast (``free``)."""
+        forecast (``outlook``)."""
         self.peaks.append(peak)
         window = self.classes.pop(declared, None) or collections.deque(maxlen=PEAK_WINDOW)
         window.append((peak, filled, shaped))
@@ -454,6 +449,20 @@ class Worker:
             self.factors[declared] = factor
         return factor
 
+    def expected_mb(self, claim: Claim) -> float:
+        """The peak (MiB) a task is expected to reach: the larger of its declaration and its
+        class's charge."""
+        return max(self.charges.get(claim.declared, 0.0), claim.mem_mb)
+
+    def forecast(self, task: RunningTask) -> tuple[Profile, float] | None:
+        """The profile that forecasts a running task and the task's age at its last sample;
+        None when its class has no profile, it was never sampled, or it outlived the usual life."""
+        prof = self.profiles.get(task.claim.declared) if self.profiles else None
+        if prof is None or not task.samples:
+            return None
+        age = task.seen - task.started_mono
+        return (prof, age) if age < prof.life else None
+
     def outlook(self) -> Outlook:
         """The running tasks' memory from now on. A task is charged its expected peak (the
         larger of its declaration and its class's charge) or its own peak so far; a task whose
@@ -461,15 +470,12 @@ class Worker:
         committed = growth = 0.0
         shaped = []
         for t in self.running.values():  # one pass: the loop asks this several times a turn
-            c = t.claim
-            expected = max(self.charges.get(c.declared, 0.0), c.mem_mb)
+            expected = self.expected_mb(t.claim)
             rss_mb = t.rss / 2**20
-            prof = self.profiles.get(c.declared) if self.profiles else None
-            if prof is not None and t.samples:
-                age = t.seen - t.started_mono
-                if age < prof.life:
-                    shaped.append((prof, age, rss_mb, t.peak_rss / 2**20, expected))
-                    continue
+            forecast = self.forecast(t)
+            if forecast is not None:
+                shaped.append((*forecast, rss_mb, t.peak_rss / 2**20, expected))
+                continue
             committed += max(expected, t.peak_rss / 2**20)
             if expected > rss_mb:
                 growth += expected - rss_mb
