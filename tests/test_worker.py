@@ -22,6 +22,7 @@ from tests.conftest import HELPERS, RedisServer, WorkerProcess
 from tests.helpers import wait_for
 
 GROW = HELPERS / "grow.py"
+CREEP = HELPERS / "creep.py"
 
 
 def submit(queue, lines: list[str]) -> list[str]:
@@ -196,6 +197,28 @@ def test_a_hold_lasts_only_while_the_tasks_would_soon_fill_the_free_memory(queue
     assert not w.growing_into(0)
     w.growth_rate = 1.0
     assert w.growing_into(-1)  # below the reserve, any growth is into the memory left
+
+
+def test_a_hold_ends_while_a_long_task_still_grows_slowly(queue, workers, tmp_path):
+    """The hold, end to end. A long task keeps growing slowly (5 MB/s) and ends only once a
+    file appears that a later task writes; a big task beside it is evicted, which holds
+    claims. Had the hold waited for the slow task to stop growing or to end, the later task
+    would never start and the slow one would run into its cap (exit 2)."""
+    written, big_ran = tmp_path / "written", tmp_path / "big-ran"
+    ids = submit(queue, [
+        f"python:3:0:1:{CREEP} 100 5 {written} 120",
+        (f"shell:2:0:1:[ -e {big_ran} ] || {{ touch {big_ran}; exec {sys.executable} {GROW} "
+         f"800 0.02 60; }}"),
+        f"shell:1:0:1:touch {written}",
+    ])
+    w = workers("w1", "--cores", "2", "--memory-limit", "1G")
+    wait_for(lambda: drained(queue), 110, "the queue to drain")
+    slow, big, later = (queue.task(i) for i in ids)
+    assert [t["state"] for t in (slow, big, later)] == ["finished"] * 3, w.output()
+    assert (big.get("evictions"), slow.get("evictions", "0")) == ("1", "0"), w.output()
+    out = w.output()
+    assert out.index("taking no new tasks until one ends or they stop growing") < \
+        out.index("taking new tasks again"), out
 
 
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
