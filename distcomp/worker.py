@@ -254,7 +254,8 @@ class Worker:
         The decision looks one sample ahead: memory each running task gained since the last
         sample (per second) is assumed to keep coming until the next sample plus the time a
         kill takes, because tasks that grow together can eat the whole reserve in between; a
-        task with a forecast only up to the peak it expects (``ahead``).
+        task with a forecast only up to the peak it expects (``ahead``). A task's growth counts
+        from its first sample on: before it, the task was starting.
 
         When a task that outgrew its charge remains (``unforeseen``), an eviction also holds
         claims (``held``) until a task ends or the running tasks have not been growing into the
@@ -274,7 +275,10 @@ class Worker:
             task.peak_rss = max(task.peak_rss, task.rss)
             total += task.rss
             if task.kill_reason is None:
-                gained = max(0, task.rss - last)
+                # What a task holds at its first sample is its program starting up (a Python
+                # task: 25 MB in 50 ms), not growth to project: several tasks starting together
+                # looked like 1 GB/s and were evicted at once, and again when they came back.
+                gained = max(0, task.rss - last) if task.samples else 0
                 gains.append((task, gained))
                 growth += gained
                 # memory-seconds held, for how much of its peak it held (``fill``)
@@ -331,16 +335,22 @@ class Worker:
     def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> float:
         """Bytes the running tasks may gain before the next sample has acted on it: what each
         gained over the last sample, ``scale``d to that span, but a task with a forecast no more
-        than up to the peak its forecast expects. It stops growing there, and the rate alone
-        would have it go on and set off an eviction at every forecast peak."""
+        than up to the peak its forecast expects, and a task below its declared memory no more
+        than up to that. It stops growing there, and the rate alone would have it go on and set
+        off an eviction at every forecast peak, and in a node packed by declarations, where
+        little more than the reserve is left once every task is at its peak, at every peak.
+        A task already beyond its declaration keeps its rate."""
         out = 0.0
         for task, gained in gains:
             more = gained * scale
             forecast = self.forecast(task) if more else None
+            declared = task.claim.mem_mb * 2**20
             if forecast is not None:
                 prof, age = forecast
                 top = prof.peak_of(age, task.peak_rss, self.expected_mb(task.claim) * 2**20)
                 more = min(more, max(0.0, top - task.rss))
+            elif task.rss < declared:
+                more = min(more, declared - task.rss)
             out += more
         return out
 

@@ -186,3 +186,19 @@ def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp
     assert w.ahead([(known, 5 * MiB)], 3.0) == pytest.approx(15 * MiB)  # slower than that
     assert w.ahead([(known, 20 * MiB), (other, 20 * MiB)], 3.0) == \
         pytest.approx((top - 300 + 60) * MiB)
+
+
+def test_eviction_projects_a_task_below_its_declaration_no_further_than_that(tmp_path, queue):
+    """A node packed by declarations has little more than its reserve left once every task is
+    at its peak; projecting a task's rate past the peak it declared set off evictions there
+    (the benchmark's static-packing row, every true peak declared, evicted 1-2 tasks a run).
+    A task already beyond its declaration keeps its rate: the declaration was wrong."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="fd")), queue)
+    below = _running(Claim("below", 1, "shell", "true", "", {}, 0, 310, 0.0, "0.3"), 2.5, 300)
+    beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 290, 0.0, "0.3"), 2.5, 300)
+    assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
+    assert w.ahead([(below, 2 * MiB)], 3.0) == pytest.approx(6 * MiB)  # slower than that
+    assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)

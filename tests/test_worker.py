@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from distcomp.config import Config, WorkerConfig
-from distcomp.queue import Queue
+from distcomp.queue import Claim, Queue
 from distcomp.redis_client import Redis
 from tests.conftest import HELPERS, RedisServer, WorkerProcess
 from tests.helpers import wait_for
@@ -219,6 +219,30 @@ def test_a_hold_ends_while_a_long_task_still_grows_slowly(queue, workers, tmp_pa
     out = w.output()
     assert out.index("taking no new tasks until one ends or they stop growing") < \
         out.index("taking new tasks again"), out
+
+
+def test_what_a_task_holds_at_its_first_sample_is_not_growth_to_project(queue, tmp_path):
+    """Eviction projects each task's growth since the last sample. A task's first sample holds
+    its program's start-up (a Python task: 25 MB in 50 ms); projected at that rate, tasks that
+    started together were evicted at once with memory to spare, and again when they came
+    back. A real task: its start-up is no growth, what it adds after that is."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="su")), queue)
+    w.sample()  # the loop's sample before the task starts
+    w.start([Claim("su", 1, "python", f"{GROW} 200 0.5 30", "", {}, 0, 0, 1.0, "0")])
+    task = w.running["su"]
+    try:
+        proc = psutil.Process(task.pid)
+        wait_for(lambda: proc.memory_info().rss >= 30 << 20, 30, "the task to hold 30 MB")
+        w.sample()
+        assert task.rss >= 30 << 20 and w.growth_rate == 0
+        wait_for(lambda: proc.memory_info().rss >= task.rss + (10 << 20), 30,
+                 "the task to grow by 10 MB")
+        w.sample()
+        assert w.growth_rate > 0
+    finally:
+        os.killpg(task.pid, signal.SIGKILL)
 
 
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
