@@ -27,6 +27,10 @@ reservation-based packing could do at best - and of ideal admission by foresight
 size at every age known exactly, a task started as soon as the exact sum fits at every later
 instant (``ideal_foresight``). The same bound from the memory-seconds the finished attempts
 really held is reported too (tasks run slower than designed on a loaded machine).
+
+Right before each run, untimed, the script touches and frees as much memory as the capacity
+(``warm_memory``): a VM that hands freed memory back to its host makes the first touch after a
+pause cost twice as much, which would slow whichever run comes first after one.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from distcomp.worker import check_overcommit
 MEMTASK = Path(__file__).resolve().parent / "memtask.py"
 TOOLS = ("distcomp", "distcomp-overcommit", "distcomp-static", "parallel", "xargs")
 UNDECLARED = ("distcomp", "distcomp-overcommit")
+PAGE = 4096
 
 
 def make_tasks(n: int, seed: int, lo: int, hi: int) -> list[int]:
@@ -115,6 +120,20 @@ def ideal_foresight(peaks: list[int], capacity_mb: int, slots: int, grow_s: floa
     return max(ends, default=0) * step_s
 
 
+def warm_memory(mb: int) -> float:
+    """Touch ``mb`` MB and free it again; the seconds it took. On a VM whose balloon driver
+    reports free pages to the host (as on the machine of docs/performance.md), memory freed a
+    few seconds ago is handed back, and touching it again costs about twice as much (3,000 MB:
+    3.7-5.3 s after a pause, 1.9-2.4 s right after the last touch). Every tool's run starts
+    right after the same warm-up, so none starts on colder memory than another; without it, the
+    first run after a pause is slowed by the host rather than by the tool."""
+    t = time.monotonic()
+    buf = bytearray(mb << 20)
+    buf[::PAGE] = b"\1" * len(range(0, len(buf), PAGE))
+    del buf
+    return time.monotonic() - t
+
+
 def task_args(i: int, peak: int, grow: float, hold: float, log: Path) -> str:
     return (f"{MEMTASK} --peak {peak} --grow {grow} --hold {hold} --log {log} "
             f"--name t{i:04d}")
@@ -156,6 +175,7 @@ def run_tool(tool: str, peaks: list[int], args: argparse.Namespace, server: Redi
     cmds = [task_args(i, p, args.grow, args.hold, log) for i, p in enumerate(peaks)]
     env = child_env(PARALLEL_SHELL="/bin/bash", PARALLEL_HOME=str(work / "parallel-home"))
     stderr_path = work / f"{tool}.stderr"
+    warm_s = warm_memory(args.capacity_mb)
     try:
         t0 = time.monotonic()
         if tool.startswith("distcomp"):
@@ -216,6 +236,7 @@ def run_tool(tool: str, peaks: list[int], args: argparse.Namespace, server: Redi
         "mem_peak_util": peak_used / limit,
         "done_mb_s": mem_s,
         "exit_code": proc.returncode,
+        "warm_up_s": warm_s,
     }
     if tool.startswith("distcomp"):
         status = json.loads(subprocess.run(
@@ -301,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_tool(tool, peaks, args, server, work, rnd)
                 runs[tool].append(r)
                 print(f"  {r['makespan_s']:.1f} s, {r['tasks_done']}/{args.tasks} done, "
-                      f"{r['attempts_killed']} killed ({r['kernel_oom_kills']} by the kernel)",
-                      flush=True)
+                      f"{r['attempts_killed']} killed ({r['kernel_oom_kills']} by the kernel); "
+                      f"memory warm-up before it {r['warm_up_s']:.1f} s", flush=True)
     results = {tool: summarise(rs) for tool, rs in runs.items()}
     capacity_mb = args.capacity_mb
     # The workload's own memory-seconds (each task's buffers ramp up over GROW, then stay for
