@@ -203,7 +203,7 @@ def test_a_hold_ends_while_a_long_task_still_grows_slowly(queue, workers, tmp_pa
     """The hold, end to end. A long task keeps growing slowly (5 MB/s) and ends only once a
     file appears that a later task writes; a big task beside it is evicted, which holds
     claims. Had the hold waited for the slow task to stop growing or to end, the later task
-    would never start and the slow one would run into its cap (exit 2)."""
+    would not start before the slow one's cap (120 s) and the queue would not drain in time."""
     written, big_ran = tmp_path / "written", tmp_path / "big-ran"
     ids = submit(queue, [
         f"python:3:0:1:{CREEP} 100 5 {written} 120",
@@ -243,6 +243,7 @@ def test_what_a_task_holds_at_its_first_sample_is_not_growth_to_project(queue, t
         assert w.growth_rate > 0
     finally:
         os.killpg(task.pid, signal.SIGKILL)
+        os.waitpid(task.pid, 0)
 
 
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
