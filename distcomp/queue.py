@@ -23,6 +23,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
                        idle workers claim at once instead of at their next poll
     P:drained          pub/sub channel: a notice when a script leaves nothing todo or
                        running, so ``distcomp wait`` returns at once
+    P:req:<id>         string with a TTL: the reply of one submit chunk, cancel or retry, for
+                       a resend of the same request (kept ten minutes)
 
 Task states are ``todo``, ``running`` (with ``worker`` and ``attempt``), ``finished`` and
 ``failed``. Every transition is one Lua script, so it is atomic and a concurrent reader never
@@ -41,6 +43,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +63,11 @@ local P = ARGV[1]
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Seconds, as the clients send ``now``: for the scripts no client hands a time to.
+local function now_s()
+  local t = redis.call('TIME')
+  return t[1] .. string.format('.%06d', tonumber(t[2]))
 end
 local function touch_lease(worker, token, ttl_ms)
   redis.call('SET', P .. ':lease:' .. worker, token, 'PX', ttl_ms)
@@ -112,6 +120,44 @@ local function to_failed(id, tkey, now)
   redis.call('HINCRBY', P .. ':counts', 'failed', 1)
   announce_if_drained()
 end
+-- A running task leaves running, but not for good: back to todo, unless the user cancelled it
+-- while it ran (the flag is taken here). Then it fails as cancelled, so that no eviction,
+-- retryable failure, requeue or reaper undoes a cancel. ``reason`` nil keeps the one recorded.
+-- Returns 2 put back in todo, 1 failed for good.
+local function take_cancel(id)
+  return redis.call('SREM', P .. ':cancel', id) == 1
+end
+local function unrun(id, tkey, cancelled, reason, now)
+  if cancelled then
+    redis.call('HSET', tkey, 'reason', 'cancelled', 'ended', now)
+    to_failed(id, tkey, now)
+    return 1
+  end
+  if reason then redis.call('HSET', tkey, 'reason', reason) end
+  to_todo(id, tkey)
+  return 2
+end
+-- Every task the queue lists as running on ``worker`` leaves it, as ``unrun`` says.
+local function unrun_worker(worker, reason)
+  local ids, now = redis.call('SMEMBERS', P .. ':run:' .. worker), now_s()
+  for _, id in ipairs(ids) do
+    leave_running(id, worker)
+    unrun(id, P .. ':t:' .. id, take_cancel(id), reason, now)
+  end
+  return #ids
+end
+-- The client sends a request again when the connection broke, and Redis may have run it the
+-- first time. Submit, cancel and retry carry a request id and keep their reply under it for a
+-- while: a resend gets the first reply (what was added, cancelled, retried) and changes nothing.
+-- The client resends within seconds (redis_client.Redis.exchange); ten minutes is ample.
+local function first_reply(rid)
+  local r = redis.call('GET', P .. ':req:' .. rid)
+  if r then return cjson.decode(r) end
+end
+local function keep_reply(rid, reply)
+  redis.call('SET', P .. ':req:' .. rid, cjson.encode(reply), 'PX', 600000)
+  return reply
+end
 local function owned(tkey, worker, attempt)
   local s = redis.call('HMGET', tkey, 'state', 'worker', 'attempt')
   return s[1] == 'running' and s[2] == worker and s[3] == attempt
@@ -149,25 +195,27 @@ local function set_record(key, json)
 end
 -- The start of every report: fence it, take the task out of running, record the attempt's
 -- result (the JSON record in ARGV[record]) and the field/value pairs in ``also`` in one write.
--- Returns the task key, or nil and the replayed outcome.
+-- Returns the task key and whether the user had cancelled the task (that flag is done with
+-- now), or nil and the replayed outcome.
 local function settle(id, worker, attempt, record, also)
   local tkey = P .. ':t:' .. id
   if not owned(tkey, worker, attempt) then return nil, replayed(tkey, worker, attempt) end
   leave_running(id, worker)
   local flat = record_fields(ARGV[record], also)
   if #flat > 0 then redis.call('HSET', tkey, unpack(flat)) end
-  redis.call('SREM', P .. ':cancel', id)
-  return tkey
+  return tkey, take_cancel(id)
 end
 """
 
-# ARGV: P, now, JSON array of 11 string fields per task.
+# ARGV: P, request id, now, JSON array of 11 string fields per task.
 _SUBMIT = _LUA_COMMON + r"""
-local now = ARGV[2]
+local rid, now = ARGV[2], ARGV[3]
+local first = first_reply(rid)
+if first then return first end
 local added, existing = 0, 0
 -- ARGV[3] is a JSON array of 11 strings per task: one argument per chunk instead of 11 per
 -- task, because the client spends more time packing arguments than Redis spends storing them.
-local T = cjson.decode(ARGV[3])
+local T = cjson.decode(ARGV[4])
 local n = #T / 11
 local tprefix, qprefix = P .. ':t:', P .. ':q:'
 local bucket_of_class = {}
@@ -206,7 +254,7 @@ if added > 0 then
   redis.call('HINCRBY', P .. ':counts', 'todo', added)
   notify()
 end
-return {added, existing}
+return keep_reply(rid, {added, existing})
 """
 
 # ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead,
@@ -305,8 +353,8 @@ return 1
 # Returns 0 rejected (fenced), 1 failed for good, 2 put back in todo for a retry.
 _FAIL = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey, replay = settle(id, worker, attempt, 7, {})
-if not tkey then return replay end
+local tkey, cancelled = settle(id, worker, attempt, 7, {})
+if not tkey then return cancelled end
 local failures = redis.call('HINCRBY', tkey, 'failures', 1)
 if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries')) then
   local failed_on = redis.call('HGET', tkey, 'failed_on') or ','
@@ -314,8 +362,7 @@ if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries
     redis.call('HSET', tkey, 'failed_on', failed_on .. worker .. ',')
   end
   redis.call('HSET', tkey, 'last_fail', now)
-  to_todo(id, tkey)
-  return reported(tkey, worker, attempt, 2)
+  return reported(tkey, worker, attempt, unrun(id, tkey, cancelled, nil, now))
 end
 to_failed(id, tkey, now)
 return reported(tkey, worker, attempt, 1)
@@ -326,8 +373,8 @@ return reported(tkey, worker, attempt, 1)
 # with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
 local id, worker, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tkey, replay = settle(id, worker, attempt, 10, {})
-if not tkey then return replay end
+local tkey, cancelled = settle(id, worker, attempt, 10, {})
+if not tkey then return cancelled end
 local evictions = redis.call('HINCRBY', tkey, 'evictions', 1)
 local peak = tonumber(ARGV[6])
 if peak > tonumber(redis.call('HGET', tkey, 'req_mem')) then
@@ -349,33 +396,23 @@ if need > room then
   to_failed(id, tkey, now)
   return reported(tkey, worker, attempt, 1)
 end
-redis.call('HSET', tkey, 'reason', ARGV[8])
-to_todo(id, tkey)
-return reported(tkey, worker, attempt, 2)
+return reported(tkey, worker, attempt, unrun(id, tkey, cancelled, ARGV[8], now))
 """
 
-# ARGV: P, id, worker, attempt, reason. Back to todo without counting a failure or eviction.
+# ARGV: P, id, worker, attempt, reason. Back to todo without counting a failure or eviction
+# (failed as cancelled if the user cancelled it meanwhile).
 _REQUEUE = _LUA_COMMON + r"""
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
 local tkey = P .. ':t:' .. id
 if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
 leave_running(id, worker)
-redis.call('HSET', tkey, 'reason', ARGV[5])
-to_todo(id, tkey)
-return reported(tkey, worker, attempt, 2)
+return reported(tkey, worker, attempt, unrun(id, tkey, take_cancel(id), ARGV[5], now_s()))
 """
 
-# ARGV: P, worker, reason. Every task running on the worker goes back to todo.
+# ARGV: P, worker, reason. Every task running on the worker goes back to todo (cancelled ones
+# fail).
 _REQUEUE_WORKER = _LUA_COMMON + r"""
-local worker = ARGV[2]
-local ids = redis.call('SMEMBERS', P .. ':run:' .. worker)
-for _, id in ipairs(ids) do
-  local tkey = P .. ':t:' .. id
-  leave_running(id, worker)
-  redis.call('HSET', tkey, 'reason', ARGV[3])
-  to_todo(id, tkey)
-end
-return #ids
+return unrun_worker(ARGV[2], ARGV[3])
 """
 
 # ARGV: P. Requeue the running tasks of every worker whose lease has expired. Only leases past
@@ -385,14 +422,7 @@ local n = 0
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
     redis.call('ZREM', P .. ':leases', w)
-    local ids = redis.call('SMEMBERS', P .. ':run:' .. w)
-    for _, id in ipairs(ids) do
-      local tkey = P .. ':t:' .. id
-      leave_running(id, w)
-      redis.call('HSET', tkey, 'reason', 'requeued: worker ' .. w .. ' stopped renewing its lease')
-      to_todo(id, tkey)
-      n = n + 1
-    end
+    n = n + unrun_worker(w, 'requeued: worker ' .. w .. ' stopped renewing its lease')
   end
 end
 return n
@@ -433,25 +463,29 @@ return {status, redis.call('GET', P .. ':stop') or '',
 
 # ARGV: P, worker, token, final stats record (JSON, marked ``stopped``). The worker leaves
 # cleanly: its lease goes and its last stats stay, so ``workers`` tells a clean stop from a lost
-# worker and counts all it did. A lease that already expired is left to the reaper; a name
-# another instance holds now is that instance's, record included.
+# worker and counts all it did. Tasks still listed as running under its name (its own requeue
+# failed, or a claim's reply was lost) go back to todo here: once the lease is gone the reaper
+# no longer looks at this name. Returns how many, or -1 when another instance holds the name
+# now: then the name, its tasks and its record are that instance's.
 _DEREGISTER = _LUA_COMMON + r"""
-local lkey = P .. ':lease:' .. ARGV[2]
+local worker = ARGV[2]
+local lkey = P .. ':lease:' .. worker
 local holder = redis.call('GET', lkey)
-if holder and holder ~= ARGV[3] then return 0 end
-if holder then
-  redis.call('DEL', lkey)
-  redis.call('ZREM', P .. ':leases', ARGV[2])
-end
-set_record(P .. ':w:' .. ARGV[2], ARGV[4])
-return 1
+if holder and holder ~= ARGV[3] then return -1 end
+redis.call('DEL', lkey)
+redis.call('ZREM', P .. ':leases', worker)
+set_record(P .. ':w:' .. worker, ARGV[4])
+return unrun_worker(worker, 'requeued: worker ' .. worker .. ' stopped while it was listed there')
 """
 
-# ARGV: P, now, ids... Cancel: todo -> failed now; running -> flagged for its worker to kill.
+# ARGV: P, request id, now, ids... Cancel: todo -> failed now; running -> flagged for its worker
+# to kill.
 _CANCEL = _LUA_COMMON + r"""
-local now = ARGV[2]
+local rid, now = ARGV[2], ARGV[3]
+local first = first_reply(rid)
+if first then return first end
 local done, flagged = 0, 0
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local tkey = P .. ':t:' .. id
   local f = redis.call('HMGET', tkey, 'state', 'req_mem', 'cpu')
@@ -468,13 +502,16 @@ for i = 3, #ARGV do
     flagged = flagged + 1
   end
 end
-return {done, flagged}
+return keep_reply(rid, {done, flagged})
 """
 
-# ARGV: P, ids... failed -> todo with fresh retry and eviction budgets.
+# ARGV: P, request id, ids... failed -> todo with fresh retry and eviction budgets.
 _RETRY = _LUA_COMMON + r"""
+local rid = ARGV[2]
+local first = first_reply(rid)
+if first then return first end
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   local tkey = P .. ':t:' .. id
   if redis.call('HGET', tkey, 'state') == 'failed' then
@@ -486,14 +523,15 @@ for i = 2, #ARGV do
     n = n + 1
   end
 end
-return n
+return keep_reply(rid, n)
 """
 
-# ARGV: P, id, record (JSON). Annotate a running task (pid, host) for its own worker.
+# ARGV: P, id, worker, attempt, record (JSON). Annotate a running task (pid, host) for the
+# worker and attempt running it; a late annotation of an earlier attempt is dropped.
 _ANNOTATE = _LUA_COMMON + r"""
 local tkey = P .. ':t:' .. ARGV[2]
-if redis.call('HGET', tkey, 'state') ~= 'running' then return 0 end
-set_record(tkey, ARGV[3])
+if not owned(tkey, ARGV[3], ARGV[4]) then return 0 end
+set_record(tkey, ARGV[5])
 return 1
 """
 
@@ -626,7 +664,7 @@ class Queue:
                 if not fields:
                     continue
                 packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
-                self._run("submit", repr(now), packed, client=pipe)
+                self._run("submit", uuid.uuid4().hex, repr(now), packed, client=pipe)
                 pending += 1
                 if pending == 20:
                     send(pipe)
@@ -652,9 +690,11 @@ class Queue:
         return Beat(int(status), float(stop or 0), [_str(x) for x in cancel],
                     {_str(x) for x in running})
 
-    def deregister(self, worker: str, token: str, stats: dict[str, Any]) -> None:
-        """Leave cleanly, keeping ``stats`` (the last heartbeat's fields) marked stopped."""
-        self._run("deregister", worker, token, _record({**stats, "stopped": "1"}))
+    def deregister(self, worker: str, token: str, stats: dict[str, Any]) -> int:
+        """Leave cleanly, keeping ``stats`` (the last heartbeat's fields) marked stopped.
+        Returns how many tasks still listed as running here went back to the queue (or failed
+        as cancelled), -1 when another instance holds the name now."""
+        return int(self._run("deregister", worker, token, _record({**stats, "stopped": "1"})))
 
     def reap(self) -> int:
         return int(self._run("reap"))
@@ -708,8 +748,9 @@ class Queue:
                 client: Any = None) -> Any:
         return self._run("requeue", task_id, worker, attempt, reason, client=client)
 
-    def annotate(self, task_id: str, fields: dict[str, Any], client: Any = None) -> Any:
-        return self._run("annotate", task_id, _record(fields), client=client)
+    def annotate(self, task_id: str, worker: str, attempt: int, fields: dict[str, Any],
+                 client: Any = None) -> Any:
+        return self._run("annotate", task_id, worker, attempt, _record(fields), client=client)
 
     def notices(self, channel: str = "wake") -> Any:
         """A pub/sub connection subscribed to ``P:wake`` (tasks became claimable) or
@@ -730,12 +771,13 @@ class Queue:
     def cancel(self, ids: Iterable[str]) -> tuple[int, int]:
         done = flagged = 0
         for chunk in _chunks(ids, 1000):
-            d, f = self._run("cancel", repr(time.time()), *chunk)
+            d, f = self._run("cancel", uuid.uuid4().hex, repr(time.time()), *chunk)
             done, flagged = done + d, flagged + f
         return done, flagged
 
     def retry(self, ids: Iterable[str]) -> int:
-        return sum(int(self._run("retry", *chunk)) for chunk in _chunks(ids, 1000))
+        return sum(int(self._run("retry", uuid.uuid4().hex, *chunk))
+                   for chunk in _chunks(ids, 1000))
 
     def stop_workers(self) -> None:
         self.r.set(self.key("stop"), repr(time.time()))

@@ -664,7 +664,7 @@ class Worker:
             assert task is not None
             c = task.claim
             if kind == "annotate":
-                self.q.annotate(c.task_id, payload, client=pipe)
+                self.q.annotate(c.task_id, self.name, c.attempt, payload, client=pipe)
             elif kind == "finish":
                 self.q.finish(c.task_id, self.name, c.attempt, payload, client=pipe)
             elif kind == "fail":
@@ -754,8 +754,8 @@ class Worker:
     def requeue_all(self) -> None:
         """Stop now: running tasks go back to the queue and their processes are killed.
 
-        If Redis cannot be reached the tasks are killed anyway; the lease then expires and the
-        reaper requeues them, so nothing is lost either way."""
+        If Redis cannot be reached the tasks are killed anyway; deregistering requeues them, or
+        if Redis is still away then, the reaper once the lease expires: nothing is lost."""
         mine = [t for t in self.running.values() if t.kill_reason is None]
         for task in self.running.values():
             self.runner.kill(task, "shutdown", self.wc.kill_grace)
@@ -766,8 +766,8 @@ class Worker:
                                f"requeued: worker {self.name} was stopped", client=pipe)
             pipe.execute()
         except ConnectError as exc:
-            log.warning("could not requeue %d task(s) (%s); they return to the queue when this "
-                        "worker's lease expires", len(mine), exc)
+            log.warning("could not requeue %d task(s) (%s); they go back to the queue when "
+                        "this worker deregisters, or else when its lease expires", len(mine), exc)
 
     def check_deadlines(self, mono: float) -> None:
         for task in self.running.values():
@@ -873,7 +873,10 @@ class Worker:
             return 1
         self._stop_listening.set()
         try:
-            self.q.deregister(self.name, self.token, self.stats())
+            left = self.q.deregister(self.name, self.token, self.stats())
+            if left > 0:
+                log.warning("%d task(s) were still listed as running here; they went back to "
+                            "the queue", left)
         except ConnectError:
             log.warning("could not deregister: Redis unreachable; the lease will expire")
         log.info("worker %s stopped", self.name)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis
 from distcomp.spec import TaskSpec, parse_line
-from tests.helpers import wait_for
+from tests.helpers import ReplyLoser, wait_for
 
 
 def spec(params: str, priority: int = 0, mem_gb: float = 0, cpu: float = 1,
@@ -212,6 +214,124 @@ def test_cancel_and_retry(queue):
     assert beat.cancel == [running.task_id]
     assert queue.retry([b.task_id]) == 1
     assert claim_one(queue, "w").task_id == b.task_id
+
+
+def held_in_step(queue, client) -> None:
+    """The counters agree with the sets and queues they count, and no flag outlives a run."""
+    counts = queue.counts()
+    assert counts["running"] == client.zcard(queue.key("s", "running"))
+    assert counts["finished"] == client.zcard(queue.key("s", "finished"))
+    assert counts["failed"] == client.zcard(queue.key("s", "failed"))
+    queued = sum(client.zcard(k) for k in client.scan_iter(match=queue.key("q", "*")))
+    assert counts["todo"] == queued
+    assert client.smembers(queue.key("cancel")) <= {
+        x for x in client.zrange(queue.key("s", "running"), 0, -1)}
+
+
+# Every way a running task can go back to the queue other than by finishing or failing for good.
+RETURNS = {
+    "retryable failure": lambda q, c: q.fail(c.task_id, "w", c.attempt, {"reason": "exit 1"},
+                                             True),
+    "eviction": lambda q, c: q.evict(c.task_id, "w", c.attempt, 100, 5, "evicted", "budget", {}),
+    "requeue": lambda q, c: q.requeue(c.task_id, "w", c.attempt, "requeued"),
+    "requeue of its worker": lambda q, c: q.requeue_worker("w", "restart"),
+    "deregistration": lambda q, c: q.deregister("w", "tok-w", {}),
+}
+
+
+@pytest.mark.parametrize("way", RETURNS)
+def test_a_cancel_is_not_undone_by_the_task_going_back_to_the_queue(queue, client, way):
+    s = spec("work")
+    queue.submit([s])
+    register(queue, "w")
+    c = claim_one(queue, "w")
+    assert queue.cancel([s.task_id]) == (0, 1)
+    RETURNS[way](queue, c)
+    task = queue.task(s.task_id)
+    assert (task["state"], task["reason"]) == ("failed", "cancelled")
+    assert not client.sismember(queue.key("cancel"), s.task_id)
+    held_in_step(queue, client)
+    # Retried by the user, it runs again without a stale flag killing it.
+    assert queue.retry([s.task_id]) == 1
+    register(queue, "w2")
+    again = claim_one(queue, "w2")
+    assert again.task_id == s.task_id
+    assert queue.heartbeat("w2", "tok-w2", 60_000, {}).cancel == []
+
+
+def test_a_cancel_is_not_undone_by_the_reaper(queue, client):
+    s = spec("work")
+    queue.submit([s])
+    register(queue, "w", ttl_ms=100)
+    claim_one(queue, "w")
+    assert queue.cancel([s.task_id]) == (0, 1)
+    wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
+    assert queue.reap() == 1
+    assert queue.task(s.task_id)["reason"] == "cancelled"
+    assert queue.counts()["failed"] == 1
+    held_in_step(queue, client)
+
+
+def test_deregistering_requeues_what_is_still_listed_as_running_there(queue, client):
+    a, b = spec("a"), spec("b")
+    queue.submit([a, b])
+    register(queue, "w")
+    assert len(queue.claim("w", "tok-w", 1e9, 1e9, 5)) == 2
+    # The worker's own requeue never arrived (Redis was away); it deregisters once Redis is back.
+    assert queue.deregister("w", "tok-w", {}) == 2
+    assert queue.running_on("w") == set() and queue.counts()["todo"] == 2
+    assert "requeued: worker w stopped" in queue.task(a.task_id)["reason"]
+    held_in_step(queue, client)
+    register(queue, "w2")
+    assert {c.task_id for c in queue.claim("w2", "tok-w2", 1e9, 1e9, 5)} == {a.task_id,
+                                                                              b.task_id}
+
+
+def test_deregistering_leaves_a_name_another_instance_holds_alone(queue):
+    queue.submit([spec("a")])
+    register(queue, "w")
+    claim_one(queue, "w")
+    assert queue.deregister("w", "an-old-instance", {}) == -1
+    assert queue.running_on("w") != set() and queue.counts()["running"] == 1
+
+
+def test_a_late_annotation_of_an_earlier_attempt_is_dropped(queue, client):
+    s = spec("work")
+    queue.submit([s])
+    register(queue, "w1", ttl_ms=100)
+    first = claim_one(queue, "w1")
+    wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
+    assert queue.reap() == 1
+    register(queue, "w2")
+    second = claim_one(queue, "w2")
+    assert queue.annotate(s.task_id, "w2", second.attempt, {"host": "h2", "pid": 2}) == 1
+    assert queue.annotate(s.task_id, "w1", first.attempt, {"host": "h1", "pid": 1}) == 0
+    task = queue.task(s.task_id)
+    assert (task["host"], task["pid"]) == ("h2", "2")
+
+
+def test_a_request_whose_reply_was_lost_is_answered_as_the_first_time(redis_server, namespace):
+    """Submit, cancel and retry are sent again when the connection breaks after Redis ran them;
+    the resend gets the first reply (what the user is told was done) and changes nothing."""
+    proxy = ReplyLoser(redis_server.port)
+    try:
+        q = Queue(Redis(proxy.url), namespace)
+        warm = spec("loads the scripts")
+        q.submit([warm])
+        q.cancel([warm.task_id])
+        q.retry([warm.task_id])
+        specs = [spec(f"echo {i}") for i in range(3)]
+        ids = [s.task_id for s in specs]
+        proxy.lose_next()
+        assert q.submit(specs) == (3, 0, 0)
+        proxy.lose_next()
+        assert q.cancel(ids) == (3, 0)
+        proxy.lose_next()
+        assert q.retry(ids) == 3
+        assert proxy.lost == 3
+        assert q.counts() == {"todo": 4, "running": 0, "finished": 0, "failed": 0, "total": 4}
+    finally:
+        proxy.close()
 
 
 def test_registration_refuses_a_live_name_and_reports_leftovers(queue):
