@@ -212,49 +212,62 @@ _SUBMIT = _LUA_COMMON + r"""
 local rid, now = ARGV[2], ARGV[3]
 local first = first_reply(rid)
 if first then return first end
-local added, existing = 0, 0
--- ARGV[3] is a JSON array of 11 strings per task: one argument per chunk instead of 11 per
+-- ARGV[4] is a JSON array of 11 strings per task: one argument per chunk instead of 11 per
 -- task, because the client spends more time packing arguments than Redis spends storing them.
 local T = cjson.decode(ARGV[4])
-local n = #T / 11
 local tprefix, qprefix = P .. ':t:', P .. ':q:'
-local bucket_of_class = {}
-local seq = redis.call('INCRBY', P .. ':seq', n) - n
-for i = 0, n - 1 do
-  local a = 1 + i * 11
-  local id = T[a]
-  local tkey = tprefix .. id
+-- Redis does not undo a script that fails half-way, and a task stored but queued nowhere would
+-- be lost: every key this chunk writes is checked to be distcomp's (or absent) first.
+local function foreign(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' or t == want then return nil end
+  return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not distcomp data')
+end
+for _, k in ipairs({{P .. ':seq', 'string'}, {P .. ':counts', 'hash'}, {P .. ':buckets', 'set'}}) do
+  local err = foreign(k[1], k[2])
+  if err then return err end
+end
+-- The resource class of each distinct (memory, cores) pair is worked out once a chunk.
+local bucket_of_class, buckets, new, existing = {}, {}, {}, 0
+for a = 1, #T, 11 do
+  local tkey = tprefix .. T[a]
   if redis.call('EXISTS', tkey) == 1 then
+    local err = foreign(tkey, 'hash')
+    if err then return err end
     existing = existing + 1
   else
-    seq = seq + 1
-    local score = string.format('%.0f', -tonumber(T[a + 2]) * 4294967296 + seq)
-    -- Only what is read later is stored (an absent field reads as ''): a million tasks
-    -- should cost little memory and little time.
-    redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'req_mem', T[a + 3],
-      'cpu', T[a + 4], 'params', T[a + 5], 'max_retries', T[a + 9], 'score', score,
-      'submitted', now, 'dram_gb', T[a + 10], 'state', 'todo')
-    if T[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', T[a + 6]) end
-    if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
-    if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
-    -- What to_todo does, with the fields already at hand, the resource class of each distinct
-    -- (memory, cores) pair worked out once a chunk and the counter bumped once a chunk.
     local class = T[a + 3] .. '/' .. T[a + 4]
-    local b = bucket_of_class[class]
-    if not b then
-      b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
+    if not bucket_of_class[class] then
+      local b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
+      local err = foreign(qprefix .. b, 'zset')
+      if err then return err end
       bucket_of_class[class] = b
-      redis.call('SADD', P .. ':buckets', b)
+      buckets[#buckets + 1] = b
     end
-    redis.call('ZADD', qprefix .. b, score, id)
-    added = added + 1
+    new[#new + 1] = a
   end
 end
-if added > 0 then
-  redis.call('HINCRBY', P .. ':counts', 'todo', added)
-  notify()
+if #new == 0 then return keep_reply(rid, {0, existing}) end
+local seq = redis.call('INCRBY', P .. ':seq', #new) - #new
+for _, a in ipairs(new) do
+  local id, tkey = T[a], tprefix .. T[a]
+  seq = seq + 1
+  local score = string.format('%.0f', -tonumber(T[a + 2]) * 4294967296 + seq)
+  -- Only what is read later is stored (an absent field reads as ''): a million tasks
+  -- should cost little memory and little time.
+  redis.call('HSET', tkey, 'type', T[a + 1], 'priority', T[a + 2], 'req_mem', T[a + 3],
+    'cpu', T[a + 4], 'params', T[a + 5], 'max_retries', T[a + 9], 'score', score,
+    'submitted', now, 'dram_gb', T[a + 10], 'state', 'todo')
+  if T[a + 6] ~= '' then redis.call('HSET', tkey, 'timeout', T[a + 6]) end
+  if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
+  if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
+  -- What to_todo does, with the fields already at hand and the counter bumped once a chunk.
+  redis.call('ZADD', qprefix .. bucket_of_class[T[a + 3] .. '/' .. T[a + 4]], score, id)
 end
-return keep_reply(rid, {added, existing})
+redis.call('SADD', P .. ':buckets', unpack(buckets))
+redis.call('HINCRBY', P .. ':counts', 'todo', #new)
+notify()
+return keep_reply(rid, {#new, existing})
 """
 
 # ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead,

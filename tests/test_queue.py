@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from distcomp.queue import Queue
-from distcomp.redis_client import Redis
+from distcomp.redis_client import Redis, ResponseError
 from distcomp.spec import TaskSpec, parse_line
 from tests.helpers import ReplyLoser, wait_for
 
@@ -332,6 +332,23 @@ def test_a_request_whose_reply_was_lost_is_answered_as_the_first_time(redis_serv
         assert q.counts() == {"todo": 4, "running": 0, "finished": 0, "failed": 0, "total": 4}
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("foreign", ["buckets", "counts", "task", "bucket"])
+def test_a_submit_that_meets_foreign_keys_writes_nothing(queue, client, foreign):
+    """Redis does not undo a script that fails half-way: a task stored before the failing write
+    would be in no queue, and a later submit would count it as already queued - lost."""
+    s = spec("work")
+    key = {"buckets": queue.key("buckets"), "counts": queue.key("counts"),
+           "task": queue.key("t", s.task_id), "bucket": queue.key("q", "m0c2")}[foreign]
+    client.set(key, "not distcomp's")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        queue.submit([spec("other"), s])
+    assert client.keys(queue.key("*")) == [key.encode()]
+    client.delete(key)
+    assert queue.submit([s]) == (1, 0, 0)
+    register(queue, "w")
+    assert claim_one(queue, "w").task_id == s.task_id
 
 
 def test_registration_refuses_a_live_name_and_reports_leftovers(queue):
