@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from . import __version__
-from .config import OVERCOMMIT_AUTO, Config, ConfigError
+from .config import OVERCOMMIT_AUTO, Config, ConfigError, WorkerConfig
 from .forecast import Outlook, Profile, profile, shape
 from .queue import Claim, LeaseLost, Queue
 from .redis_client import ConnectError, ResponseError
@@ -89,13 +89,11 @@ class Worker:
                 f"memory settings do not fit: need evict_below ({self.evict_below >> 20} MiB) <= "
                 f"memory_reserve ({self.reserve >> 20} MiB) < capacity "
                 f"({self.capacity >> 20} MiB)")
+        check_settings(wc)
         self.cores = wc.cores or usable_cores()
         # Tasks that reserve no cores never fill a node by cores alone: without an explicit cap,
         # 16 tasks per core keeps a file of `min_cpu 0` tasks from becoming a fork bomb.
         self.max_tasks = wc.max_tasks or max(16, int(16 * self.cores))
-        if not wc.idle_poll >= 0.05:
-            raise ConfigError(f"idle_poll must be at least 0.05 seconds, got {wc.idle_poll:g}")
-        check_overcommit(wc.overcommit)
         if not wc.results_dir:
             raise ConfigError("no results directory: set [worker] results_dir or --results-dir")
         try:
@@ -824,6 +822,12 @@ class Worker:
                         self.lease_expired = False
                         self.heartbeat()
                         next_hb = mono + hb_every
+                        # Only a call that reached Redis says so: a pass that made none (the
+                        # retry is a second away) proves nothing.
+                        if self.redis_down_since is not None:
+                            log.info("Redis is reachable again after %.1fs",
+                                     mono - self.redis_down_since)
+                            self.redis_down_since = None
                     if self.freed:
                         self.freed, next_claim = False, mono
                         self.refresh_after_exit()
@@ -846,10 +850,6 @@ class Worker:
                                   " or forecast memory frees up")
                         if self.exit_when_empty and not self.running and self._empty():
                             break
-                    if self.redis_down_since is not None:
-                        log.info("Redis is reachable again after %.1fs",
-                                 mono - self.redis_down_since)
-                        self.redis_down_since = None
                 except ConnectError as exc:
                     if self.redis_down_since is None:
                         self.redis_down_since = mono
@@ -895,6 +895,31 @@ class Worker:
     def _empty(self) -> bool:
         counts = self.q.counts()
         return counts["todo"] == 0 and counts["running"] == 0
+
+
+# The worker's numeric settings: (name, lowest allowed value, what 0 means or "" when the lowest
+# is the meaning). Each is checked before anything starts: a negative core count or a NaN TTL
+# would otherwise start a worker that never takes a task, or fail deep inside Redis.
+SETTING_FLOORS = (
+    ("cores", 0, "all usable cores"), ("max_tasks", 0, "16 per core"),
+    ("default_timeout", 0, "no timeout"), ("heartbeat_ttl", 1, ""),
+    ("eviction_budget", 0, ""), ("kill_grace", 0, ""), ("sample_interval", 0.01, ""),
+    ("tail_bytes", 0, ""), ("avoid_window", 0, ""), ("idle_poll", 0.05, ""),
+    ("memory_limit", 0, "the node's memory"),
+)
+
+
+def check_settings(wc: WorkerConfig) -> None:
+    """Refuse settings a worker cannot run with, each with a one-line reason."""
+    if not wc.name or "," in wc.name:
+        raise ConfigError(f"worker name {wc.name!r} must be non-empty and without ',' (the queue "
+                          f"keeps lists of names separated by commas)")
+    for name, low, zero in SETTING_FLOORS:
+        value = getattr(wc, name)
+        if not (math.isfinite(value) and value >= low):
+            what = f"at least {low:g}" + (f" (0: {zero})" if zero else "")
+            raise ConfigError(f"{name} must be a number {what}, got {value:g}")
+    check_overcommit(wc.overcommit)
 
 
 def check_overcommit(value: float | str) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -451,6 +452,55 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
         wait_for(lambda: state(q, second[0]) == "finished", 60,
                  "a task announced after the restart to run")
         assert w.proc.poll() is None, w.output()
+    finally:
+        w.kill_everything()
+        server.stop()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--cores", "-1"], "cores"), (["--cores", "nan"], "cores"),
+    (["--heartbeat-ttl", "0"], "heartbeat_ttl"), (["--heartbeat-ttl", "nan"], "heartbeat_ttl"),
+    (["--max-tasks", "-1"], "max_tasks"), (["--kill-grace", "-1"], "kill_grace"),
+    (["--default-timeout", "-5"], "default_timeout"),
+    (["--eviction-budget", "-1"], "eviction_budget"), (["--name", ""], "worker name"),
+    (["--name", "a,b"], "worker name"),
+])
+def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, queue, tmp_path,
+                                                      args, named):
+    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
+           "DISTCOMP_CONFIG": str(tmp_path / "none.conf")}
+    (tmp_path / "none.conf").touch()
+    proc = subprocess.run([sys.executable, "-m", "distcomp", "worker", "--results-dir",
+                           str(tmp_path / "r"), *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("distcomp: error: ")
+    assert named in proc.stderr
+    assert queue.workers() == []
+
+
+def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path):
+    """While Redis is away the worker retries every second; the loop passes in between make no
+    call to Redis and must not be taken for proof that it is back."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    w = WorkerProcess(server, "away", "w-away", tmp_path / "results", [])
+    try:
+        wait_for(lambda: "worker w-away up" in w.output(), 30, "the worker to start")
+        server.stop()
+        # Something that takes connections and drops them stands in for Redis, so that the
+        # worker's attempts can be counted: a few rounds of retries, then Redis comes back.
+        attempts = []
+        with socket.create_server(("127.0.0.1", server.port)) as stand_in:
+            while len(attempts) < 15:
+                conn, _ = stand_in.accept()
+                attempts.append(conn)
+                conn.close()
+        server.start()
+        wait_for(lambda: "Redis is reachable again" in w.output(), 30, "the worker to reconnect")
+        assert w.output().count("cannot reach Redis") == 1, w.output()
+        assert w.output().count("Redis is reachable again") == 1, w.output()
     finally:
         w.kill_everything()
         server.stop()
