@@ -73,23 +73,67 @@ class Config:
             return Redis(self.url, self.password, timeout=timeout,
                          connect_timeout=connect_timeout, retries=retries, backoff=backoff)
         except ValueError as exc:
-            raise ConfigError(f"Redis URL {self.redacted_url()!r}: {exc}") from None
+            raise ConfigError(f"Redis URL {self.redacted_url()!r}: "
+                              f"{_url_problem(self.url, exc)}") from None
 
     def redacted_url(self) -> str:
-        parts = urlsplit(self.url)
-        if parts.password:
-            netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-            return parts._replace(netloc=netloc).geturl()
-        return self.url
+        """The URL with its whole user-info masked, found as text rather than by urlsplit:
+        a password holding '/', '?' or '#' is split there by urlsplit and would show."""
+        userinfo = _userinfo(self.url)
+        if userinfo is None:
+            return self.url
+        scheme, rest = self.url.split("://", 1)
+        # ':***' says "a password, no user" without revealing anything more than '***' does
+        mask = ":***" if userinfo.startswith(":") else "***"
+        return f"{scheme}://{mask}{rest[len(userinfo):]}"
+
+
+def _userinfo(url: str) -> str | None:
+    """What lies between ``://`` and the last ``@`` (the last: a password may hold '@')."""
+    if "://" not in url:
+        return None
+    rest = url.split("://", 1)[1]
+    return rest[:rest.rindex("@")] if "@" in rest else None
+
+
+def _url_problem(url: str, exc: ValueError) -> str:
+    """Why the URL was refused, in words that cannot quote the password.
+
+    When the user-info holds '/', '?' or '#', urlsplit ends the host there and its messages
+    (a port that is not a number, an unknown option) quote pieces of the password.
+    """
+    userinfo = _userinfo(url)
+    if userinfo is not None and any(c in userinfo for c in "/?#"):
+        return ("cannot tell the password from the host: write '/', '?' and '#' in the "
+                "password as %2F, %3F and %23")
+    return str(exc)
+
+
+def _utf8(text: str, what: str) -> str:
+    """``text`` as given, or a ConfigError if it came from bytes that are not UTF-8 (Python
+    keeps those as surrogates, which fail only later, when the text is sent to Redis)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    return text
 
 
 def _read_password_file(path: str) -> str:
     try:
-        return Path(path).read_text().strip()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
+    try:
+        password = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"password file {path} is not UTF-8 text") from None
+    if not password:
+        raise ConfigError(f"password file {path} is empty")
+    return password
 
 
+_REDIS_KEYS = ("url", "namespace", "password", "password_file")
 _WORKER_FLOATS = ("cores", "default_timeout", "heartbeat_ttl", "kill_grace", "sample_interval",
                   "avoid_window", "idle_poll")
 _WORKER_INTS = ("max_tasks", "eviction_budget", "tail_bytes")
@@ -138,22 +182,22 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
          namespace: str | None = None) -> Config:
     """Resolve the configuration with the precedence documented in docs/contract.md."""
     cfg = Config()
-    path = path or os.environ.get("DISTCOMP_CONFIG")
+    # DISTCOMP_CONFIG= (empty) is how a shell unsets it for one command: it means "not given"
+    path = path or os.environ.get("DISTCOMP_CONFIG") or None
     explicit = path is not None
     path = path or DEFAULT_CONFIG
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     if explicit or os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except configparser.Error as exc:
-            raise ConfigError(f"config file {path} is not valid INI: "
-                              f"{str(exc).splitlines()[0]}") from None
+        _read_config(parser, path)
         cfg.source = path
+    for name in parser.sections():
+        if name not in ("redis", "worker"):
+            raise ConfigError(f"{path}: unknown section [{name}] (expected [redis] and [worker])")
     if parser.has_section("redis"):
         section = parser["redis"]
+        for key in section:
+            if key not in _REDIS_KEYS:
+                raise ConfigError(f"{path}: unknown key {key!r} in [redis]")
         cfg.url = section.get("url", cfg.url).strip() or cfg.url
         cfg.namespace = section.get("namespace", cfg.namespace).strip() or cfg.namespace
         if section.get("password", "").strip():
@@ -164,16 +208,51 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
         cfg.worker = _load_worker(parser["worker"], path)
     cfg.url = url or os.environ.get("DISTCOMP_REDIS_URL") or cfg.url
     if os.environ.get("DISTCOMP_REDIS_PASSWORD"):
-        cfg.password = os.environ["DISTCOMP_REDIS_PASSWORD"]
+        cfg.password = _utf8(os.environ["DISTCOMP_REDIS_PASSWORD"], "DISTCOMP_REDIS_PASSWORD")
     elif password_file:
         cfg.password = _read_password_file(password_file)
-    if urlsplit(cfg.url).password:
-        cfg.password = unquote(urlsplit(cfg.url).password or "")
-    if urlsplit(cfg.url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, "
-                          f"got {cfg.redacted_url()!r}")
+    _check_url(cfg)
     cfg.namespace = namespace or os.environ.get("DISTCOMP_NAMESPACE") or cfg.namespace
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.namespace):
         raise ConfigError(f"namespace {cfg.namespace!r} may only contain letters, digits, "
                           f"'_', '-' and '.'")
     return cfg
+
+
+def _read_config(parser: configparser.ConfigParser, path: str) -> None:
+    """Read the INI file; its errors name the line but never quote it (it may be a password)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(f"config file {path} is not valid INI: line {exc.lineno} comes "
+                          f"before any [section]") from None
+    except configparser.ParsingError as exc:
+        raise ConfigError(f"config file {path} is not valid INI: line {exc.errors[0][0]} is "
+                          f"not '[section]', 'key = value' or a comment") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path} is not valid INI: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _check_url(cfg: Config) -> None:
+    """Take the password from the URL if it has one, and refuse a URL that cannot work."""
+    try:
+        parts = urlsplit(cfg.url)
+    except ValueError as exc:
+        raise ConfigError(f"Redis URL {cfg.redacted_url()!r}: "
+                          f"{_url_problem(cfg.url, exc)}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, "
+                          f"got {cfg.redacted_url()!r}")
+    if parts.password:
+        cfg.password = _utf8(unquote(parts.password), "the password in the Redis URL")
+    elif parts.username and cfg.password is None:
+        # A user is only sent to Redis with a password (AUTH user password); alone it is
+        # most likely a password written without its colon.
+        raise ConfigError(f"Redis URL {cfg.redacted_url()!r} gives a user but no password "
+                          f"(did you mean redis://:PASSWORD@HOST?)")

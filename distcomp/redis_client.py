@@ -92,6 +92,13 @@ class Endpoint:
         self.password = unquote(parts.password) if parts.password else password
         self.path = unquote(parts.path) if parts.scheme == "unix" else ""
         self.host = parts.hostname or "localhost"
+        try:
+            # what the socket module does to a host name; failing there would not be an OSError
+            self.host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"host name {self.host!r} is not valid (an empty label as in "
+                             f"'a..b', one over 63 characters, or characters DNS cannot carry)"
+                             ) from None
         self.port = parts.port or 6379
         db = query.get("db") or (parts.path.strip("/") if parts.scheme != "unix" else "")
         self.db = int(db or 0)
@@ -99,7 +106,13 @@ class Endpoint:
         if parts.scheme == "rediss":
             import ssl  # only for TLS: importing it is a tenth of a command's start-up
 
-            self.tls = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+            cafile = query.get("ssl_ca_certs")
+            try:
+                self.tls = ssl.create_default_context(cafile=cafile)
+            except ssl.SSLError:
+                raise ValueError(f"ssl_ca_certs {cafile}: no PEM certificate in it") from None
+            except OSError as exc:
+                raise ValueError(f"ssl_ca_certs {cafile}: cannot read: {exc.strerror}") from None
             reqs = query.get("ssl_cert_reqs", "required")
             if reqs not in ("none", "optional", "required"):
                 raise ValueError(f"ssl_cert_reqs must be none, optional or required, "
@@ -126,8 +139,15 @@ class Connection:
                     sock = where.tls.wrap_socket(sock, server_hostname=where.host)
         except OSError as exc:
             raise ConnectError(_describe(exc, where)) from None
-        sock.settimeout(timeout)
+        # Until the first bytes come back, wait no longer than for the connection itself: a
+        # listener that accepts and never answers (a stuck proxy, not Redis) is then found out
+        # in seconds instead of ``timeout`` on every try. Only the first reply is held to this;
+        # it answers the handshake or the first command sent (in distcomp a PING, one submit
+        # chunk or a read), and the replies after it may take ``timeout``.
+        sock.settimeout(min(timeout, connect_timeout))
         self.sock = sock
+        self.timeout = timeout
+        self.answered = False
         self.buf = bytearray()
         self.pos = 0
         hello: list[tuple[Any, ...]] = []
@@ -176,6 +196,9 @@ class Connection:
             raise ConnectError(f"reading from Redis failed: {_reason(exc)}") from None
         if not chunk:
             raise ConnectError("Redis closed the connection")
+        if not self.answered:
+            self.sock.settimeout(self.timeout)
+            self.answered = True
         self.buf += chunk
 
     def _line(self) -> bytes:

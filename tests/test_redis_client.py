@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,32 @@ def _accepts(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_the_first_reply_waits_the_connect_timeout_and_later_ones_the_timeout(redis_server,
+                                                                              namespace):
+    """A listener that accepts and never answers is found out within ``connect_timeout``;
+    once Redis has answered, a reply may take up to ``timeout`` (long commands)."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        mute = Redis(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout=30,
+                     connect_timeout=0.3, retries=0)
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="timed out"):
+            mute.ping()
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
+    patient = Redis(redis_server.url, timeout=5, connect_timeout=0.3, retries=0)
+    assert patient.ping()
+    assert patient.execute("BLPOP", f"{namespace}:never", 1) is None
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://a..b:6379/0", "host name 'a..b' is not valid"),
+    ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/ca.pem",
+     "ssl_ca_certs /nonexistent/ca.pem: cannot read"),
+])
+def test_hosts_and_ca_files_that_cannot_work_are_config_errors(url, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(url=url).client()
