@@ -7,21 +7,25 @@ import contextlib
 import csv
 import json
 import os
+import re
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_overcommit, parse_size
 from .queue import STATES, Queue
 from .redis_client import AuthError, ConnectError, RedisError, ResponseError
-from .spec import parse_taskfile
+from .spec import TaskSpec, parse_taskfile
 
 EXIT_OPERATIONAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+MAX_SECONDS = 365 * 24 * 3600  # --interval, --timeout: more is a typo (inf overflows sleep)
+SHOWN_ERRORS = 20  # invalid lines listed; a binary file given by mistake has thousands
 
 
 class CliError(Exception):
@@ -44,7 +48,13 @@ def _connect(args: argparse.Namespace) -> Queue:
 # -- submit ------------------------------------------------------------------------------------
 def _read_taskfile(path: str) -> tuple[str, bytes]:
     if path == "-":
-        return "<stdin>", sys.stdin.buffer.read()
+        if sys.stdin is None:
+            raise CliError("standard input is closed: give a taskfile, or pipe one in",
+                           EXIT_BAD_INPUT)
+        try:
+            return "<stdin>", sys.stdin.buffer.read()
+        except OSError as exc:
+            raise CliError(f"cannot read standard input: {exc.strerror}", EXIT_BAD_INPUT) from None
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -69,8 +79,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _check_seconds(args)
     name, data = _read_taskfile(args.file)
     parsed = parse_taskfile(data)
-    for lineno, reason in parsed.errors:
+    for lineno, reason in parsed.errors[:SHOWN_ERRORS]:
         print(f"{name}:{lineno}: {reason}", file=sys.stderr)
+    if len(parsed.errors) > SHOWN_ERRORS:
+        print(f"{name}: ... and {len(parsed.errors) - SHOWN_ERRORS} more invalid line(s)",
+              file=sys.stderr)
     if parsed.errors and not args.skip_invalid:
         print(f"distcomp: error: {name}: {len(parsed.errors)} invalid line(s); nothing was "
               f"submitted (fix them, or use --skip-invalid to submit the valid lines)",
@@ -80,7 +93,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CliError(f"{name}: no tasks in file (only blank lines, comments or invalid lines)",
                        EXIT_BAD_INPUT)
     queue = _connect(args)
-    added, existing, duplicates = queue.submit(parsed.tasks)
+    before = queue.counts()["total"]
+    try:
+        added, existing, duplicates = queue.submit(parsed.tasks)
+    except KeyboardInterrupt:
+        raise CliError(f"interrupted: {_queued_so_far(args, before, parsed.tasks, name)}",
+                       EXIT_INTERRUPTED) from None
+    except RedisError as exc:
+        raise CliError(f"{_describe_redis_error(args.cfg, exc).rstrip('.')}; "
+                       f"{_queued_so_far(args, before, parsed.tasks, name)}") from None
     existing += duplicates
     doc = {"added": added, "existing": existing, "invalid": len(parsed.errors)}
     human = f"{name}: added {added} task(s), {existing} already queued"
@@ -97,6 +118,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _report_drained(args, doc)
 
 
+def _queued_so_far(args: argparse.Namespace, before: int, tasks: list[TaskSpec],
+                   name: str) -> str:
+    """What a submit that stopped part-way left behind, and that running it again is safe:
+    a task's id is its content, so the tasks queued already are skipped the second time."""
+    again = "submitting the same file again queues only the rest (tasks already queued are skipped)"
+    try:
+        # A new connection: the submit's own may have stopped in the middle of a reply.
+        now = Queue(args.cfg.client(timeout=5.0, retries=0), args.cfg.namespace).counts()
+    except RedisError:
+        return f"some of the {len(tasks)} task(s) of {name} may be queued; {again}"
+    return (f"{now['total'] - before} new task(s) of the {len(tasks)} in {name} were queued "
+            f"before it stopped; {again}")
+
+
 # -- status, watch, wait -----------------------------------------------------------------------
 def _status_doc(queue: Queue) -> dict[str, int]:
     doc = queue.counts()
@@ -105,6 +140,9 @@ def _status_doc(queue: Queue) -> dict[str, int]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise CliError(f"--limit must be a positive number of tasks, got {args.limit}",
+                       EXIT_BAD_INPUT)
     queue = _connect(args)
     queue.reap()
     doc: dict[str, Any] = _status_doc(queue)
@@ -179,13 +217,18 @@ class _Outage:
 
 
 def _check_seconds(args: argparse.Namespace) -> None:
-    """``--interval`` must be positive and ``--timeout`` (where there is one) not negative."""
+    """``--interval`` must be positive and ``--timeout`` (where there is one) not negative,
+    both finite and at most ``MAX_SECONDS``."""
     if not args.interval > 0:
         raise CliError(f"--interval must be a positive number of seconds, got {args.interval:g}",
                        EXIT_BAD_INPUT)
     if not getattr(args, "timeout", 0) >= 0:
         raise CliError(f"--timeout must be 0 (none) or a positive number of seconds, got "
                        f"{args.timeout:g}", EXIT_BAD_INPUT)
+    for opt in ("interval", "timeout"):
+        if getattr(args, opt, 0) > MAX_SECONDS:
+            raise CliError(f"--{opt} must be at most {MAX_SECONDS} seconds (a year), got "
+                           f"{getattr(args, opt):g}", EXIT_BAD_INPUT)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -418,17 +461,35 @@ EXPORT_COLUMNS = ("id", "state", "type", "priority", "min_dram_gb", "min_cpu", "
 def _replaced_whole(path: str | None) -> Iterator[TextIO]:
     """Standard output, or a temporary file beside PATH renamed over it once every row is
     written: an export that fails half-way leaves no partial file where a whole one is
-    expected."""
+    expected. Through a symbolic link that is the file it names; anything else that is not
+    a regular file (a FIFO, a device) is written directly, as renaming over it would put a
+    regular file in its place."""
     if path is None:
         yield sys.stdout
         return
-    if os.path.isdir(path):
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot write there: {exc.strerror}", EXIT_BAD_INPUT) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise CliError(f"{path}: is a directory, expected a file name", EXIT_BAD_INPUT)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        except OSError as exc:
+            raise CliError(f"{path}: cannot write there: {exc.strerror}",
+                           EXIT_BAD_INPUT) from None
+        with open(fd, "w", encoding="utf-8", newline="") as direct:
+            yield direct
+        return
     import tempfile  # only here: 7% of every other command's start-up
 
+    target = os.path.realpath(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                   prefix=f".{os.path.basename(target)}.", suffix=".tmp")
     except OSError as exc:
         raise CliError(f"{path}: cannot write there: {exc.strerror}", EXIT_BAD_INPUT) from None
     umask = os.umask(0)
@@ -437,7 +498,7 @@ def _replaced_whole(path: str | None) -> Iterator[TextIO]:
     try:
         with open(fd, "w", encoding="utf-8", newline="") as out:
             yield out
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -447,7 +508,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     times = dict.fromkeys(("submitted", "started", "ended"), _iso) if args.format == "csv" else {}
     plan = _plan(EXPORT_COLUMNS[1:], **times)
     per_state = dict.fromkeys(STATES, 0)
-    with _replaced_whole(args.output) as out:
+    output = None if args.output == "-" else args.output
+    with _replaced_whole(output) as out:
         queue = _connect(args)
         if args.format == "csv":
             writer = csv.writer(out, lineterminator="\n")
@@ -460,9 +522,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             else:
                 row["id"] = tid
                 out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    if args.output:
+    if output:
         counts = ", ".join(f"{s} {n}" for s, n in per_state.items())
-        print(f"{args.output}: {sum(per_state.values())} task(s) ({counts})")
+        print(f"{output}: {sum(per_state.values())} task(s) ({counts})")
     return 0
 
 
@@ -549,28 +611,53 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+_USER_INFO = re.compile(r"(\w+://)[^\s@]*@")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line like every other error, with any password in a URL masked:
+    argparse would print the usage block and echo the arguments it did not take."""
+
+    def error(self, message: str) -> NoReturn:
+        message = _USER_INFO.sub(r"\1***@", message)
+        hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
+        self.exit(EXIT_BAD_INPUT, f"distcomp: error: {message} (see {hint})\n")
+
+
+def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
+    """Which Redis and namespace. Each command takes them too, as people type them after it;
+    there ``default`` is SUPPRESS, so one left out keeps the value given before the command
+    and one given after it wins."""
+    p.add_argument("--config", default=default,
+                   help="INI config file (default: $DISTCOMP_CONFIG, then "
+                        "/etc/distcomp/distcomp.conf if present)")
+    p.add_argument("--redis", default=default,
+                   help="Redis URL (default: $DISTCOMP_REDIS_URL, the config file, then "
+                        "redis://127.0.0.1:6379/0)")
+    p.add_argument("--password-file", default=default, help="file holding the Redis password")
+    p.add_argument("--namespace", default=default,
+                   help="key prefix, to share one Redis (default: distcomp)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="distcomp",
         description="Queue and run bags of independent jobs on a cluster (Redis-backed).")
     p.add_argument("--version", action="version", version=f"distcomp {__version__}")
-    p.add_argument("--config", help="INI config file (default: $DISTCOMP_CONFIG, then "
-                                     "/etc/distcomp/distcomp.conf if present)")
-    p.add_argument("--redis", help="Redis URL (default: $DISTCOMP_REDIS_URL, the config file, "
-                                    "then redis://127.0.0.1:6379/0)")
-    p.add_argument("--password-file", help="file holding the Redis password")
-    p.add_argument("--namespace", help="key prefix, to share one Redis (default: distcomp)")
+    _global_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
                 json_flag: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func)
+        _global_options(sp, argparse.SUPPRESS)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    sp = command("submit", cmd_submit, "queue the tasks of a taskfile (all or nothing)")
+    sp = command("submit", cmd_submit, "queue the tasks of a taskfile (checked whole first: "
+                 "one invalid line queues nothing; an interrupted submit is safe to run again)")
     sp.add_argument("file", help="taskfile, or - for standard input")
     sp.add_argument("--skip-invalid", action="store_true",
                     help="submit the valid lines even if some are invalid (still reported)")
@@ -605,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="csv (a header, times in ISO 8601 UTC) or jsonl (one JSON object per "
                          "line, times in seconds since the epoch); default csv")
     sp.add_argument("-o", "--output", metavar="FILE",
-                    help="write FILE (replaced whole once complete) instead of standard output")
+                    help="write FILE instead of standard output (-: standard output); a "
+                         "regular file is replaced whole once complete")
 
     sp = command("retry", cmd_retry, "put failed tasks back in the queue")
     sp.add_argument("ids", nargs="*")
@@ -692,3 +780,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OPERATIONAL
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("distcomp: error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

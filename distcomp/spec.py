@@ -122,6 +122,19 @@ def _resource_text(text: str, what: str, limit: float) -> float:
     return _in_range(number, what, limit)
 
 
+def _priority_text(text: str) -> int:
+    """The priority field of the colon format: ASCII digits after at most one sign. ``int``
+    alone is not the test: it reads other scripts' digits and refuses thousands of digits.
+    A number too long to be a typo of a priority is named by its length, not echoed."""
+    digits = text[1:] if text.startswith(("+", "-")) else text
+    if not (digits.isascii() and digits.isdecimal()):
+        raise SpecError(f"priority must be an integer, got {text!r}")
+    if len(digits) > 20:
+        raise SpecError(f"priority is out of range (-{MAX_PRIORITY}..{MAX_PRIORITY}): it has "
+                        f"{len(digits)} digits")
+    return _check_priority(int(text))
+
+
 def _check_priority(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"priority must be an integer, got {value!r}")
@@ -180,13 +193,11 @@ def parse_colon_line(line: str) -> TaskSpec:
             f"expected type:priority:min_dram_gb:min_cpu:params, found {len(parts)} field(s)"
         )
     ttype, prio, dram, cpu, params = parts
-    ttype, prio = ttype.strip(), prio.strip()
-    if not prio.lstrip("+-").isdigit():
-        raise SpecError(f"priority must be an integer, got {prio!r}")
+    ttype = ttype.strip()
     # This runs once per line of a taskfile that may have millions: few calls, positional.
     spec = TaskSpec(
         ttype if ttype == "shell" else _check_type(ttype),
-        _check_priority(int(prio)),
+        _priority_text(prio.strip()),
         _resource_text(dram, "min_dram_gb", MAX_DRAM_GB),
         _resource_text(cpu, "min_cpu", MAX_CPU),
         _check_params(params),
@@ -199,6 +210,10 @@ def parse_json_line(line: str) -> TaskSpec:
         doc = json.loads(line)
     except json.JSONDecodeError as exc:
         raise SpecError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except ValueError:  # what json.loads raises besides: an integer over Python's digit limit
+        raise SpecError("invalid JSON: a number has too many digits") from None
+    except RecursionError:
+        raise SpecError("invalid JSON: arrays or objects nested too deeply") from None
     if not isinstance(doc, dict):
         raise SpecError("a JSON task must be an object")
     unknown = sorted(set(doc) - JSON_FIELDS)
@@ -266,7 +281,13 @@ def _parse_text_line(line: str) -> TaskSpec | None:
 
 
 def _parse_decoded(line: str) -> TaskSpec | None:
-    line = line.removesuffix("\r").strip()
+    line = line.removesuffix("\r")
+    if "\r" in line:
+        # A file with old Mac (CR) line endings reads as one line: say so rather than run
+        # the lines as one task or report a strange field.
+        raise SpecError("line contains a carriage return (CR): convert CR line endings to LF, "
+                        "e.g. with `tr '\\r' '\\n'`")
+    line = line.strip()
     if not line or line.startswith("#"):
         return None
     if line.startswith("{"):

@@ -6,6 +6,11 @@ import csv
 import io
 import json
 import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
 from datetime import datetime
 
 import pytest
@@ -15,7 +20,7 @@ from distcomp.queue import Queue
 from distcomp.redis_client import Redis
 from distcomp.spec import parse_taskfile
 from tests.conftest import RedisServer
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 
 def keys_of(client, namespace):
@@ -211,6 +216,11 @@ def test_worker_takes_an_overcommit_and_says_so(cli, tmp_path, value):
     (["wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),
     (["wait", "--timeout", "-5"], "--timeout must be 0 (none) or a positive number of seconds"),
     (["watch", "--interval", "-0.5"], "--interval must be a positive number of seconds"),
+    (["wait", "--interval", "inf"], "--interval must be at most 31536000 seconds (a year), got inf"),
+    (["wait", "--interval", "1e300"], "--interval must be at most 31536000 seconds (a year)"),
+    (["wait", "--interval", "nan"], "--interval must be a positive number of seconds, got nan"),
+    (["wait", "--timeout", "inf"], "--timeout must be at most 31536000 seconds (a year), got inf"),
+    (["watch", "--interval", "inf"], "--interval must be at most 31536000 seconds (a year)"),
 ])
 def test_bad_intervals_are_one_line_errors(cli, args, message):
     cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)  # something to wait for
@@ -222,6 +232,7 @@ def test_bad_intervals_are_one_line_errors(cli, args, message):
 @pytest.mark.parametrize("args, message", [
     (["--wait", "--interval", "0"], "--interval must be a positive number of seconds, got 0"),
     (["--wait", "--timeout", "-1"], "--timeout must be 0 (none) or a positive number of seconds"),
+    (["--wait", "--interval", "inf"], "--interval must be at most 31536000 seconds (a year)"),
     (["--timeout", "60"], "--timeout and --interval only apply with --wait"),
     (["--interval", "2"], "--timeout and --interval only apply with --wait"),
 ])
@@ -310,3 +321,170 @@ def test_export_errors_change_nothing(cli, tmp_path):
     assert down.returncode == 1 and down.stderr.decode().startswith("distcomp: error: cannot")
     assert out.read_text() == "the previous export\n"
     assert [p.name for p in out.parent.iterdir()] == ["index.csv"], "no temporary file left"
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_status_refuses_a_limit_that_lists_nothing(cli, limit):
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    proc = cli("status", "--state", "todo", "--limit", limit)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--limit must be a positive number of tasks, got {limit}" in err
+
+
+def test_export_writes_through_a_fifo_a_symlink_and_dash(cli, tmp_path):
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    proc = cli("export", "-o", str(fifo))
+    reader.join(10)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO must stay a FIFO"
+    assert read and read[0].decode().splitlines()[0] == ",".join(EXPORT_COLUMNS)
+
+    real = tmp_path / "real.csv"
+    real.write_text("the previous export\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to("real.csv")
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to("new.csv")
+    for path in (link, dangling):
+        cli("export", "-o", str(path), check=True)
+        assert path.is_symlink(), "written through the link, not over it"
+    assert real.read_text().splitlines()[0] == ",".join(EXPORT_COLUMNS)
+    assert (tmp_path / "new.csv").read_text() == real.read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    dash = cli("export", "-o", "-", check=True)
+    assert dash.stdout.decode() == real.read_text(), "-o - is standard output, rows only"
+    assert not (tmp_path / "-").exists()
+
+
+def test_global_options_go_after_the_command_too(cli, redis_server):
+    elsewhere = {"DISTCOMP_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    assert cli("status", "--json", env=elsewhere).returncode == 1
+    proc = cli("status", "--json", "--redis", redis_server.url, env=elsewhere)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["total"] == 0, proc.stderr.decode()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "stray", "redis://:S3cr3tPW@127.0.0.1:6391"],
+     "unrecognized arguments: stray redis://***@127.0.0.1:6391 (see `distcomp --help`)"),
+    (["inventory", "cloudlab", "m.xml", "--redis", "redis://me:S3cr3tPW@h:6391/0"],
+     "unrecognized arguments: --redis redis://***@h:6391/0 (see `distcomp --help`)"),
+    (["status", "--limit", "x"],
+     "argument --limit: invalid int value: 'x' (see `distcomp status --help`)"),
+    ([], "the following arguments are required: COMMAND (see `distcomp --help`)"),
+])
+def test_usage_errors_are_one_line_without_the_password(cli, args, message):
+    proc = cli(*args)
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 2 and out == f"distcomp: error: {message}\n", out
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("shell:²:1:1:echo x", "priority must be an integer, got '²'"),
+    ('{"type": "shell", "params": "x", "priority": ' + "9" * 5000 + "}",
+     "invalid JSON: a number has too many digits"),
+    ('{"type": "shell", "params": "x", "env": ' + "[" * 30000 + "]" * 30000 + "}",
+     "invalid JSON: arrays or objects nested too deeply"),
+    ("shell:1:1:1:echo a\rshell:1:1:1:echo b\r", "line contains a carriage return (CR)"),
+])
+def test_lines_that_crashed_the_parser_are_line_errors(cli, tmp_path, client, namespace, line,
+                                                       reason):
+    f = tmp_path / "tasks.txt"
+    f.write_bytes(line.encode() + b"\n")
+    proc = cli("submit", str(f))
+    err = proc.stderr.decode().splitlines()
+    assert proc.returncode == 2 and err[0].startswith(f"{f}:1: {reason}") and len(err) == 2, err
+    assert keys_of(client, namespace) == []
+
+
+def test_a_binary_file_lists_only_the_first_errors(cli, tmp_path, client, namespace):
+    f = tmp_path / "lib.so"
+    f.write_bytes(b"\x7fELF\x02\x01\x00\n" * 5000)
+    proc = cli("submit", str(f))
+    err = proc.stderr.decode().splitlines()
+    assert proc.returncode == 2 and len(err) == 22, err[:3]
+    assert err[19].startswith(f"{f}:20: line contains a NUL byte")
+    assert err[20] == f"{f}: ... and 4980 more invalid line(s)"
+    assert err[21].startswith(f"distcomp: error: {f}: 5000 invalid line(s); nothing was")
+    assert keys_of(client, namespace) == []
+
+
+def _env(redis_url: str, namespace: str, tmp_path) -> dict[str, str]:
+    """The ``cli`` fixture's environment, for runs it cannot make (signals, closed stdin)."""
+    (tmp_path / "none.conf").touch()
+    return {**os.environ, "DISTCOMP_REDIS_URL": redis_url, "DISTCOMP_NAMESPACE": namespace,
+            "DISTCOMP_CONFIG": str(tmp_path / "none.conf")}
+
+
+def test_submit_with_standard_input_closed(redis_server, namespace, tmp_path):
+    proc = subprocess.run(["sh", "-c", 'exec "$0" -m distcomp submit - <&-', sys.executable],
+                          capture_output=True, env=_env(redis_server.url, namespace, tmp_path),
+                          timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.decode() == (
+        "distcomp: error: standard input is closed: give a taskfile, or pipe one in\n")
+
+
+def test_ctrl_c_during_submit_says_what_was_queued_and_a_rerun_queues_the_rest(
+        cli, redis_server, namespace, queue, tmp_path):
+    n = 400_000
+    f = tmp_path / "big.txt"
+    f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(n)))
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "submit", str(f)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(redis_server.url, namespace, tmp_path))
+    try:
+        wait_for(lambda: queue.counts()["todo"] or proc.poll() is not None, 60,
+                 "submit to start queueing", interval=0.005)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    queued = queue.counts()["todo"]
+    assert proc.returncode == 130 and 0 < queued < n, (proc.returncode, queued, err)
+    assert err.decode() == (
+        f"distcomp: error: interrupted: {queued} new task(s) of the {n} in {f} were queued "
+        f"before it stopped; submitting the same file again queues only the rest (tasks "
+        f"already queued are skipped)\n")
+    again = cli("submit", "--json", str(f), check=True)
+    assert json.loads(again.stdout) == {"added": n - queued, "existing": queued, "invalid": 0}
+
+
+def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, queue, tmp_path):
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "wait"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(redis_server.url, namespace, tmp_path))
+    try:
+        wait_for(lambda: client.pubsub_numsub(queue.key("drained"))[0][1], 30,
+                 "wait to subscribe")
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+
+
+def test_redis_refusing_part_way_says_what_was_queued(cli, tmp_path, namespace):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        Redis(server.url).execute("CONFIG", "SET", "maxmemory", "20mb")
+        n = 100_000
+        f = tmp_path / "big.txt"
+        f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(n)))
+        proc = cli("submit", str(f), env={"DISTCOMP_REDIS_URL": server.url})
+        queued = Queue(Redis(server.url), namespace).counts()["todo"]
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and 0 < queued < n and err.count("\n") == 1, err
+        assert err.startswith(f"distcomp: error: Redis at {server.url} answered with an error: "
+                              f"OOM command not allowed"), err
+        assert err.endswith(f"; {queued} new task(s) of the {n} in {f} were queued before it "
+                            f"stopped; submitting the same file again queues only the rest "
+                            f"(tasks already queued are skipped)\n"), err
+    finally:
+        server.stop()

@@ -131,6 +131,39 @@ def test_rejections_say_why(line, reason):
     assert str(exc.value).startswith(reason)
 
 
+@pytest.mark.parametrize("line, reason", [
+    ("shell:²:1:1:echo x".encode(), "priority must be an integer, got '²'"),
+    ("shell:٣:1:1:echo x".encode(), "priority must be an integer, got '٣'"),
+    (b"shell:+-5:1:1:echo x", "priority must be an integer, got '+-5'"),
+    (b"shell:" + b"9" * 5000 + b":1:1:echo x",
+     "priority is out of range (-999999..999999): it has 5000 digits"),
+    (b'{"type": "shell", "params": "x", "priority": ' + b"9" * 5000 + b"}",
+     "invalid JSON: a number has too many digits"),
+    (b'{"type": "shell", "params": "x", "env": ' + b"[" * 30000 + b"]" * 30000 + b"}",
+     "invalid JSON: arrays or objects nested too deeply"),
+    (b'{"a": ' + b"[" * 60000, "invalid JSON: arrays or objects nested too deeply"),
+])
+def test_lines_that_crashed_the_parser_are_rejected(line, reason):
+    with pytest.raises(SpecError) as exc:
+        parse_line(line)
+    assert str(exc.value) == reason
+    assert parse_taskfile(line + b"\n").errors == [(1, reason)]
+
+
+CR_REASON = ("line contains a carriage return (CR): convert CR line endings to LF, e.g. with "
+             "`tr '\\r' '\\n'`")
+
+
+@pytest.mark.parametrize("data", [
+    b"shell:1:1:1:echo a\rshell:1:1:1:echo b\r",
+    b"shell:1:1:1:echo a\rshell:1:1:1:echo b\r\n\xff\n",  # not UTF-8: parsed line by line
+])
+def test_cr_line_endings_are_refused_not_merged(data):
+    result = parse_taskfile(data)
+    assert result.tasks == []
+    assert result.errors[0] == (1, CR_REASON)
+
+
 def test_overlong_line_rejected():
     with pytest.raises(SpecError, match="longer than the 65536 byte limit"):
         parse_line(b"shell:1:0:1:" + b"x" * MAX_LINE_BYTES)
