@@ -50,6 +50,16 @@ class AuthError(ResponseError):
     """The password is missing or wrong (NOAUTH, WRONGPASS)."""
 
 
+class RefusedError(ResponseError):
+    """Redis is up but will not write for now: at its maxmemory (OOM), unable to persist
+    (MISCONF), a read-only replica, busy running a script, or without its master or replicas.
+    Nothing was changed (Redis refuses a script at its first write), so the command can be
+    sent again once Redis accepts writes."""
+
+
+_REFUSALS = frozenset(("OOM", "MISCONF", "READONLY", "BUSY", "MASTERDOWN", "NOREPLICAS"))
+
+
 def _error(text: str) -> RedisError:
     code = text.split(" ", 1)[0]
     if code == "NOSCRIPT":
@@ -58,6 +68,8 @@ def _error(text: str) -> RedisError:
         return AuthError(text)
     if code == "LOADING":
         return ConnectError(text)
+    if code in _REFUSALS:
+        return RefusedError(text)
     return ResponseError(text)
 
 

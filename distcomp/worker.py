@@ -36,7 +36,7 @@ from . import __version__
 from .config import OVERCOMMIT_AUTO, Config, ConfigError, WorkerConfig
 from .forecast import Outlook, Profile, profile, shape
 from .queue import Claim, LeaseLost, Queue
-from .redis_client import ConnectError, ResponseError
+from .redis_client import ConnectError, RefusedError, ResponseError
 from .resources import (
     gib,
     memory_available,
@@ -763,7 +763,7 @@ class Worker:
                 self.q.requeue(task.task_id, self.name, task.claim.attempt,
                                f"requeued: worker {self.name} was stopped", client=pipe)
             pipe.execute()
-        except ConnectError as exc:
+        except (ConnectError, RefusedError) as exc:
             log.warning("could not requeue %d task(s) (%s); they go back to the queue when "
                         "this worker deregisters, or else when its lease expires", len(mine), exc)
 
@@ -825,7 +825,7 @@ class Worker:
                         # Only a call that reached Redis says so: a pass that made none (the
                         # retry is a second away) proves nothing.
                         if self.redis_down_since is not None:
-                            log.info("Redis is reachable again after %.1fs",
+                            log.info("Redis answers again after %.1fs",
                                      mono - self.redis_down_since)
                             self.redis_down_since = None
                     if self.freed:
@@ -850,11 +850,12 @@ class Worker:
                                   " or forecast memory frees up")
                         if self.exit_when_empty and not self.running and self._empty():
                             break
-                except ConnectError as exc:
+                except (ConnectError, RefusedError) as exc:
                     if self.redis_down_since is None:
                         self.redis_down_since = mono
-                        log.warning("cannot reach Redis (%s); tasks keep running, reports wait",
-                                    exc)
+                        log.warning("%s (%s); tasks keep running, reports wait",
+                                    "Redis refuses writes" if isinstance(exc, RefusedError)
+                                    else "cannot reach Redis", exc)
                     next_hb = next_claim = mono + 1.0
                 if self.stopping and not self.running and not self.ops:
                     break
@@ -877,8 +878,8 @@ class Worker:
             if left > 0:
                 log.warning("%d task(s) were still listed as running here; they went back to "
                             "the queue", left)
-        except ConnectError:
-            log.warning("could not deregister: Redis unreachable; the lease will expire")
+        except (ConnectError, RefusedError) as exc:
+            log.warning("could not deregister (%s); the lease will expire", exc)
         log.info("worker %s stopped", self.name)
         return EXIT_STOPPED if self.stop_requested and not self.fast_stop else 0
 

@@ -498,9 +498,45 @@ def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path
                 attempts.append(conn)
                 conn.close()
         server.start()
-        wait_for(lambda: "Redis is reachable again" in w.output(), 30, "the worker to reconnect")
+        wait_for(lambda: "Redis answers again" in w.output(), 30, "the worker to reconnect")
         assert w.output().count("cannot reach Redis") == 1, w.output()
-        assert w.output().count("Redis is reachable again") == 1, w.output()
+        assert w.output().count("Redis answers again") == 1, w.output()
+    finally:
+        w.kill_everything()
+        server.stop()
+
+
+def test_a_worker_rides_out_redis_refusing_writes(tmp_path):
+    """Redis at its maxmemory (noeviction) refuses the worker's heartbeat and claims: the
+    worker keeps its task running, says so once, and goes on when Redis accepts writes again.
+    It used to exit, leaving the task running with nobody to report it."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    q = Queue(Redis(server.url), "full")
+    gate = tmp_path / "gate"
+    (tid,) = submit(q, [f"shell:0:0:1:while [ ! -e {gate} ]; do sleep 0.05; done"])
+    w = WorkerProcess(server, "full", "w-full", tmp_path / "results", [])
+    admin = redis.Redis(port=server.port)
+    try:
+        wait_for(lambda: (q.task(tid) or {}).get("pid"), 30, "the task to start")
+        pid = int(q.task(tid)["pid"])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        wait_for(lambda: "Redis refuses" in w.output() or w.proc.poll() is not None, 30,
+                 "the worker to meet the refusal")
+        assert w.proc.poll() is None, w.output()
+        gate.touch()
+        # Its report may get through even so: Redis refuses a script only at a first write
+        # that can take memory, and a finish starts by removing the task from sets.
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+                 30, "the task to end")
+        admin.config_set("maxmemory", 0)
+        wait_for(lambda: state(q, tid) == "finished" or w.proc.poll() is not None, 30,
+                 "the report to arrive")
+        assert w.proc.poll() is None, w.output()
+        assert state(q, tid) == "finished"
+        assert w.output().count("Redis refuses") == 1, w.output()
     finally:
         w.kill_everything()
         server.stop()
