@@ -1,0 +1,58 @@
+"""The playbooks' controller-side behaviour, run by the real ansible-playbook on this machine
+(connection local, no become): what needs no cluster. The cluster itself is tests/molecule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from distcomp.queue import Queue
+from distcomp.redis_client import Redis
+from distcomp.spec import parse_line
+
+REPO = Path(__file__).resolve().parent.parent
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+
+def playbook(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
+    return subprocess.run([str(PLAYBOOK), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_waiting_stops_at_its_last_round_with_what_to_do_next(redis_server, namespace, tmp_path):
+    """submit.yml -e wait=true includes one round from the last; Ansible stops nesting includes
+    after about 245 levels (a crash two hours into a wait), so the rounds stop at a cap, with a
+    message. The cap is lowered to 3 here to see it reached."""
+    q = Queue(Redis(redis_server.url), namespace)
+    q.submit([parse_line(b"shell:0:0:1:sleep 1000")])
+    assert q.register("w", "tok", 3_600_000, {"host": "h", "room_mb": 1024})[0]
+    assert len(q.claim("w", "tok", 1024, 1, 1)) == 1  # running, and it will stay so
+    (tmp_path / "wait.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n        tasks_from: wait\n")
+    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    extra = {"__distcomp_cli": cli, "distcomp_wait_interval": 0.05,
+             "__distcomp_wait_max_rounds": 3, "ansible_become": False}
+    run = playbook("-i", "localhost,", str(tmp_path / "wait.yml"), "-e", json.dumps(extra))
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out
+    assert "Stopped following the queue after 3 rounds" in out, out
+    assert "0 todo and 1 running keep going" in " ".join(out.split()), out
+    assert out.count("0/1 done, 0 failed, 1 running, 0 todo") == 3, out
+
+
+def test_a_playbook_run_against_an_inventory_without_a_manager_stops(tmp_path):
+    """Otherwise the play on manager[0] matches nothing, Ansible only warns, and the run exits
+    0 as if the tasks were queued."""
+    (tmp_path / "hosts.yml").write_text("all:\n  hosts: {}\n")
+    (tmp_path / "tasks.txt").write_text("shell:0:0:1:true\n")
+    for book in ("submit.yml", "status.yml", "results.yml"):
+        run = playbook("-i", str(tmp_path / "hosts.yml"), book, "-e",
+                       f"taskfile={tmp_path / 'tasks.txt'}")
+        assert run.returncode != 0, (book, run.stdout)
+        assert "No host in group 'manager' in the inventory" in run.stdout, (book, run.stdout)
