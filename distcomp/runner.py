@@ -128,11 +128,15 @@ class Runner:
     """Starts, watches and cleans up the processes of tasks on this node."""
 
     def __init__(self, results_dir: str, workdir: str, python: str, tail_bytes: int,
-                 extra_env: dict[str, str]) -> None:
+                 extra_env: dict[str, str], withheld: tuple[str, ...] = ()) -> None:
+        """Tasks get the worker's environment plus ``extra_env``, without the variables named
+        in ``withheld`` (secrets: a task that prints its environment would put them in its
+        output files)."""
         self.results = os.path.abspath(results_dir)
         self.workdir = os.path.abspath(workdir) if workdir else "/"
         self.tail_bytes = tail_bytes
-        self.base_env = {**os.environ, **extra_env}
+        self.base_env = {k: v for k, v in os.environ.items() if k not in withheld}
+        self.base_env.update(extra_env)
         search = self.base_env.get("PATH", os.defpath)
         # Resolved once: a task's own PATH does not change which interpreter runs it.
         self.bash = shutil.which("bash", path=search) or "bash"

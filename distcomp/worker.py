@@ -106,7 +106,7 @@ class Worker:
                               f"{psutil.Process().username()}")
         workdir = wc.workdir or str(Path(wc.results_dir).resolve().parent)
         self.runner = Runner(wc.results_dir, workdir, wc.python, wc.tail_bytes,
-                             {"DISTCOMP_WORKER": self.name})
+                             {"DISTCOMP_WORKER": self.name}, withheld_from_tasks(cfg))
         self.ttl_ms = int(wc.heartbeat_ttl * 1000)
         self.running: dict[str, RunningTask] = {}
         self.by_fd: dict[int, str] = {}
@@ -896,6 +896,16 @@ class Worker:
     def _empty(self) -> bool:
         counts = self.q.counts()
         return counts["todo"] == 0 and counts["running"] == 0
+
+
+def withheld_from_tasks(cfg: Config) -> tuple[str, ...]:
+    """The worker's environment variables its tasks do not get: the Redis password, and the
+    Redis URL when it holds one. A task that runs the CLI itself reads the config file."""
+    names = ["DISTCOMP_REDIS_PASSWORD"]
+    url = os.environ.get("DISTCOMP_REDIS_URL", "")
+    if url and Config(url=url).redacted_url() != url:
+        names.append("DISTCOMP_REDIS_URL")
+    return tuple(names)
 
 
 # The worker's numeric settings: (name, lowest allowed value, what 0 means or "" when the lowest

@@ -479,6 +479,34 @@ def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, q
     assert queue.workers() == []
 
 
+@pytest.mark.parametrize("where", ["DISTCOMP_REDIS_PASSWORD", "the URL"])
+def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, where):
+    """A task that prints its environment (`env` while debugging) would put the password in its
+    output file, on the shared file system."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", password="s3cret-for-tasks")
+    server.start()
+    q = Queue(Redis(server.url, "s3cret-for-tasks"), "env")
+    (tid,) = submit(q, ["shell:0:0:1:env"])
+    url = server.url.replace("//", "//:s3cret-for-tasks@") if where == "the URL" else server.url
+    env = {**os.environ, "DISTCOMP_REDIS_URL": url, "DISTCOMP_NAMESPACE": "env",
+           "DISTCOMP_CONFIG": ""}
+    if where == "DISTCOMP_REDIS_PASSWORD":
+        env["DISTCOMP_REDIS_PASSWORD"] = "s3cret-for-tasks"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "distcomp", "worker", "--results-dir",
+                               str(tmp_path / "r"), "--exit-when-empty"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert state(q, tid) == "finished"
+        seen = (tmp_path / "r" / tid[:2] / f"{tid}.out").read_text()
+        assert "DISTCOMP_TASK_ID=" + tid in seen
+        assert "s3cret-for-tasks" not in seen
+        assert "s3cret-for-tasks" not in proc.stderr
+    finally:
+        server.stop()
+
+
 def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path):
     """While Redis is away the worker retries every second; the loop passes in between make no
     call to Redis and must not be taken for proof that it is back."""
