@@ -23,8 +23,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
                        idle workers claim at once instead of at their next poll
     P:drained          pub/sub channel: a notice when a script leaves nothing todo or
                        running, so ``distcomp wait`` returns at once
-    P:req:<id>         string with a TTL: the reply of one submit chunk, cancel or retry, for
-                       a resend of the same request (kept ten minutes)
+    P:req:<id>         string with a TTL: the reply of one submit chunk, cancel, retry or
+                       requeue of a worker, for a resend of the same request (ten minutes)
 
 Task states are ``todo``, ``running`` (with ``worker`` and ``attempt``), ``finished`` and
 ``failed``. Every transition is one Lua script, so it is atomic and a concurrent reader never
@@ -147,8 +147,9 @@ local function unrun_worker(worker, reason)
   return #ids
 end
 -- The client sends a request again when the connection broke, and Redis may have run it the
--- first time. Submit, cancel and retry carry a request id and keep their reply under it for a
--- while: a resend gets the first reply (what was added, cancelled, retried) and changes nothing.
+-- first time. Submit, cancel, retry and requeue of a worker carry a request id and keep their
+-- reply under it for a while: a resend gets the first reply (what was added, cancelled,
+-- retried, requeued) and changes nothing.
 -- The client resends within seconds (redis_client.Redis.exchange); ten minutes is ample.
 local function first_reply(rid)
   local r = redis.call('GET', P .. ':req:' .. rid)
@@ -422,10 +423,12 @@ leave_running(id, worker)
 return reported(tkey, worker, attempt, unrun(id, tkey, take_cancel(id), ARGV[5], now_s()))
 """
 
-# ARGV: P, worker, reason. Every task running on the worker goes back to todo (cancelled ones
-# fail).
+# ARGV: P, request id, worker, reason. Every task running on the worker goes back to todo
+# (cancelled ones fail). A resend must not take the tasks the worker claimed meanwhile.
 _REQUEUE_WORKER = _LUA_COMMON + r"""
-return unrun_worker(ARGV[2], ARGV[3])
+local first = first_reply(ARGV[2])
+if first then return first end
+return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 """
 
 # ARGV: P. Requeue the running tasks of every worker whose lease has expired. Only leases past
@@ -713,7 +716,7 @@ class Queue:
         return int(self._run("reap"))
 
     def requeue_worker(self, worker: str, reason: str) -> int:
-        return int(self._run("requeue_worker", worker, reason))
+        return int(self._run("requeue_worker", uuid.uuid4().hex, worker, reason))
 
     def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
               avoid_window_s: float = 60.0, charges: dict[str, float] | None = None,

@@ -311,8 +311,9 @@ def test_a_late_annotation_of_an_earlier_attempt_is_dropped(queue, client):
 
 
 def test_a_request_whose_reply_was_lost_is_answered_as_the_first_time(redis_server, namespace):
-    """Submit, cancel and retry are sent again when the connection breaks after Redis ran them;
-    the resend gets the first reply (what the user is told was done) and changes nothing."""
+    """Submit, cancel, retry and requeue of a worker are sent again when the connection breaks
+    after Redis ran them; the resend gets the first reply (what the user is told was done) and
+    changes nothing."""
     proxy = ReplyLoser(redis_server.port)
     try:
         q = Queue(Redis(proxy.url), namespace)
@@ -320,6 +321,7 @@ def test_a_request_whose_reply_was_lost_is_answered_as_the_first_time(redis_serv
         q.submit([warm])
         q.cancel([warm.task_id])
         q.retry([warm.task_id])
+        q.requeue_worker("nobody", "loads the script")
         specs = [spec(f"echo {i}") for i in range(3)]
         ids = [s.task_id for s in specs]
         proxy.lose_next()
@@ -328,7 +330,11 @@ def test_a_request_whose_reply_was_lost_is_answered_as_the_first_time(redis_serv
         assert q.cancel(ids) == (3, 0)
         proxy.lose_next()
         assert q.retry(ids) == 3
-        assert proxy.lost == 3
+        assert q.register("w", "tok-w", 60_000, {"host": "h", "room_mb": 1024})[0]
+        assert len(q.claim("w", "tok-w", 1024, 4, 2)) == 2
+        proxy.lose_next()
+        assert q.requeue_worker("w", "gone") == 2
+        assert proxy.lost == 4
         assert q.counts() == {"todo": 4, "running": 0, "finished": 0, "failed": 0, "total": 4}
     finally:
         proxy.close()
