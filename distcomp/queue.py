@@ -228,8 +228,10 @@ for _, k in ipairs({{P .. ':seq', 'string'}, {P .. ':counts', 'hash'}, {P .. ':b
   local err = foreign(k[1], k[2])
   if err then return err end
 end
--- The resource class of each distinct (memory, cores) pair is worked out once a chunk.
-local bucket_of_class, buckets, new, existing = {}, {}, {}, 0
+-- The resource class of each distinct (memory, cores) pair is worked out once a chunk. The
+-- first pass keeps what the second needs (each new task's key and queue), so the writes cost
+-- no more than they would in one pass.
+local queue_of_class, buckets, new, tkeys, qkeys, existing = {}, {}, {}, {}, {}, 0
 for a = 1, #T, 11 do
   local tkey = tprefix .. T[a]
   if redis.call('EXISTS', tkey) == 1 then
@@ -238,20 +240,23 @@ for a = 1, #T, 11 do
     existing = existing + 1
   else
     local class = T[a + 3] .. '/' .. T[a + 4]
-    if not bucket_of_class[class] then
+    local qkey = queue_of_class[class]
+    if not qkey then
       local b = bucket_of(tonumber(T[a + 3]), tonumber(T[a + 4]))
-      local err = foreign(qprefix .. b, 'zset')
+      qkey = qprefix .. b
+      local err = foreign(qkey, 'zset')
       if err then return err end
-      bucket_of_class[class] = b
+      queue_of_class[class] = qkey
       buckets[#buckets + 1] = b
     end
-    new[#new + 1] = a
+    local n = #new + 1
+    new[n], tkeys[n], qkeys[n] = a, tkey, qkey
   end
 end
 if #new == 0 then return keep_reply(rid, {0, existing}) end
 local seq = redis.call('INCRBY', P .. ':seq', #new) - #new
-for _, a in ipairs(new) do
-  local id, tkey = T[a], tprefix .. T[a]
+for n, a in ipairs(new) do
+  local tkey = tkeys[n]
   seq = seq + 1
   local score = string.format('%.0f', -tonumber(T[a + 2]) * 4294967296 + seq)
   -- Only what is read later is stored (an absent field reads as ''): a million tasks
@@ -263,7 +268,7 @@ for _, a in ipairs(new) do
   if T[a + 7] ~= '' then redis.call('HSET', tkey, 'cwd', T[a + 7]) end
   if T[a + 8] ~= '' then redis.call('HSET', tkey, 'env', T[a + 8]) end
   -- What to_todo does, with the fields already at hand and the counter bumped once a chunk.
-  redis.call('ZADD', qprefix .. bucket_of_class[T[a + 3] .. '/' .. T[a + 4]], score, id)
+  redis.call('ZADD', qkeys[n], score, T[a])
 end
 redis.call('SADD', P .. ':buckets', unpack(buckets))
 redis.call('HINCRBY', P .. ':counts', 'todo', #new)
