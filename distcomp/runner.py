@@ -248,6 +248,19 @@ class Runner:
         if sweep:
             kill_session(task.pid, sig)
 
+    @staticmethod
+    def exited(task: RunningTask) -> bool:
+        """Whether the main process has ended and waits to be reaped: it ended on its own, so a
+        kill decided on older samples (eviction, timeout, cancel) would only mislabel it."""
+        if task.returncode is not None:
+            return True
+        if task.pid <= 0:
+            return False
+        try:
+            return os.waitid(os.P_PID, task.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
     def kill(self, task: RunningTask, reason: str, grace: float) -> None:
         """TERM now, KILL once the grace period is over (see ``escalate``)."""
         if task.kill_reason is None:

@@ -316,6 +316,13 @@ class Worker:
         alone = len(self.running) == 1
         shortfall = self.reserve - projected
         for victim in candidates:
+            if self.runner.exited(victim):
+                # It ended on its own since the sample: reaping it gives its memory back, and
+                # killing it now would requeue work that is done.
+                shortfall -= victim.rss
+                if shortfall <= 0:
+                    break
+                continue
             victim.extra["alone"] = alone
             log.warning("memory short (%s available, eviction below %s): evicting task %s "
                         "(started last, using %s)", gib(avail), gib(self.evict_below),
@@ -730,7 +737,7 @@ class Worker:
             log.info("stop requested: finishing running tasks, then exiting")
             self.stop_requested = self.stopping = True
         for tid in beat.cancel:
-            if tid in self.running:
+            if tid in self.running and not self.runner.exited(self.running[tid]):
                 self.runner.kill(self.running[tid], "cancel", self.wc.kill_grace)
         for tid, task in self.running.items():
             if tid not in beat.running and task.kill_reason is None and task.returncode is None:
@@ -773,7 +780,8 @@ class Worker:
                 self.runner.escalate(task)
                 task.kill_deadline = mono + 1.0
             limit = task.claim.timeout_s or self.wc.default_timeout
-            if limit and task.kill_reason is None and mono - task.started_mono > limit:
+            if limit and task.kill_reason is None and mono - task.started_mono > limit and \
+                    not self.runner.exited(task):
                 task.extra["timeout"] = limit
                 self.runner.kill(task, "timeout", self.wc.kill_grace)
 

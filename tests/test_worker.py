@@ -247,6 +247,39 @@ def test_what_a_task_holds_at_its_first_sample_is_not_growth_to_project(queue, t
         os.waitpid(task.pid, 0)
 
 
+@pytest.mark.parametrize("kill", ["evict", "timeout", "cancel"])
+def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
+        queue, tmp_path, kill):
+    """Kills are decided on what the worker saw last: an eviction on the last sample, a timeout
+    on the clock, a cancel on the heartbeat. A task whose process ended since then did its
+    work; killing it anyway labelled it evicted (and ran it again), timed out or cancelled."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="late", cores=2,
+                                          default_timeout=60)), queue)
+    w.register()
+    [tid] = submit(queue, ["shell:0:0:1:echo did it"])
+    assert w.exchange(True) == 1
+    task = w.running[tid]
+    os.waitid(os.P_PID, task.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped yet
+    if kill == "evict":
+        w.evict_below = w.capacity  # memory short whatever the node has
+        w.sample()
+    elif kill == "timeout":
+        w.check_deadlines(task.started_mono + 61)
+    else:
+        assert queue.cancel([tid]) == (0, 1)  # flagged for its worker
+        w.heartbeat()
+    assert task.kill_reason is None
+    assert w.runner.try_reap(task)
+    w.completed(task)
+    w.exchange(False)
+    record = queue.task(tid)
+    assert (record["state"], record.get("evictions", "0")) == ("finished", "0"), record
+    with open(w.runner.final_paths(tid)[0]) as out:
+        assert out.read() == "did it\n"
+
+
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
     (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
     workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
