@@ -357,9 +357,6 @@ class Redis:
     def exists(self, *keys: str) -> int:
         return self.execute("EXISTS", *keys)
 
-    def unlink(self, *keys: str) -> int:
-        return self.execute("UNLINK", *keys)
-
     def hgetall(self, key: str) -> dict[bytes, bytes]:
         return _pairs(self.execute("HGETALL", key))
 

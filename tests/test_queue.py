@@ -380,6 +380,39 @@ def test_namespaces_are_isolated(client, redis_server, namespace):
     assert client.get("foreign:key") == b"keep"
 
 
+def test_a_purge_racing_submits_leaves_every_task_it_keeps_claimable(queue, redis_server,
+                                                                     namespace, client):
+    """Tasks submitted while a purge runs are either gone with it or kept whole. A purge in
+    batches deleted the queue and the counts in one batch and new tasks' hashes survived in
+    another: tasks counted as todo that no claim could ever find."""
+    queue.submit([spec(f"echo old {i}", mem_gb=i % 4) for i in range(60000)])
+    other = Queue(Redis(redis_server.url), namespace)
+    started, stop = threading.Event(), threading.Event()
+
+    def submit_one_at_a_time() -> None:
+        i = 0
+        while not stop.is_set():
+            other.submit([spec(f"echo new {i}", mem_gb=i % 4)])
+            started.set()
+            i += 1
+
+    racer = threading.Thread(target=submit_one_at_a_time)
+    racer.start()
+    try:
+        started.wait(30)
+        assert queue.purge() >= 60000
+    finally:
+        stop.set()
+        racer.join()
+    queued = set()
+    for key in client.scan_iter(f"{namespace}:q:*"):
+        queued |= {m.decode() for m in client.zrange(key, 0, -1)}
+    todo = {k.decode().rsplit(":", 1)[1] for k in client.scan_iter(f"{namespace}:t:*")
+            if client.hget(k, "state") == b"todo"}
+    assert todo == queued
+    assert int(client.hget(f"{namespace}:counts", "todo") or 0) == len(todo)
+
+
 def test_evicted_task_bigger_than_every_worker_fails_instead_of_waiting_forever(queue):
     s = spec("grows")
     queue.submit([s])
