@@ -760,9 +760,14 @@ class Worker:
         """Stop now: running tasks go back to the queue and their processes are killed.
 
         If Redis cannot be reached the tasks are killed anyway; deregistering requeues them, or
-        if Redis is still away then, the reaper once the lease expires: nothing is lost."""
-        mine = [t for t in self.running.values() if t.kill_reason is None]
+        if Redis is still away then, the reaper once the lease expires: nothing is lost. A task
+        that has already ended on its own is left to be reaped and reported as it ended."""
+        mine = []
         for task in self.running.values():
+            if self.runner.exited(task):
+                continue
+            if task.kill_reason is None:
+                mine.append(task)
             self.runner.kill(task, "shutdown", self.wc.kill_grace)
         try:
             pipe = self.q.pipeline()

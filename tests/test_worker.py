@@ -247,12 +247,13 @@ def test_what_a_task_holds_at_its_first_sample_is_not_growth_to_project(queue, t
         os.waitpid(task.pid, 0)
 
 
-@pytest.mark.parametrize("kill", ["evict", "timeout", "cancel"])
+@pytest.mark.parametrize("kill", ["evict", "timeout", "cancel", "shutdown"])
 def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
         queue, tmp_path, kill):
     """Kills are decided on what the worker saw last: an eviction on the last sample, a timeout
-    on the clock, a cancel on the heartbeat. A task whose process ended since then did its
-    work; killing it anyway labelled it evicted (and ran it again), timed out or cancelled."""
+    on the clock, a cancel on the heartbeat, a stop on a signal. A task whose process ended
+    since then did its work; killing it anyway labelled it evicted or requeued it on the stop
+    (and ran it again), or failed it as timed out or cancelled."""
     from distcomp.worker import Worker
 
     w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="late", cores=2,
@@ -267,9 +268,12 @@ def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
         w.sample()
     elif kill == "timeout":
         w.check_deadlines(task.started_mono + 61)
-    else:
+    elif kill == "cancel":
         assert queue.cancel([tid]) == (0, 1)  # flagged for its worker
         w.heartbeat()
+    else:
+        w.requeue_all()
+        assert state(queue, tid) == "running"
     assert task.kill_reason is None
     assert w.runner.try_reap(task)
     w.completed(task)
