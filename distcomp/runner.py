@@ -251,7 +251,8 @@ class Runner:
     @staticmethod
     def exited(task: RunningTask) -> bool:
         """Whether the main process has ended and waits to be reaped: it ended on its own, so a
-        kill decided on older samples (eviction, timeout, cancel) would only mislabel it."""
+        kill decided on older observations (eviction, timeout, cancel, stop) would only mislabel
+        it."""
         if task.returncode is not None:
             return True
         if task.pid <= 0:
