@@ -119,6 +119,7 @@ def _load_worker(port: int, ns: str, names: list[str], seconds: float, conn: Any
         assert ok
     next_hb = {n: time.monotonic() + HEARTBEAT_S for n in names}
     done = [0] * len(names)
+    kept: dict[str, list[str]] = {n: [] for n in names}
     lat: list[float] = []
     hb_count = 0
     t_end = time.monotonic() + seconds
@@ -136,6 +137,10 @@ def _load_worker(port: int, ns: str, names: list[str], seconds: float, conn: Any
             if not claims:
                 continue
             pipe = q.pipeline()
+            # As a worker does: the reports say which earlier outputs were renamed.
+            if kept[n]:
+                q.outputs_kept(n, kept[n], client=pipe)
+            kept[n] = [c.task_id for c in claims]
             for c in claims:
                 q.finish(c.task_id, n, c.attempt, {"exit_code": 0, "wall_s": "0.000"},
                          client=pipe)

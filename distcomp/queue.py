@@ -16,6 +16,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
+    P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
+                       renamed their output files (see ``outputs``)
     P:cancel           set: running ids whose workers must kill them
     P:stop             string: time of the last stop-workers request
     P:wake             pub/sub channel: a notice each time a script makes tasks claimable
@@ -177,6 +179,28 @@ end
 local function reported(tkey, worker, attempt, outcome)
   redis.call('HSET', tkey, 'reported', report_mark(worker, attempt, outcome))
   return outcome
+end
+-- A report whose outcome is 1 (finished, or failed for good) makes the attempt's files the
+-- task's: the worker renames them after this reply and then says so. Until then the task is
+-- listed in P:out:<worker>, so that a worker killed in between does not leave the record and
+-- the files disagreeing (``pending_outputs``).
+local function recorded(tkey, id, worker, attempt, outcome)
+  if outcome == 1 then redis.call('SADD', P .. ':out:' .. worker, id) end
+  return reported(tkey, worker, attempt, outcome)
+end
+-- The ids of P:out:<worker> whose recorded outcome is still that worker's report, each with
+-- the attempt whose files are to become the task's (a task retried since is left out).
+local function pending_outputs(worker)
+  local out, prefix = {}, worker .. '#'
+  for _, id in ipairs(redis.call('SMEMBERS', P .. ':out:' .. worker)) do
+    local t = redis.call('HMGET', P .. ':t:' .. id, 'state', 'reported')
+    if (t[1] == 'finished' or t[1] == 'failed') and t[2] and
+        string.sub(t[2], 1, #prefix) == prefix then
+      local attempt, outcome = string.match(string.sub(t[2], #prefix + 1), '^(%d+)#(%d+)$')
+      if outcome == '1' then out[#out + 1] = {id, tonumber(attempt)} end
+    end
+  end
+  return out
 end
 -- A record (a task's result, a worker's stats) arrives as one JSON object of strings: one
 -- argument instead of two per field, because the client spends longer packing arguments than
@@ -362,6 +386,7 @@ local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
 local tkey, replay = settle(id, worker, attempt, 6,
   {'state', 'finished', 'reason', '', 'reported', report_mark(worker, attempt, 1)})
 if not tkey then return replay end
+redis.call('SADD', P .. ':out:' .. worker, id)
 redis.call('ZADD', P .. ':s:finished', ARGV[5], id)
 redis.call('HINCRBY', P .. ':counts', 'finished', 1)
 announce_if_drained()
@@ -381,10 +406,10 @@ if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries
     redis.call('HSET', tkey, 'failed_on', failed_on .. worker .. ',')
   end
   redis.call('HSET', tkey, 'last_fail', now)
-  return reported(tkey, worker, attempt, unrun(id, tkey, cancelled, nil, now))
+  return recorded(tkey, id, worker, attempt, unrun(id, tkey, cancelled, nil, now))
 end
 to_failed(id, tkey, now)
-return reported(tkey, worker, attempt, 1)
+return recorded(tkey, id, worker, attempt, 1)
 """
 
 # ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, record.
@@ -402,7 +427,7 @@ end
 if evictions > tonumber(ARGV[7]) then
   redis.call('HSET', tkey, 'reason', ARGV[9])
   to_failed(id, tkey, now)
-  return reported(tkey, worker, attempt, 1)
+  return recorded(tkey, id, worker, attempt, 1)
 end
 local room = 0
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')) do
@@ -413,9 +438,9 @@ if need > room then
   redis.call('HSET', tkey, 'reason', 'needs ' .. need .. ' MiB (peak seen when evicted from ' ..
     worker .. '), more than any live worker has room for (largest: ' .. room .. ' MiB)')
   to_failed(id, tkey, now)
-  return reported(tkey, worker, attempt, 1)
+  return recorded(tkey, id, worker, attempt, 1)
 end
-return reported(tkey, worker, attempt, unrun(id, tkey, cancelled, ARGV[8], now))
+return recorded(tkey, id, worker, attempt, unrun(id, tkey, cancelled, ARGV[8], now))
 """
 
 # ARGV: P, id, worker, attempt, reason. Back to todo without counting a failure or eviction
@@ -436,17 +461,33 @@ if first then return first end
 return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 """
 
-# ARGV: P. Requeue the running tasks of every worker whose lease has expired. Only leases past
-# their deadline are looked at, so the cost does not grow with the number of live workers.
+# ARGV: P, the caller's results directory ('' for none). Requeue the running tasks of every
+# worker whose lease has expired. Only leases past their deadline are looked at, so the cost does
+# not grow with the number of live workers. A dead worker that wrote to the caller's results
+# directory leaves its files to the caller: the reply lists the attempts whose outcome it reported
+# but may not have renamed yet, and the attempts it was running, now requeued.
+# Returns {requeued, {{worker, id, attempt} to rename}, {{id, attempt} to delete}}.
 _REAP = _LUA_COMMON + r"""
-local n = 0
+local n, keep, drop = 0, {}, {}
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
     redis.call('ZREM', P .. ':leases', w)
+    if ARGV[2] ~= '' and redis.call('HGET', P .. ':w:' .. w, 'results_dir') == ARGV[2] then
+      for _, o in ipairs(pending_outputs(w)) do keep[#keep + 1] = {w, o[1], o[2]} end
+      for _, id in ipairs(redis.call('SMEMBERS', P .. ':run:' .. w)) do
+        drop[#drop + 1] = {id, tonumber(redis.call('HGET', P .. ':t:' .. id, 'attempt'))}
+      end
+    end
     n = n + unrun_worker(w, 'requeued: worker ' .. w .. ' stopped renewing its lease')
   end
 end
-return n
+return {n, keep, drop}
+"""
+
+# ARGV: P, worker. The attempts whose outcome the worker reported and whose files it may not
+# have renamed yet: {{id, attempt}, ...}.
+_OUTPUTS = _LUA_COMMON + r"""
+return pending_outputs(ARGV[2])
 """
 
 # ARGV: P, worker, token, ttl_ms, force (1/0), info record (JSON).
@@ -483,17 +524,18 @@ return {status, redis.call('GET', P .. ':stop') or '',
 """
 
 # ARGV: P, worker, token, final stats record (JSON, marked ``stopped``). The worker leaves
-# cleanly: its lease goes and its last stats stay, so ``workers`` tells a clean stop from a lost
-# worker and counts all it did. Tasks still listed as running under its name (its own requeue
-# failed, or a claim's reply was lost) go back to todo here: once the lease is gone the reaper
-# no longer looks at this name. Returns how many, or -1 when another instance holds the name
-# now: then the name, its tasks and its record are that instance's.
+# cleanly, its output files all renamed: its lease and P:out:<worker> go and its last stats stay,
+# so ``workers`` tells a clean stop from a lost worker and counts all it did. Tasks still listed
+# as running under its name (its own requeue failed, or a claim's reply was lost) go back to todo
+# here: once the lease is gone the reaper no longer looks at this name. Returns how many, or -1
+# when another instance holds the name now: then the name, its tasks and its record are that
+# instance's.
 _DEREGISTER = _LUA_COMMON + r"""
 local worker = ARGV[2]
 local lkey = P .. ':lease:' .. worker
 local holder = redis.call('GET', lkey)
 if holder and holder ~= ARGV[3] then return -1 end
-redis.call('DEL', lkey)
+redis.call('DEL', lkey, P .. ':out:' .. worker)
 redis.call('ZREM', P .. ':leases', worker)
 set_record(P .. ':w:' .. worker, ARGV[4])
 return unrun_worker(worker, 'requeued: worker ' .. worker .. ' stopped while it was listed there')
@@ -593,6 +635,12 @@ class Submitted(NamedTuple):
     duplicates: int    # repeated within this call, stored once
 
 
+class Reaped(NamedTuple):
+    requeued: int
+    keep: list[tuple[str, str, int]]   # (dead worker, id, attempt): files to rename
+    drop: list[tuple[str, int]]        # (id, attempt): files of requeued attempts
+
+
 class LeaseLost(RuntimeError):
     """This worker no longer holds its lease: another instance took the name over."""
 
@@ -646,6 +694,7 @@ class Queue:
                 ("reap", _REAP), ("register", _REGISTER), ("heartbeat", _HEARTBEAT),
                 ("deregister", _DEREGISTER), ("cancel", _CANCEL), ("retry", _RETRY),
                 ("annotate", _ANNOTATE), ("read_tasks", _READ_TASKS), ("purge", _PURGE),
+                ("outputs", _OUTPUTS),
             )
         }
 
@@ -735,8 +784,24 @@ class Queue:
         as cancelled), -1 when another instance holds the name now."""
         return int(self._run("deregister", worker, token, _record({**stats, "stopped": "1"})))
 
-    def reap(self) -> int:
-        return int(self._run("reap"))
+    def reap(self, results_dir: str = "") -> Reaped:
+        """Requeue the tasks of workers whose lease expired. A worker passes its (absolute)
+        results directory to be handed the files such workers of the same directory left."""
+        n, keep, drop = self._run("reap", results_dir)
+        return Reaped(int(n), [(_str(w), _str(tid), int(a)) for w, tid, a in keep],
+                      [(_str(tid), int(a)) for tid, a in drop])
+
+    def outputs(self, worker: str) -> list[tuple[str, int]]:
+        """(id, attempt) of every task whose outcome ``worker`` reported and whose output files
+        it has not said it renamed (``outputs_kept``); a task retried since is left out."""
+        return [(_str(tid), int(a)) for tid, a in self._run("outputs", worker)]
+
+    def outputs_kept(self, worker: str, ids: Sequence[str], client: Any = None) -> Any:
+        """``worker`` renamed the output files of ``ids`` (or found nothing left to rename)."""
+        args = ("SREM", self.key("out", worker), *ids)
+        if client is not None:
+            return client.command(*args)
+        return self.r.execute(*args)
 
     def requeue_worker(self, worker: str, reason: str) -> int:
         return int(self._run("requeue_worker", uuid.uuid4().hex, worker, reason))

@@ -157,6 +157,11 @@ class Runner:
         d = f"{self.results}/{task_id[:2]}"
         return f"{d}/{task_id}.out", f"{d}/{task_id}.err"
 
+    def part_paths(self, task_id: str, attempt: int) -> tuple[str, str]:
+        """Where one attempt writes its output until the queue records it."""
+        stem = f"{self.results}/{task_id[:2]}/{task_id}.a{attempt}"
+        return f"{stem}.out", f"{stem}.err"
+
     def argv(self, claim: Claim) -> list[str]:
         if claim.type == "python":
             return [self.python, *shlex.split(claim.params)]
@@ -182,13 +187,12 @@ class Runner:
         return (program, words) if program else None
 
     def start(self, claim: Claim) -> RunningTask:
-        d = self.shard(claim.task_id)
-        stem = f"{d}/{claim.task_id}.a{claim.attempt}"
+        self.shard(claim.task_id)
         env = {**self.base_env, **claim.env} if claim.env else dict(self.base_env)
         env["DISTCOMP_TASK_ID"] = claim.task_id
         env["DISTCOMP_ATTEMPT"] = str(claim.attempt)
-        task = RunningTask(claim, 0, -1, time.time(), time.monotonic(), stem + ".out",
-                           stem + ".err")
+        task = RunningTask(claim, 0, -1, time.time(), time.monotonic(),
+                           *self.part_paths(claim.task_id, claim.attempt))
         try:
             task.out_fd = os.open(task.out_part, _OUTPUT_FLAGS, 0o666)
             task.err_fd = os.open(task.err_part, _OUTPUT_FLAGS, 0o666)
@@ -323,15 +327,25 @@ class Runner:
 
     def keep(self, task: RunningTask) -> None:
         """The queue recorded this attempt: its output becomes the task's output."""
-        out, err = self.final_paths(task.task_id)
-        for part, final in ((task.out_part, out), (task.err_part, err)):
+        self.keep_attempt(task.task_id, task.claim.attempt)
+
+    def keep_attempt(self, task_id: str, attempt: int) -> bool:
+        """Rename one attempt's files to the task's; False when neither was left to rename
+        (renamed already, or never on this file system)."""
+        moved = False
+        for part, final in zip(self.part_paths(task_id, attempt), self.final_paths(task_id)):
             try:
                 os.replace(part, final)
+                moved = True
             except FileNotFoundError:
                 pass
+        return moved
 
     def discard(self, task: RunningTask) -> None:
-        for part in (task.out_part, task.err_part):
+        self.discard_attempt(task.task_id, task.claim.attempt)
+
+    def discard_attempt(self, task_id: str, attempt: int) -> None:
+        for part in self.part_paths(task_id, attempt):
             try:
                 os.unlink(part)
             except FileNotFoundError:

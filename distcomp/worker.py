@@ -35,7 +35,7 @@ import psutil
 from . import __version__
 from .config import OVERCOMMIT_AUTO, Config, ConfigError, WorkerConfig
 from .forecast import Outlook, Profile, profile, shape
-from .queue import Claim, LeaseLost, Queue
+from .queue import Claim, LeaseLost, Queue, Reaped
 from .redis_client import ConnectError, RefusedError, ResponseError
 from .resources import (
     gib,
@@ -111,6 +111,7 @@ class Worker:
         self.running: dict[str, RunningTask] = {}
         self.by_fd: dict[int, str] = {}
         self.ops: list[tuple[str, RunningTask | None, Any]] = []
+        self.kept: list[str] = []  # ids whose files were renamed: the queue is told next exchange
         self.sweep_sids: set[int] = set()
         self.available = self.capacity
         self.tasks_rss = 0
@@ -158,7 +159,7 @@ class Worker:
             "token": self.token, "started": repr(self.started), "cores": self.cores,
             "mem_total": self.capacity, "reserve": self.reserve, "ttl_ms": self.ttl_ms,
             "room_mb": (self.capacity - self.reserve) >> 20,
-            "version": __version__, "results_dir": self.wc.results_dir,
+            "version": __version__, "results_dir": self.runner.results,
         }
 
     def register(self) -> None:
@@ -181,14 +182,28 @@ class Worker:
             waited += 1.0
         leftovers = payload
         if leftovers:
-            self.kill_orphans(leftovers)
+            attempts = self.kill_orphans(leftovers)
             n = self.q.requeue_worker(self.name, f"requeued: worker {self.name} restarted")
             log.info("requeued %d task(s) left by the previous instance of %s", n, self.name)
+            for tid, attempt in attempts.items():
+                self.runner.discard_attempt(tid, attempt)
+        # A previous instance killed between a report and renaming its files left the record
+        # right and the files of an earlier attempt (or none) as the task's output.
+        pending = self.q.outputs(self.name)
+        renamed = sum(self.runner.keep_attempt(tid, attempt) for tid, attempt in pending)
+        if renamed:
+            log.info("renamed the output files of %d task(s) whose outcome the previous instance "
+                     "of %s had recorded", renamed, self.name)
+        if pending:
+            self.q.outputs_kept(self.name, [tid for tid, _ in pending])
 
-    def kill_orphans(self, ids: list[str]) -> None:
-        """Processes a crashed instance left behind on this host die before their tasks rerun."""
+    def kill_orphans(self, ids: list[str]) -> dict[str, int]:
+        """Processes a crashed instance left behind on this host die before their tasks rerun.
+        Returns the attempt each task was at, whose files are to go once it is requeued."""
+        attempts = {}
         for tid in ids:
             task = self.q.task(tid) or {}
+            attempts[tid] = int(task.get("attempt") or 0)
             if task.get("host") != self.host or not task.get("pid"):
                 continue
             pid = int(task["pid"])
@@ -196,6 +211,7 @@ class Worker:
                 continue
             n = kill_session(pid, signal.SIGKILL)
             log.info("killed %d orphan process(es) of task %s", n, tid)
+        return attempts
 
     def prepare_process(self) -> None:
         """Tasks are spawned without Popen's fd closing, and each running task holds three
@@ -665,6 +681,11 @@ class Worker:
         if not self.ops and not claim:
             return 0
         pipe = self.q.pipeline()
+        # First the renames done since the last exchange: a report below may list the same task
+        # again (a later attempt, after a retry), and must stay listed.
+        kept = self.kept
+        if kept:
+            self.q.outputs_kept(self.name, kept, client=pipe)
         for kind, task, payload in self.ops:
             assert task is not None
             c = task.claim
@@ -689,7 +710,8 @@ class Worker:
             self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
                          client=pipe)
-        replies = pipe.execute()
+        replies = pipe.execute()[1 if kept else 0:]
+        self.kept = []
         ops, self.ops = self.ops, []
         for (kind, task, payload), outcome in zip(ops, replies):
             if kind == "annotate" or task is None:
@@ -706,6 +728,7 @@ class Worker:
                     log.info("task %s requeued: %s", task.task_id, _reason(payload))
             else:
                 self.runner.keep(task)
+                self.kept.append(task.task_id)
                 if kind != "finish":
                     log.info("task %s failed: %s", task.task_id, _reason(payload))
         if not claim:
@@ -753,7 +776,23 @@ class Worker:
                         "lost?); putting it back in the queue", tid)
             self.q.requeue(tid, self.name, attempt,
                            f"requeued: worker {self.name} never received its claim")
-        self.q.reap()
+        reaped = self.q.reap(self.runner.results)
+        self.take_over_outputs(reaped)
+
+    def take_over_outputs(self, reaped: Reaped) -> None:
+        """Workers whose lease expired and who wrote to this results directory: the outcomes
+        they reported get their files (they may have died before renaming them), and the
+        attempts they were running, now requeued, leave none."""
+        renamed: dict[str, list[str]] = {}
+        for worker, tid, attempt in reaped.keep:
+            if self.runner.keep_attempt(tid, attempt):
+                renamed.setdefault(worker, []).append(tid)
+        for tid, attempt in reaped.drop:
+            self.runner.discard_attempt(tid, attempt)
+        for worker, ids in renamed.items():
+            log.info("renamed the output files of %d task(s) whose outcome worker %s recorded "
+                     "before its lease expired", len(ids), worker)
+            self.q.outputs_kept(worker, ids)
 
     # -- the loop ---------------------------------------------------------------------------
     def requeue_all(self) -> None:

@@ -138,7 +138,7 @@ def test_late_result_of_a_taken_over_attempt_is_rejected(queue, client):
     first = claim_one(queue, "w1")
     assert first.attempt == 1
     wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
-    assert queue.reap() == 1
+    assert queue.reap().requeued == 1
     register(queue, "w2")
     second = claim_one(queue, "w2")
     assert second.task_id == s.task_id and second.attempt == 2
@@ -197,9 +197,9 @@ def test_lease_expiry_requeues_without_a_command(queue, client):
     queue.submit([spec("a"), spec("b")])
     register(queue, "w", ttl_ms=150)
     assert len(queue.claim("w", "tok-w", 1e9, 1e9, 5)) == 2
-    assert queue.reap() == 0
+    assert queue.reap().requeued == 0
     wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
-    assert queue.reap() == 2
+    assert queue.reap().requeued == 2
     assert queue.counts()["todo"] == 2 and queue.running_on("w") == set()
 
 
@@ -266,10 +266,58 @@ def test_a_cancel_is_not_undone_by_the_reaper(queue, client):
     claim_one(queue, "w")
     assert queue.cancel([s.task_id]) == (0, 1)
     wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
-    assert queue.reap() == 1
+    assert queue.reap().requeued == 1
     assert queue.task(s.task_id)["reason"] == "cancelled"
     assert queue.counts()["failed"] == 1
     held_in_step(queue, client)
+
+
+def test_recorded_outcomes_stay_listed_until_the_worker_says_it_renamed_their_files(queue):
+    """A worker renames an attempt's files after the queue recorded the attempt as the task's
+    outcome. Until it says it did, the queue lists the attempt under the worker, so that
+    whoever takes over after a kill in between can rename them; an attempt that went back
+    to the queue has no files to keep, and a task retried since has a new outcome coming."""
+    names = ("finished", "failed", "retryable", "evicted", "over budget", "retried")
+    ids = {n: spec(n, retries=1).task_id for n in names}
+    queue.submit([spec(n, retries=1) for n in names])
+    register(queue, "w")
+    assert len(queue.claim("w", "tok-w", 1e9, 1e9, 10)) == len(names)
+    assert queue.finish(ids["finished"], "w", 1, {"exit_code": 0}) == 1
+    assert queue.fail(ids["failed"], "w", 1, {"reason": "exit code 2"}, False) == 1
+    assert queue.fail(ids["retryable"], "w", 1, {"reason": "exit code 1"}, True) == 2
+    assert queue.evict(ids["evicted"], "w", 1, 100, 5, "evicted", "budget", {}) == 2
+    assert queue.evict(ids["over budget"], "w", 1, 100, 0, "evicted", "budget", {}) == 1
+    assert queue.fail(ids["retried"], "w", 1, {"reason": "exit code 2"}, False) == 1
+    assert queue.retry([ids["retried"]]) == 1
+    assert sorted(queue.outputs("w")) == sorted(
+        (ids[n], 1) for n in ("finished", "failed", "over budget"))
+    queue.outputs_kept("w", [ids["finished"], ids["failed"]])
+    assert queue.outputs("w") == [(ids["over budget"], 1)]
+    # A clean stop comes after every rename: nothing of the name is left to take over.
+    assert queue.deregister("w", "tok-w", {}) == 0
+    assert queue.outputs("w") == []
+
+
+def test_the_reaper_hands_a_dead_workers_files_to_a_worker_of_its_results_dir(queue, client):
+    a, b, c, d = (spec(x) for x in "abcd")
+    queue.submit([a, b, c, d])
+    for name, results in (("w", "/shared/results"), ("x", "/elsewhere/results")):
+        ok, _ = queue.register(name, f"tok-{name}", 100,
+                               {"host": "test", "pid": 1, "results_dir": results})
+        assert ok
+        assert len(queue.claim(name, f"tok-{name}", 1e9, 1e9, 2)) == 2
+    assert queue.finish(a.task_id, "w", 1, {"exit_code": 0}) == 1
+    assert queue.finish(c.task_id, "x", 1, {"exit_code": 0}) == 1
+    wait_for(lambda: not client.exists(queue.key("lease", "w"), queue.key("lease", "x")), 5,
+             "lease expiry")
+    # The output of the outcome w recorded, and what its requeued attempt b wrote.
+    assert queue.reap("/shared/results") == (2, [("w", a.task_id, 1)], [(b.task_id, 1)])
+    # x wrote elsewhere: its files wait for x itself to come back.
+    assert queue.outputs("x") == [(c.task_id, 1)]
+    assert queue.outputs("w") == [(a.task_id, 1)]
+    queue.outputs_kept("w", [a.task_id])
+    assert queue.outputs("w") == []
+    assert queue.counts()["todo"] == 2
 
 
 def test_deregistering_requeues_what_is_still_listed_as_running_there(queue, client):
@@ -301,7 +349,7 @@ def test_a_late_annotation_of_an_earlier_attempt_is_dropped(queue, client):
     register(queue, "w1", ttl_ms=100)
     first = claim_one(queue, "w1")
     wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
-    assert queue.reap() == 1
+    assert queue.reap().requeued == 1
     register(queue, "w2")
     second = claim_one(queue, "w2")
     assert queue.annotate(s.task_id, "w2", second.attempt, {"host": "h2", "pid": 2}) == 1

@@ -328,6 +328,43 @@ def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_pat
     assert task["attempt"] == "2" and task["stdout_tail"] == "resumed\n"
 
 
+@pytest.mark.parametrize("successor", ["w0", "w1"], ids=["same name", "another name"])
+def test_files_a_killed_worker_left_unrenamed_become_the_recorded_outcome(
+        queue, workers, successor):
+    """A worker records a task's outcome and then renames the attempt's files to ID.out; a
+    kill -9 in between left the record right and ID.out holding an earlier attempt (or
+    missing). The state such a kill leaves is set up by hand, which pins the moment: w0 (its
+    process gone) recorded A but did not rename its files, and was running B. Whoever takes
+    over - w0 restarted, or another worker of the same results directory once w0's lease
+    expired - makes A's recorded attempt its output and removes what B's requeued attempt
+    wrote."""
+    a, b = submit(queue, ["shell:0:0:1:echo a", "shell:0:0:1:echo b-$DISTCOMP_ATTEMPT"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    results = workers.results
+    ok, _ = queue.register("w0", "tok-w0", 1000, {
+        "host": socket.gethostname(), "pid": gone.pid, "pstart": "1",
+        "results_dir": os.path.abspath(results), "room_mb": 1 << 20, "cores": 8})
+    assert ok
+    assert {c.task_id for c in queue.claim("w0", "tok-w0", 1e9, 1e9, 2)} == {a, b}
+    files = {}
+    for tid, name, text in ((a, "a1.out", "a\n"), (a, "a1.err", ""), (a, "out", "earlier\n"),
+                            (b, "a1.out", "b-")):
+        files[tid, name] = results / tid[:2] / f"{tid}.{name}"
+        files[tid, name].parent.mkdir(parents=True, exist_ok=True)
+        files[tid, name].write_text(text)
+    assert queue.finish(a, "w0", 1, {"exit_code": 0, "stdout_tail": "a\n"}) == 1
+
+    w = workers(successor, "--heartbeat-ttl", "2")
+    wait_for(lambda: state(queue, b) == "finished", 30, "the requeued task to run again")
+    assert files[a, "out"].read_text() == "a\n"
+    assert (results / a[:2] / f"{a}.err").exists()
+    assert (results / b[:2] / f"{b}.out").read_text() == "b-2\n"
+    assert not [p.name for p in results.glob("*/*.a1.*")], "an attempt's files were left"
+    assert (a, 1) not in queue.outputs("w0")
+    assert "renamed the output files of 1 task(s)" in w.output()
+
+
 def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path, client):
     (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
     w1 = workers("w1")
