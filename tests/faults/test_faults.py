@@ -87,7 +87,7 @@ def test_kill9_workers_and_restart(redis_server, cluster_factory, rng, record):
             requeue_times.append(time.monotonic() - t0)
     c.wait_settled(SETTLE_S)
     c.stop_workers()
-    result = check(c, strict_files=False)
+    result = check(c)
     record.update(result, fault="kill -9 worker, restart under same or new name",
                   injected=kills, same_name_restarts=same_name, new_name_restarts=new_name,
                   worst_stall_s=round(max(requeue_times, default=0.0), 3),

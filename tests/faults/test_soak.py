@@ -112,7 +112,7 @@ def test_combined_soak(redis_server, cluster_factory, proxy_factory, rng, record
         time.sleep(0.05)
     c.wait_settled(300)
     c.stop_workers()
-    result = check(c, strict_files=False)
+    result = check(c)
     record.update(result, fault="combined soak: all of the above at once", window_s=window,
                   injected_by_fault=injected, injected=sum(injected.values()),
                   supervisor_restarts=respawns,
