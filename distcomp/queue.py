@@ -18,6 +18,10 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
                        looks at leases that may have expired instead of at every worker
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
+    P:left             set: dead workers whose chores no worker has taken over yet
+    P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
+                       directory) and ``host`` while not taken over, and per requeued task
+                       id "attempt[ pid pstart]"
     P:cancel           set: running ids whose workers must kill them
     P:stop             string: time of the last stop-workers request
     P:wake             pub/sub channel: a notice each time a script makes tasks claimable
@@ -461,27 +465,73 @@ if first then return first end
 return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 """
 
-# ARGV: P, the caller's results directory ('' for none). Requeue the running tasks of every
-# worker whose lease has expired. Only leases past their deadline are looked at, so the cost does
-# not grow with the number of live workers. A dead worker that wrote to the caller's results
-# directory leaves its files to the caller: the reply lists the attempts whose outcome it reported
-# but may not have renamed yet, and the attempts it was running, now requeued.
-# Returns {requeued, {{worker, id, attempt} to rename}, {{id, attempt} to delete}}.
+# ARGV: P, the caller's results directory ('' for none), the caller's host ('' for none).
+# Requeue the running tasks of every worker whose lease has expired. Only leases past their
+# deadline are looked at, so the cost does not grow with the number of live workers.
+# A dead worker leaves two chores, kept in P:left:<worker> whoever reaps it (a worker or a
+# `distcomp status`): its files, for a worker of the same results directory (the outcomes it
+# recorded but may not have renamed, and what its requeued attempts wrote), and the processes of
+# its requeued tasks, for a worker of the same host. Each task's process is read here, in the
+# step that requeues it, before a new attempt can annotate its own. A caller is handed every
+# chore that is its own, each once.
+# Returns {requeued, {{worker, id, attempt} to rename}, {{id, attempt} to delete},
+#          {{id, pid, pstart} to kill}}.
 _REAP = _LUA_COMMON + r"""
-local n, keep, drop = 0, {}, {}
+local n = 0
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
     redis.call('ZREM', P .. ':leases', w)
-    if ARGV[2] ~= '' and redis.call('HGET', P .. ':w:' .. w, 'results_dir') == ARGV[2] then
-      for _, o in ipairs(pending_outputs(w)) do keep[#keep + 1] = {w, o[1], o[2]} end
-      for _, id in ipairs(redis.call('SMEMBERS', P .. ':run:' .. w)) do
-        drop[#drop + 1] = {id, tonumber(redis.call('HGET', P .. ':t:' .. id, 'attempt'))}
+    local who = redis.call('HMGET', P .. ':w:' .. w, 'host', 'results_dir')
+    local ids, left, procs = redis.call('SMEMBERS', P .. ':run:' .. w), {}, false
+    for _, id in ipairs(ids) do
+      local t = redis.call('HMGET', P .. ':t:' .. id, 'attempt', 'host', 'pid', 'pstart')
+      left[#left + 1] = id
+      if who[1] and t[2] == who[1] and t[3] and t[4] then
+        left[#left + 1] = t[1] .. ' ' .. t[3] .. ' ' .. t[4]
+        procs = true
+      else
+        left[#left + 1] = t[1]
       end
+    end
+    local files = who[2] and (#ids > 0 or redis.call('EXISTS', P .. ':out:' .. w) == 1)
+    if files or procs then
+      local lkey = P .. ':left:' .. w
+      if files then redis.call('HSET', lkey, 'dir', who[2]) end
+      if procs then redis.call('HSET', lkey, 'host', who[1]) end
+      if #left > 0 then redis.call('HSET', lkey, unpack(left)) end
+      redis.call('SADD', P .. ':left', w)
     end
     n = n + unrun_worker(w, 'requeued: worker ' .. w .. ' stopped renewing its lease')
   end
 end
-return {n, keep, drop}
+local keep, drop, orphans = {}, {}, {}
+for _, w in ipairs(redis.call('SMEMBERS', P .. ':left')) do
+  local lkey = P .. ':left:' .. w
+  local who = redis.call('HMGET', lkey, 'host', 'dir')
+  local files = ARGV[2] ~= '' and who[2] == ARGV[2]
+  local procs = ARGV[3] ~= '' and who[1] == ARGV[3]
+  if files then
+    for _, o in ipairs(pending_outputs(w)) do keep[#keep + 1] = {w, o[1], o[2]} end
+    redis.call('HDEL', lkey, 'dir')
+  end
+  if procs then redis.call('HDEL', lkey, 'host') end
+  if files or procs then
+    local flat = redis.call('HGETALL', lkey)
+    for i = 1, #flat, 2 do
+      local id, left = flat[i], flat[i + 1]
+      if id ~= 'host' and id ~= 'dir' then
+        local attempt, pid, pstart = string.match(left, '^(%d+) ?(%d*) ?(.*)$')
+        if files then drop[#drop + 1] = {id, tonumber(attempt)} end
+        if procs and pid ~= '' then orphans[#orphans + 1] = {id, pid, pstart} end
+      end
+    end
+    if redis.call('HEXISTS', lkey, 'host') == 0 and redis.call('HEXISTS', lkey, 'dir') == 0 then
+      redis.call('DEL', lkey)
+      redis.call('SREM', P .. ':left', w)
+    end
+  end
+end
+return {n, keep, drop, orphans}
 """
 
 # ARGV: P, worker. The attempts whose outcome the worker reported and whose files it may not
@@ -639,6 +689,7 @@ class Reaped(NamedTuple):
     requeued: int
     keep: list[tuple[str, str, int]]   # (dead worker, id, attempt): files to rename
     drop: list[tuple[str, int]]        # (id, attempt): files of requeued attempts
+    orphans: list[tuple[str, int, str]]  # (id, pid, pstart): processes on the caller's host
 
 
 class LeaseLost(RuntimeError):
@@ -784,12 +835,15 @@ class Queue:
         as cancelled), -1 when another instance holds the name now."""
         return int(self._run("deregister", worker, token, _record({**stats, "stopped": "1"})))
 
-    def reap(self, results_dir: str = "") -> Reaped:
+    def reap(self, results_dir: str = "", host: str = "") -> Reaped:
         """Requeue the tasks of workers whose lease expired. A worker passes its (absolute)
-        results directory to be handed the files such workers of the same directory left."""
-        n, keep, drop = self._run("reap", results_dir)
+        results directory to be handed the files such workers of the same directory left, and
+        its host to be handed the processes of their requeued tasks that ran there, whoever
+        requeued them: each chore goes to one caller, once."""
+        n, keep, drop, orphans = self._run("reap", results_dir, host)
         return Reaped(int(n), [(_str(w), _str(tid), int(a)) for w, tid, a in keep],
-                      [(_str(tid), int(a)) for tid, a in drop])
+                      [(_str(tid), int(a)) for tid, a in drop],
+                      [(_str(tid), int(pid), _str(ps)) for tid, pid, ps in orphans])
 
     def outputs(self, worker: str) -> list[tuple[str, int]]:
         """(id, attempt) of every task whose outcome ``worker`` reported and whose output files

@@ -204,13 +204,8 @@ class Worker:
         for tid in ids:
             task = self.q.task(tid) or {}
             attempts[tid] = int(task.get("attempt") or 0)
-            if task.get("host") != self.host or not task.get("pid"):
-                continue
-            pid = int(task["pid"])
-            if not _same_process(pid, task.get("pstart", "")):
-                continue
-            n = kill_session(pid, signal.SIGKILL)
-            log.info("killed %d orphan process(es) of task %s", n, tid)
+            if task.get("host") == self.host and task.get("pid"):
+                kill_orphan(tid, int(task["pid"]), task.get("pstart", ""))
         return attempts
 
     def prepare_process(self) -> None:
@@ -776,7 +771,9 @@ class Worker:
                         "lost?); putting it back in the queue", tid)
             self.q.requeue(tid, self.name, attempt,
                            f"requeued: worker {self.name} never received its claim")
-        reaped = self.q.reap(self.runner.results)
+        reaped = self.q.reap(self.runner.results, self.host)
+        for tid, pid, pstart in reaped.orphans:
+            kill_orphan(tid, pid, pstart)
         self.take_over_outputs(reaped)
 
     def take_over_outputs(self, reaped: Reaped) -> None:
@@ -1030,6 +1027,14 @@ def _alive(info: dict[str, str]) -> bool:
         return _same_process(int(info.get("pid", 0)), info.get("pstart", ""))
     except ValueError:
         return False
+
+
+def kill_orphan(task_id: str, pid: int, pstart: str) -> None:
+    """Kill the session of a task's process that a dead worker left running on this host, if
+    ``pid`` is still that process."""
+    if _same_process(pid, pstart):
+        n = kill_session(pid, signal.SIGKILL)
+        log.info("killed %d orphan process(es) of task %s", n, task_id)
 
 
 def _same_process(pid: int, pstart: str) -> bool:

@@ -311,13 +311,39 @@ def test_the_reaper_hands_a_dead_workers_files_to_a_worker_of_its_results_dir(qu
     wait_for(lambda: not client.exists(queue.key("lease", "w"), queue.key("lease", "x")), 5,
              "lease expiry")
     # The output of the outcome w recorded, and what its requeued attempt b wrote.
-    assert queue.reap("/shared/results") == (2, [("w", a.task_id, 1)], [(b.task_id, 1)])
+    assert queue.reap("/shared/results") == (2, [("w", a.task_id, 1)], [(b.task_id, 1)], [])
     # x wrote elsewhere: its files wait for x itself to come back.
     assert queue.outputs("x") == [(c.task_id, 1)]
     assert queue.outputs("w") == [(a.task_id, 1)]
     queue.outputs_kept("w", [a.task_id])
     assert queue.outputs("w") == []
     assert queue.counts()["todo"] == 2
+
+
+def test_a_dead_workers_chores_wait_for_a_worker_of_its_directory_and_of_its_host(queue, client):
+    """Whoever requeues a dead worker's tasks (here a `distcomp status`, which passes neither a
+    directory nor a host), its files go to the first worker of the same results directory and
+    the processes its tasks left running to the first worker of the same host, each once."""
+    a, b, c = (spec(x) for x in "abc")
+    queue.submit([a, b, c])
+    ok, _ = queue.register("w", "tok-w", 100, {"host": "h1", "pid": 1,
+                                               "results_dir": "/shared/results"})
+    assert ok
+    assert len(queue.claim("w", "tok-w", 1e9, 1e9, 3)) == 3
+    assert queue.finish(a.task_id, "w", 1, {"exit_code": 0}) == 1
+    assert queue.annotate(b.task_id, "w", 1, {"host": "h1", "pid": 4242, "pstart": "99"}) == 1
+    assert queue.annotate(c.task_id, "w", 1, {"host": "h2", "pid": 4343, "pstart": "77"}) == 1
+    wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
+    assert queue.reap() == (2, [], [], [])
+    assert queue.counts()["todo"] == 2
+    assert queue.reap("/elsewhere/results", "h2") == (0, [], [], [])
+    n, keep, drop, orphans = queue.reap("/shared/results", "h9")
+    assert (n, keep, sorted(drop), orphans) == (
+        0, [("w", a.task_id, 1)], sorted([(b.task_id, 1), (c.task_id, 1)]), [])
+    assert queue.reap("/shared/results", "h1") == (0, [], [], [(b.task_id, 4242, "99")])
+    assert queue.reap("/shared/results", "h1") == (0, [], [], [])
+    assert not client.exists(queue.key("left", "w"))
+    assert not client.exists(queue.key("left"))
 
 
 def test_deregistering_requeues_what_is_still_listed_as_running_there(queue, client):

@@ -294,20 +294,27 @@ def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
 
 
 def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers, tmp_path):
+    """The dead worker's task is requeued by whoever sees its lease expired first (here a
+    `distcomp status`); w2, on the same host under another name, kills what the task left
+    running and runs it again."""
     marker = tmp_path / "ran-once"
     (tid,) = submit(queue, [(f"shell:0:0:1:if [ -e {marker} ]; then echo again; "
                             f"else touch {marker}; sleep 300; fi")])
     w1 = workers("w1", "--heartbeat-ttl", "1")
     wait_for(lambda: marker.exists() and queue.task(tid).get("pid"), 30, "the task to start")
-    orphan = int(queue.task(tid)["pid"])
+    orphan = psutil.Process(int(queue.task(tid)["pid"]))
+    left = [orphan, *orphan.children(recursive=True)]
     w1.signal(signal.SIGKILL)
     w1.wait()
-    workers("w2", "--heartbeat-ttl", "1")
+    wait_for(lambda: queue.reap().requeued == 1, 30, "w1's lease to expire")
+    assert all(p.is_running() for p in left)
+    w2 = workers("w2", "--heartbeat-ttl", "1")
     wait_for(lambda: state(queue, tid) == "finished", 60, "the task to finish on w2")
     task = queue.task(tid)
     assert task["worker"] == "w2" and task["attempt"] == "2"
     assert task["stdout_tail"] == "again\n"
-    os.killpg(orphan, signal.SIGKILL)
+    assert not [p.pid for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert f"killed {len(left)} orphan process(es) of task {tid}" in w2.output()
 
 
 def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_path):
