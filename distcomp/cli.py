@@ -589,7 +589,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     wc = args.cfg.worker
     for opt in ("name", "results_dir", "workdir", "python", "cores", "max_tasks",
-                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll"):
+                "default_timeout", "heartbeat_ttl", "eviction_budget", "kill_grace", "idle_poll",
+                "own_cgroup"):
         value = getattr(args, opt)
         if value is not None:
             setattr(wc, opt, value)
@@ -733,6 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start this many times as many tasks as their learned mean peak fits "
                          "(default 1; 0.25-4): above 1 more start and more are evicted; auto: "
                          "from how much of their peak such tasks hold over their run")
+    sp.add_argument("--own-cgroup", action="store_true", default=None,
+                    help="the worker's cgroup holds only it and its tasks (its systemd unit): "
+                         "processes there that left their task's session count toward it, "
+                         "and are killed once it ends")
     sp.add_argument("--drain", action="store_true",
                     help="on SIGTERM let running tasks finish instead of requeueing them")
     sp.add_argument("--exit-when-empty", action="store_true",

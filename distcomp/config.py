@@ -56,6 +56,7 @@ class WorkerConfig:
     avoid_window: float = 60.0
     idle_poll: float = 5.0
     overcommit: float | str = 1.0  # or OVERCOMMIT_AUTO
+    own_cgroup: bool = False
 
 
 @dataclass
@@ -143,7 +144,8 @@ _WORKER_STRS = ("name", "results_dir", "workdir", "python")
 
 def _load_worker(section: configparser.SectionProxy, where: str) -> WorkerConfig:
     cfg = WorkerConfig()
-    known = set(_WORKER_FLOATS + _WORKER_INTS + _WORKER_SIZES + _WORKER_STRS + ("overcommit",))
+    known = set(_WORKER_FLOATS + _WORKER_INTS + _WORKER_SIZES + _WORKER_STRS +
+                ("overcommit", "own_cgroup"))
     for key in section:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r} in [worker]")
@@ -163,6 +165,12 @@ def _load_worker(section: configparser.SectionProxy, where: str) -> WorkerConfig
             setattr(cfg, key, parse_size(value, f"{where}: [worker] {key}"))
     if section.get("overcommit", "").strip():
         cfg.overcommit = parse_overcommit(section["overcommit"], f"{where}: [worker] overcommit")
+    if section.get("own_cgroup", "").strip():
+        try:
+            cfg.own_cgroup = section.getboolean("own_cgroup")
+        except ValueError:
+            raise ConfigError(f"{where}: [worker] own_cgroup must be yes or no, "
+                              f"got {section['own_cgroup']!r}") from None
     return cfg
 
 

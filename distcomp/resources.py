@@ -3,7 +3,8 @@
 psutil sees the whole machine. Inside a container or a systemd unit with ``MemoryMax`` the real
 ceiling is the cgroup's, so capacity and available memory take the smaller of the two. Process
 trees are measured by session id from one pass over /proc, which also catches children that
-re-parented themselves away from the task's main process.
+re-parented themselves away from the task's main process; a worker that owns its cgroup also
+finds there the processes that left their task's session (``own_cgroup``).
 """
 
 from __future__ import annotations
@@ -195,12 +196,60 @@ def oom_kills(cgroups: list[CgroupMemory]) -> int:
     return total
 
 
-def session_rss() -> dict[int, int]:
-    """Resident memory summed per session id, in bytes."""
+def session_rss(members: set[int] | None = None
+                ) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """Resident memory summed per session id, in bytes, and from the same pass the (session
+    id, rss) of each live process among ``members``."""
     totals: dict[int, int] = {}
-    for _, _, sid, rss in _processes():
+    found: dict[int, tuple[int, int]] = {}
+    for pid, state, sid, rss in _processes():
         totals[sid] = totals.get(sid, 0) + rss
-    return totals
+        if members and pid in members and state != b"Z":
+            found[pid] = (sid, rss)
+    return totals, found
+
+
+def own_cgroup(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> Path:
+    """The ``cgroup.procs`` file of this process's cgroup, which lists every process in it:
+    in the unified hierarchy (cgroup v2, or v2 mounted at ``unified/`` beside v1), else in
+    v1's ``name=systemd`` hierarchy, where systemd keeps each unit's processes. Raises
+    ValueError when the process sits in a root cgroup, which is everybody's."""
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
+    paths = {}
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths[parts[1]] = parts[2]
+    for hierarchy, base in (("", root), ("", root / "unified"), ("name=systemd", root / "systemd")):
+        path = paths.get(hierarchy)
+        procs = base / str(path).lstrip("/") / "cgroup.procs"
+        if path is not None and procs.is_file() and (base / "cgroup.procs").is_file():
+            if path == "/":
+                raise ValueError("this process is in the root cgroup, shared with the whole "
+                                 "system")
+            return procs
+    raise ValueError("found no cgroup of this process to list (cgroup v2, or v1 with systemd's "
+                     "hierarchy)")
+
+
+def cgroup_members(procs: Path) -> set[int]:
+    """The processes listed in a ``cgroup.procs`` file (none if it cannot be read)."""
+    return {int(pid) for pid in (_read(procs) or "").split()}
+
+
+def task_of(pid: int) -> tuple[str, int] | None:
+    """(task id, attempt) from a process's environment, which a task's processes inherit
+    (``DISTCOMP_TASK_ID``, ``DISTCOMP_ATTEMPT``); None if it names none or is gone."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = dict(item.partition(b"=")[::2] for item in fh.read().split(b"\0") if item)
+    except OSError:
+        return None
+    tid, attempt = env.get(b"DISTCOMP_TASK_ID"), env.get(b"DISTCOMP_ATTEMPT", b"")
+    if not tid or not attempt.isdigit():
+        return None
+    return tid.decode(errors="replace"), int(attempt)
 
 
 def session_pids(sid: int) -> list[int]:

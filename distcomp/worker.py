@@ -38,14 +38,17 @@ from .forecast import Outlook, Profile, profile, shape
 from .queue import Claim, LeaseLost, Queue, Reaped
 from .redis_client import ConnectError, RefusedError, ResponseError
 from .resources import (
+    cgroup_members,
     gib,
     memory_available,
     memory_capacity,
     memory_cgroups,
     mib,
     oom_kills,
+    own_cgroup,
     process_start,
     session_rss,
+    task_of,
     usable_cores,
 )
 from .runner import Runner, RunningTask, close_inherited_fds, kill_session, signal_name
@@ -79,6 +82,13 @@ class Worker:
         self.token = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.cgroups = memory_cgroups()
+        self.cgroup_procs = None
+        if wc.own_cgroup:
+            try:
+                self.cgroup_procs = own_cgroup()
+            except ValueError as exc:
+                raise ConfigError(f"own_cgroup: {exc}; run the worker in a cgroup of its own "
+                                  f"(its systemd unit) or leave own_cgroup off") from None
         physical = memory_capacity(self.cgroups)
         self.capacity = min(physical, wc.memory_limit) if wc.memory_limit else physical
         default_reserve = min(max(self.capacity // 20, 256 << 20), 2 << 30, self.capacity // 4)
@@ -272,7 +282,10 @@ class Worker:
         is claimed at once by tasks that the same growth evicts a moment later (the packing
         benchmark once started and evicted one task 6 times in 1.2 s; the eviction budget is
         10)."""
-        rss = session_rss()
+        members = cgroup_members(self.cgroup_procs) if self.cgroup_procs else None
+        rss, inside = session_rss(members)
+        if inside:
+            self.strays(inside, rss)
         total = growth = 0
         gains = []
         now = time.monotonic()
@@ -584,6 +597,28 @@ class Worker:
             self.poller.register(task.pidfd, select.POLLIN)
             log.debug("started %s attempt %d: %s", claim.task_id, claim.attempt, claim.params)
 
+    def strays(self, inside: dict[int, tuple[int, int]], rss: dict[int, int]) -> None:
+        """Processes of the worker's own cgroup (``inside``: pid -> session, rss) in no running
+        task's session: they left their task's session (``setsid``), or their task has ended.
+        One whose environment names a running task's attempt counts toward that task's memory
+        (``rss``, by session); any other is killed."""
+        sessions = {t.pid for t in self.running.values()}
+        me = os.getpid()
+        for pid, (sid, size) in inside.items():
+            if pid == me or sid in sessions:
+                continue
+            owner = task_of(pid)
+            task = self.running.get(owner[0]) if owner else None
+            if task is not None and owner is not None and task.claim.attempt == owner[1]:
+                rss[task.pid] = rss.get(task.pid, 0) + size
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+            log.info("killed process %d, left running by %s", pid,
+                     f"task {owner[0]} (attempt {owner[1]})" if owner else "no task it names")
+
     def annotate(self, task: RunningTask) -> None:
         """Record where the task runs, so that a restarted worker can kill what a crashed one
         left. Done at the first sample after the start, not at the start: reading a process's
@@ -848,6 +883,10 @@ class Worker:
                  gib(self.evict_below),
                  f", overcommit {self.wc.overcommit}" if self.wc.overcommit != 1 else "",
                  self.wc.results_dir)
+        if self.cgroup_procs:
+            log.info("tasks are also tracked by this worker's cgroup (%s): processes that "
+                     "leave a task's session count toward it and die once it ends",
+                     self.cgroup_procs.parent)
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         threading.Thread(target=self.listen, name="notices", daemon=True).start()
         mono = time.monotonic()

@@ -112,16 +112,20 @@ class WorkerProcess:
     """A real ``distcomp worker`` process in its own session."""
 
     def __init__(self, redis_server: RedisServer, namespace: str, name: str, results: Path,
-                 args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+                 args: list[str], pass_fds: tuple[int, ...] = (),
+                 cgroup: Path | None = None) -> None:
         self.name = name
         self.log = results.parent / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url,
                "DISTCOMP_NAMESPACE": namespace, "DISTCOMP_CONFIG": str(results.parent / "none.conf")}
         (results.parent / "none.conf").touch()
         with open(self.log, "wb") as log:
+            # Into the cgroup by the same process, before it becomes the worker.
+            enter = [] if cgroup is None else [
+                "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup)]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "distcomp", "worker", "--name", name, "--results-dir",
-                 str(results), "--kill-grace", "1", *args],
+                [*enter, sys.executable, "-m", "distcomp", "worker", "--name", name,
+                 "--results-dir", str(results), "--kill-grace", "1", *args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 pass_fds=pass_fds)
 
@@ -148,8 +152,9 @@ def workers(redis_server: RedisServer, namespace: str, tmp_path: Path, queue: Qu
     results = tmp_path / "results"
 
     def start(name: str, *args: str, wait_registered: bool = True,
-              pass_fds: tuple[int, ...] = ()) -> WorkerProcess:
-        w = WorkerProcess(redis_server, namespace, name, results, list(args), pass_fds)
+              pass_fds: tuple[int, ...] = (), cgroup: Path | None = None) -> WorkerProcess:
+        """``cgroup``: a cgroup directory the worker starts in."""
+        w = WorkerProcess(redis_server, namespace, name, results, list(args), pass_fds, cgroup)
         started.append(w)
         if wait_registered:
             wait_for(lambda: client.hget(queue.key("w", name), "pid") == str(w.proc.pid).encode()

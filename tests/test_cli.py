@@ -164,8 +164,9 @@ def test_bad_config_is_a_clear_error(cli, tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("overcommit = lots", "[worker] overcommit must be a number or 'auto', got 'lots'"),
     ("overcommit = 4.5", "overcommit must be between 0.25 and 4 or 'auto', got 4.5"),
+    ("own_cgroup = maybe", "[worker] own_cgroup must be yes or no, got 'maybe'"),
 ])
-def test_bad_overcommit_in_the_config_is_a_clear_error(cli, tmp_path, line, message):
+def test_bad_worker_keys_in_the_config_are_a_clear_error(cli, tmp_path, line, message):
     conf = tmp_path / "bad.conf"
     conf.write_text(f"[worker]\n{line}\n")
     proc = cli("--config", str(conf), "worker", "--results-dir", str(tmp_path / "results"),

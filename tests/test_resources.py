@@ -12,10 +12,13 @@ import pytest
 
 from distcomp.resources import (
     cgroup_cpu_limit,
+    cgroup_members,
     memory_available,
     memory_capacity,
     memory_cgroups,
+    own_cgroup,
     session_rss,
+    task_of,
 )
 
 
@@ -87,4 +90,44 @@ def test_a_real_cgroup_limit_caps_the_capacity():
 
 
 def test_session_rss_sees_this_process():
-    assert session_rss()[os.getsid(0)] > 0
+    assert session_rss()[0][os.getsid(0)] > 0
+
+
+UNIT = "/system.slice/distcomp-worker.service"
+
+
+@pytest.mark.parametrize("layout", ["v2", "hybrid", "v1"])
+def test_own_cgroup_lists_the_units_processes_in_each_layout(tmp_path, layout):
+    base = {"v2": tmp_path, "hybrid": tmp_path / "unified", "v1": tmp_path / "systemd"}[layout]
+    write(base / "cgroup.procs", "1\n")
+    write(base / UNIT.lstrip("/") / "cgroup.procs", "4242\n4343\n")
+    write(tmp_path / "memory/cgroup.procs", "1\n")
+    proc = {"v2": f"0::{UNIT}\n", "hybrid": f"4:memory:/\n1:name=systemd:{UNIT}\n0::{UNIT}\n",
+            "v1": f"4:memory:/\n1:name=systemd:{UNIT}\n"}[layout]
+    procs = own_cgroup(tmp_path, proc)
+    assert procs == base / UNIT.lstrip("/") / "cgroup.procs"
+    assert cgroup_members(procs) == {4242, 4343}
+
+
+def test_own_cgroup_refuses_the_root_cgroup_and_a_missing_hierarchy(tmp_path):
+    write(tmp_path / "cgroup.procs", "1\n")
+    with pytest.raises(ValueError, match="root cgroup"):
+        own_cgroup(tmp_path, "0::/\n")
+    with pytest.raises(ValueError, match="found no cgroup"):
+        own_cgroup(tmp_path / "elsewhere", f"0::{UNIT}\n")
+
+
+def test_a_process_names_its_task_through_its_environment():
+    env = {**os.environ, "DISTCOMP_TASK_ID": "0123abcd", "DISTCOMP_ATTEMPT": "3"}
+    with subprocess.Popen(["sleep", "30"], env=env) as named, \
+            subprocess.Popen(["sleep", "30"]) as unnamed:
+        try:
+            assert task_of(named.pid) == ("0123abcd", 3)
+            assert task_of(unnamed.pid) is None
+            totals, found = session_rss({named.pid, unnamed.pid})
+            assert set(found) == {named.pid, unnamed.pid}
+            assert found[named.pid][0] == os.getsid(0) and found[named.pid][1] > 0
+            assert totals[os.getsid(0)] >= found[named.pid][1]
+        finally:
+            named.kill()
+            unnamed.kill()

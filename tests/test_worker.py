@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -370,6 +371,77 @@ def test_files_a_killed_worker_left_unrenamed_become_the_recorded_outcome(
     assert not [p.name for p in results.glob("*/*.a1.*")], "an attempt's files were left"
     assert (a, 1) not in queue.outputs("w0")
     assert "renamed the output files of 1 task(s)" in w.output()
+
+
+@pytest.fixture
+def worker_cgroup():
+    """A cgroup of its own for a worker, as its systemd unit gives it: a child of the unified
+    (v2) hierarchy. Whatever is left in it dies at the end. Ask for it before ``workers``, which
+    then reaps its workers before the cgroup goes."""
+    base = Path("/sys/fs/cgroup/unified")
+    if not (base / "cgroup.procs").is_file():
+        base = Path("/sys/fs/cgroup")
+    group = base / f"distcomp-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup under {base}: {exc.strerror}")
+    yield group
+    for pid in (group / "cgroup.procs").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    wait_for(lambda: _removed(group), 10, "the cgroup to empty (its zombies reaped)")
+
+
+def _removed(group: Path) -> bool:
+    try:
+        group.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_worker_that_owns_its_cgroup_kills_what_left_an_ended_tasks_session(
+        queue, worker_cgroup, workers, tmp_path):
+    """`setsid` takes a process out of its task's session, where the session sweep looked;
+    the worker's cgroup still holds it."""
+    left = tmp_path / "left"
+    (tid,) = submit(queue, [(f"shell:0:0:1:setsid sh -c 'echo $$ > {left}; exec sleep 300' & "
+                             f"while [ ! -s {left} ]; do sleep 0.05; done")])
+    w = workers("w1", "--own-cgroup", cgroup=worker_cgroup)
+    wait_for(lambda: state(queue, tid) == "finished", 30, "the task to finish")
+    pid = int(left.read_text())
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+             "the process that left the task's session to be killed")
+    assert f"killed process {pid}, left running by task {tid} (attempt 1)" in w.output()
+
+
+def test_a_worker_that_owns_its_cgroup_counts_what_left_a_running_tasks_session(
+        queue, worker_cgroup, workers, tmp_path, client):
+    """A process that left its task's session while the task runs is part of the task: its
+    memory counts toward the task's (eviction, recorded peak), and it dies with the task."""
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    hold = (f"import os, time; b = b'x' * (200 << 20); "
+            f"open('{ready}', 'w').write(str(os.getpid())); time.sleep(300)")
+    (tid,) = submit(queue, [(f'shell:0:0:1:setsid {sys.executable} -c "{hold}" & '
+                             f"while [ ! -e {done} ]; do sleep 0.05; done")])
+    workers("w1", "--own-cgroup", "--heartbeat-ttl", "2", cgroup=worker_cgroup)
+    wait_for(lambda: ready.exists() and ready.read_text(), 30,
+             "the task's process in a new session to take 200 MiB")
+    pid = int(ready.read_text())
+    assert os.getsid(pid) == pid
+    wait_for(lambda: int(client.hget(queue.key("w", "w1"), "tasks_rss") or 0) > 200 << 20, 30,
+             "the worker to count that memory as its task's")
+    done.touch()
+    wait_for(lambda: state(queue, tid) == "finished", 30, "the task to finish")
+    task = queue.task(tid)
+    assert int(task["peak_mem"]) > 200 << 20
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+             "the process that left the task's session to be killed")
 
 
 def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path, client):
