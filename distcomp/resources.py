@@ -223,11 +223,12 @@ def own_cgroup(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> Path
             paths[parts[1]] = parts[2]
     for hierarchy, base in (("", root), ("", root / "unified"), ("name=systemd", root / "systemd")):
         path = paths.get(hierarchy)
-        procs = base / str(path).lstrip("/") / "cgroup.procs"
-        if path is not None and procs.is_file() and (base / "cgroup.procs").is_file():
-            if path == "/":
-                raise ValueError("this process is in the root cgroup, shared with the whole "
-                                 "system")
+        if path is None or not (base / "cgroup.procs").is_file():
+            continue
+        if path == "/":
+            raise ValueError("this process is in the root cgroup, shared with the whole system")
+        procs = base / path.lstrip("/") / "cgroup.procs"
+        if procs.is_file():
             return procs
     raise ValueError("found no cgroup of this process to list (cgroup v2, or v1 with systemd's "
                      "hierarchy)")
