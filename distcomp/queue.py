@@ -18,10 +18,13 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
                        looks at leases that may have expired instead of at every worker
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
-    P:left             set: dead workers whose chores no worker has taken over yet
     P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
                        directory) and ``host`` while not taken over, and per requeued task
                        id "attempt[ pid pstart]"
+    P:chores:dir:<d>   set: dead workers whose files in results directory d no worker has
+                       taken over yet
+    P:chores:host:<h>  set: dead workers whose task processes on host h no worker has taken
+                       over yet (both indexes keep a reap from reading other hosts' chores)
     P:cancel           set: running ids whose workers must kill them
     P:stop             string: time of the last stop-workers request
     P:wake             pub/sub channel: a notice each time a script makes tasks claimable
@@ -473,7 +476,8 @@ return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 # recorded but may not have renamed, and what its requeued attempts wrote), and the processes of
 # its requeued tasks, for a worker of the same host. Each task's process is read here, in the
 # step that requeues it, before a new attempt can annotate its own. A caller is handed every
-# chore that is its own, each once.
+# chore that is its own, each once, found through the indexes P:chores:dir:<dir> and
+# P:chores:host:<host>: the chores of hosts that never run a worker again cost it nothing.
 # Returns {requeued, {{worker, id, attempt} to rename}, {{id, attempt} to delete},
 #          {{id, pid, pstart} to kill}}.
 _REAP = _LUA_COMMON + r"""
@@ -496,39 +500,47 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())
     local files = who[2] and (#ids > 0 or redis.call('EXISTS', P .. ':out:' .. w) == 1)
     if files or procs then
       local lkey = P .. ':left:' .. w
-      if files then redis.call('HSET', lkey, 'dir', who[2]) end
-      if procs then redis.call('HSET', lkey, 'host', who[1]) end
+      if files then
+        redis.call('HSET', lkey, 'dir', who[2])
+        redis.call('SADD', P .. ':chores:dir:' .. who[2], w)
+      end
+      if procs then
+        redis.call('HSET', lkey, 'host', who[1])
+        redis.call('SADD', P .. ':chores:host:' .. who[1], w)
+      end
       if #left > 0 then redis.call('HSET', lkey, unpack(left)) end
-      redis.call('SADD', P .. ':left', w)
     end
     n = n + unrun_worker(w, 'requeued: worker ' .. w .. ' stopped renewing its lease')
   end
 end
 local keep, drop, orphans = {}, {}, {}
-for _, w in ipairs(redis.call('SMEMBERS', P .. ':left')) do
+-- Take the duty ('dir' or 'host') of dead worker w from its index; then the task entries it
+-- covers are read, and the entry goes once no duty is left.
+local function take(w, duty, index)
   local lkey = P .. ':left:' .. w
-  local who = redis.call('HMGET', lkey, 'host', 'dir')
-  local files = ARGV[2] ~= '' and who[2] == ARGV[2]
-  local procs = ARGV[3] ~= '' and who[1] == ARGV[3]
-  if files then
+  redis.call('SREM', index, w)
+  redis.call('HDEL', lkey, duty)
+  if duty == 'dir' then
     for _, o in ipairs(pending_outputs(w)) do keep[#keep + 1] = {w, o[1], o[2]} end
-    redis.call('HDEL', lkey, 'dir')
   end
-  if procs then redis.call('HDEL', lkey, 'host') end
-  if files or procs then
-    local flat = redis.call('HGETALL', lkey)
-    for i = 1, #flat, 2 do
-      local id, left = flat[i], flat[i + 1]
-      if id ~= 'host' and id ~= 'dir' then
-        local attempt, pid, pstart = string.match(left, '^(%d+) ?(%d*) ?(.*)$')
-        if files then drop[#drop + 1] = {id, tonumber(attempt)} end
-        if procs and pid ~= '' then orphans[#orphans + 1] = {id, pid, pstart} end
-      end
+  local flat = redis.call('HGETALL', lkey)
+  local rest = false
+  for i = 1, #flat, 2 do
+    local id, left = flat[i], flat[i + 1]
+    if id == 'host' or id == 'dir' then
+      rest = true
+    else
+      local attempt, pid, pstart = string.match(left, '^(%d+) ?(%d*) ?(.*)$')
+      if duty == 'dir' then drop[#drop + 1] = {id, tonumber(attempt)} end
+      if duty == 'host' and pid ~= '' then orphans[#orphans + 1] = {id, pid, pstart} end
     end
-    if redis.call('HEXISTS', lkey, 'host') == 0 and redis.call('HEXISTS', lkey, 'dir') == 0 then
-      redis.call('DEL', lkey)
-      redis.call('SREM', P .. ':left', w)
-    end
+  end
+  if not rest then redis.call('DEL', lkey) end
+end
+for _, duty in ipairs({{'dir', ARGV[2]}, {'host', ARGV[3]}}) do
+  if duty[2] ~= '' then
+    local index = P .. ':chores:' .. duty[1] .. ':' .. duty[2]
+    for _, w in ipairs(redis.call('SMEMBERS', index)) do take(w, duty[1], index) end
   end
 end
 return {n, keep, drop, orphans}

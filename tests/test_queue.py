@@ -6,10 +6,12 @@ import random
 import threading
 
 import pytest
+import redis
 
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis, ResponseError
 from distcomp.spec import TaskSpec, parse_line
+from tests.conftest import RedisServer
 from tests.helpers import ReplyLoser, wait_for
 
 
@@ -342,8 +344,37 @@ def test_a_dead_workers_chores_wait_for_a_worker_of_its_directory_and_of_its_hos
         0, [("w", a.task_id, 1)], sorted([(b.task_id, 1), (c.task_id, 1)]), [])
     assert queue.reap("/shared/results", "h1") == (0, [], [], [(b.task_id, 4242, "99")])
     assert queue.reap("/shared/results", "h1") == (0, [], [], [])
-    assert not client.exists(queue.key("left", "w"))
-    assert not client.exists(queue.key("left"))
+    assert client.keys(queue.key("left") + "*") == []
+    assert client.keys(queue.key("chores") + "*") == []
+
+
+def test_a_reap_reads_no_chores_of_other_hosts_and_directories(tmp_path):
+    """Chores of dead workers on hosts that never run a worker again stay until one does; a
+    worker's reap, every heartbeat, must not read them. Redis counts the commands its scripts
+    run, which shows what the reap looked at."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        queue, client = Queue(Redis(server.url), "p"), redis.Redis(port=server.port)
+        specs = [spec(f"t{i}") for i in range(20)]
+        queue.submit(specs)
+        for i, s in enumerate(specs):
+            ok, _ = queue.register(f"w{i}", f"tok-w{i}", 500, {"host": f"h{i}",
+                                                             "results_dir": f"/r{i}"})
+            assert ok and claim_one(queue, f"w{i}").task_id == s.task_id
+            assert queue.annotate(s.task_id, f"w{i}", 1, {"host": f"h{i}", "pid": 100 + i,
+                                                          "pstart": "5"}) == 1
+        wait_for(lambda: not client.keys("p:lease:*"), 5, "lease expiry")
+        assert queue.reap().requeued == 20
+        client.config_resetstat()
+        assert queue.reap("/mine", "hmine") == (0, [], [], [])
+        reads = {k: v["calls"] for k, v in client.info("commandstats").items()
+                 if k in ("cmdstat_hgetall", "cmdstat_hmget", "cmdstat_hget", "cmdstat_smembers")}
+        assert reads == {"cmdstat_smembers": 2}
+        assert queue.reap("/r7", "h7") == (0, [], [(specs[7].task_id, 1)],
+                                           [(specs[7].task_id, 107, "5")])
+    finally:
+        server.stop()
 
 
 def test_deregistering_requeues_what_is_still_listed_as_running_there(queue, client):
