@@ -83,6 +83,7 @@ class Worker:
         self.host = socket.gethostname()
         self.cgroups = memory_cgroups()
         self.cgroup_procs = None
+        self.suspects: set[int] = set()  # processes of that cgroup no running task owned
         if wc.own_cgroup:
             try:
                 self.cgroup_procs = own_cgroup()
@@ -284,7 +285,7 @@ class Worker:
         10)."""
         members = cgroup_members(self.cgroup_procs) if self.cgroup_procs else None
         rss, inside = session_rss(members)
-        if inside:
+        if members is not None:
             self.strays(inside, rss)
         total = growth = 0
         gains = []
@@ -601,9 +602,11 @@ class Worker:
         """Processes of the worker's own cgroup (``inside``: pid -> session, rss) in no running
         task's session: they left their task's session (``setsid``), or their task has ended.
         One whose environment names a running task's attempt counts toward that task's memory
-        (``rss``, by session); any other is killed."""
+        (``rss``, by session); any other is killed once it has been so at two samples in a row:
+        a process in the middle of an ``exec`` shows an empty environment for a moment."""
         sessions = {t.pid for t in self.running.values()}
         me = os.getpid()
+        suspects, self.suspects = self.suspects, set()
         for pid, (sid, size) in inside.items():
             if pid == me or sid in sessions:
                 continue
@@ -611,6 +614,9 @@ class Worker:
             task = self.running.get(owner[0]) if owner else None
             if task is not None and owner is not None and task.claim.attempt == owner[1]:
                 rss[task.pid] = rss.get(task.pid, 0) + size
+                continue
+            if pid not in suspects:
+                self.suspects.add(pid)
                 continue
             try:
                 os.kill(pid, signal.SIGKILL)

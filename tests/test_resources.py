@@ -118,10 +118,14 @@ def test_own_cgroup_refuses_the_root_cgroup_and_a_missing_hierarchy(tmp_path):
 
 
 def test_a_process_names_its_task_through_its_environment():
+    """The children say they are up: Popen returns once the kernel has swapped in the new
+    program, a moment before it has laid out the new environment, which reads empty until then."""
     env = {**os.environ, "DISTCOMP_TASK_ID": "0123abcd", "DISTCOMP_ATTEMPT": "3"}
-    with subprocess.Popen(["sleep", "30"], env=env) as named, \
-            subprocess.Popen(["sleep", "30"]) as unnamed:
+    up = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"]
+    with subprocess.Popen(up, env=env, stdout=subprocess.PIPE) as named, \
+            subprocess.Popen(up, stdout=subprocess.PIPE) as unnamed:
         try:
+            assert named.stdout.readline() == unnamed.stdout.readline() == b"up\n"
             assert task_of(named.pid) == ("0123abcd", 3)
             assert task_of(unnamed.pid) is None
             totals, found = session_rss({named.pid, unnamed.pid})
