@@ -16,6 +16,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
+    P:beat, P:redis    strings: time (ms) of the last reap and the run id of the Redis that ran
+                       it, so a reap tells a restart of Redis from a lease left to expire
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
     P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
@@ -481,8 +483,35 @@ return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 # Returns {requeued, {{worker, id, attempt} to rename}, {{id, attempt} to delete},
 #          {{id, pid, pstart} to kill}}.
 _REAP = _LUA_COMMON + r"""
-local n = 0
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now_ms())) do
+local n, now = 0, now_ms()
+-- Redis keeps absolute expiry times: while it was down (and loading its data again) no worker
+-- could renew its lease, and a restart after more than a lease term finds every lease expired:
+-- the first reap would take every running task of the cluster away from workers that were only
+-- waiting for Redis. A new run id (a restart, or a replica promoted) gives every lease that was
+-- alive at the last reap before it the time since that reap back. INFO costs more than the rest
+-- of a reap, so it is read only when the last reap is over a second old: where many workers
+-- reap, Redis skips it, and a restart of Redis takes longer than that. INFO is a @dangerous
+-- command: an ACL user denied it reaps as before.
+local last = tonumber(redis.call('GET', P .. ':beat'))
+if not last or now - last > 1000 then
+  local info = redis.pcall('INFO', 'server')
+  local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
+  if run_id then
+    if last and redis.call('GET', P .. ':redis') ~= run_id then
+      local away = now - last
+      local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf',
+                               'WITHSCORES')
+      for i = 1, #alive, 2 do
+        local w, deadline = alive[i], tonumber(alive[i + 1]) + away
+        redis.call('ZADD', P .. ':leases', deadline, w)
+        redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
+      end
+    end
+    redis.call('SET', P .. ':redis', run_id)
+  end
+end
+redis.call('SET', P .. ':beat', now)
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
     redis.call('ZREM', P .. ':leases', w)
     local who = redis.call('HMGET', P .. ':w:' .. w, 'host', 'results_dir')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import redis
@@ -375,6 +376,52 @@ def test_a_reap_reads_no_chores_of_other_hosts_and_directories(tmp_path):
                                            [(specs[7].task_id, 107, "5")])
     finally:
         server.stop()
+
+
+def test_a_redis_restart_gives_the_leases_back_the_time_redis_was_away(tmp_path):
+    """Redis restarted from disk after an outage longer than the lease term (a manager reboot,
+    a long AOF load) finds every lease expired. The workers were only waiting for Redis: the
+    first reap after the restart must not take their tasks away, and a worker that does not
+    come back is still reaped once its term is over."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        queue, client = Queue(Redis(server.url), "p"), redis.Redis(port=server.port)
+        back, gone = spec("back"), spec("gone")
+        queue.submit([back, gone])
+        for name, s in (("w-back", back), ("w-gone", gone)):
+            register(queue, name, ttl_ms=1500)
+            assert claim_one(queue, name).task_id == s.task_id
+        assert queue.reap().requeued == 0
+        client.shutdown(save=True)
+        server.proc.wait(10)
+        time.sleep(2.0)  # the outage itself: longer than the 1.5 s lease term
+        server.start()
+        assert client.keys("p:lease:*") == []
+        assert queue.reap().requeued == 0
+        assert queue.counts()["running"] == 2
+        beat = queue.heartbeat("w-back", "tok-w-back", 60_000, {})
+        assert (beat.status, beat.running) == (2, {back.task_id})
+        wait_for(lambda: queue.reap().requeued == 1, 10, "the lease of w-gone to run out")
+        assert queue.task(back.task_id)["state"] == "running"
+        assert queue.task(gone.task_id)["state"] == "todo"
+    finally:
+        server.stop()
+
+
+def test_a_user_denied_info_still_reaps(redis_server, namespace):
+    """Telling a restart from an expired lease takes INFO, a @dangerous command; a Redis user
+    without it reaps as before."""
+    redis.Redis(port=redis_server.port).acl_setuser(
+        "nodanger", enabled=True, passwords=["+pw-nodanger"], keys=["*"], channels=["*"],
+        commands=["+@all", "-@dangerous"])
+    queue = Queue(Redis(f"redis://nodanger:pw-nodanger@127.0.0.1:{redis_server.port}/0"),
+                  namespace)
+    queue.submit([spec("a")])
+    register(queue, "w", ttl_ms=100)
+    claim_one(queue, "w")
+    wait_for(lambda: queue.reap().requeued == 1, 10, "the lease of w to run out")
+    assert queue.counts()["todo"] == 1
 
 
 def test_deregistering_requeues_what_is_still_listed_as_running_there(queue, client):
