@@ -16,8 +16,9 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
-    P:beat, P:redis    strings: time (ms) of the last reap and the run id of the Redis that ran
-                       it, so a reap tells a restart of Redis from a lease left to expire
+    P:beat, P:redis    strings: time (ms) of the reaper's last check for a restart of Redis
+                       and the run id it found, so a reap tells a restart from a lease left
+                       to expire
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
     P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
@@ -488,16 +489,18 @@ local n, now = 0, now_ms()
 -- could renew its lease, and a restart after more than a lease term finds every lease expired:
 -- the first reap would take every running task of the cluster away from workers that were only
 -- waiting for Redis. A new run id (a restart, or a replica promoted) gives every lease that was
--- alive at the last reap before it the time since that reap back. INFO costs more than the rest
--- of a reap, so it is read only when the last reap is over a second old: where many workers
--- reap, Redis skips it, and a restart of Redis takes longer than that. INFO is a @dangerous
--- command: an ACL user denied it reaps as before.
+-- alive at the last check before it the time since that check back. INFO costs more than the
+-- rest of a reap, so a reap checks (and writes the time of the check) only when the last check
+-- is over a second old: where many workers reap, most skip it, and the AOF does not grow with
+-- every reap; a restart of Redis takes longer than that. INFO is a @dangerous command: an ACL
+-- user denied it reaps as before.
 local last = tonumber(redis.call('GET', P .. ':beat'))
 if not last or now - last > 1000 then
+  redis.call('SET', P .. ':beat', now)
   local info = redis.pcall('INFO', 'server')
   local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
-  if run_id then
-    if last and redis.call('GET', P .. ':redis') ~= run_id then
+  if run_id and redis.call('GET', P .. ':redis') ~= run_id then
+    if last then
       local away = now - last
       local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf',
                                'WITHSCORES')
@@ -510,7 +513,6 @@ if not last or now - last > 1000 then
     redis.call('SET', P .. ':redis', run_id)
   end
 end
-redis.call('SET', P .. ':beat', now)
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
     redis.call('ZREM', P .. ':leases', w)
