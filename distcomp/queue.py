@@ -16,9 +16,9 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
-    P:beat, P:redis    strings: time (ms) of the reaper's last check for a restart of Redis
-                       and the run id it found, so a reap tells a restart from a lease left
-                       to expire
+    P:beat             string: time (ms) of the last reap that looked at the time
+    P:quiet            string: half the longest lease term (ms, at least 2 s): a time without
+                       any reap longer than that gives the leases it back (see ``reap``)
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
     P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
@@ -485,32 +485,27 @@ return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 #          {{id, pid, pstart} to kill}}.
 _REAP = _LUA_COMMON + r"""
 local n, now = 0, now_ms()
--- Redis keeps absolute expiry times: while it was down (and loading its data again) no worker
--- could renew its lease, and a restart after more than a lease term finds every lease expired:
--- the first reap would take every running task of the cluster away from workers that were only
--- waiting for Redis. A new run id (a restart, or a replica promoted) gives every lease that was
--- alive at the last check before it the time since that check back. INFO costs more than the
--- rest of a reap, so a reap checks (and writes the time of the check) only when the last check
--- is over a second old: where many workers reap, most skip it, and the AOF does not grow with
--- every reap; a restart of Redis takes longer than that. INFO is a @dangerous command: an ACL
--- user denied it reaps as before.
+-- Leases run down only while the cluster is heard from. Every live worker reaps at each
+-- heartbeat (a quarter of its lease term), so a time without any reap longer than P:quiet (half
+-- the longest lease term, at least 2 s) means that nobody could reach Redis: it was down and
+-- restarted from disk (Redis keeps absolute expiry times), frozen, or cut off from every
+-- worker; or that every worker is gone. The first reap after such a silence gives every lease
+-- that was alive before it the silence back; otherwise that reap would take every running task
+-- of the cluster away from workers that were only waiting for Redis. A reap looks at the time
+-- (and writes it) only when it is over a second old, so most reaps of a large cluster write
+-- nothing and the AOF does not grow with each of them.
 local last = tonumber(redis.call('GET', P .. ':beat'))
 if not last or now - last > 1000 then
   redis.call('SET', P .. ':beat', now)
-  local info = redis.pcall('INFO', 'server')
-  local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
-  if run_id and redis.call('GET', P .. ':redis') ~= run_id then
-    if last then
-      local away = now - last
-      local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf',
-                               'WITHSCORES')
-      for i = 1, #alive, 2 do
-        local w, deadline = alive[i], tonumber(alive[i + 1]) + away
-        redis.call('ZADD', P .. ':leases', deadline, w)
-        redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
-      end
+  local quiet = tonumber(redis.call('GET', P .. ':quiet'))
+  if last and quiet and now - last > quiet then
+    local away = now - last
+    local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf', 'WITHSCORES')
+    for i = 1, #alive, 2 do
+      local w, deadline = alive[i], tonumber(alive[i + 1]) + away
+      redis.call('ZADD', P .. ':leases', deadline, w)
+      redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
     end
-    redis.call('SET', P .. ':redis', run_id)
   end
 end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
@@ -593,6 +588,10 @@ if holder and holder ~= token and ARGV[5] ~= '1' then
   return {0, redis.call('HGETALL', P .. ':w:' .. worker)}
 end
 touch_lease(worker, token, ARGV[4])
+local quiet = math.max(2000, math.floor(tonumber(ARGV[4]) / 2))
+if quiet > (tonumber(redis.call('GET', P .. ':quiet')) or 0) then
+  redis.call('SET', P .. ':quiet', quiet)
+end
 redis.call('SADD', P .. ':workers', worker)
 local wkey = P .. ':w:' .. worker
 redis.call('DEL', wkey)
