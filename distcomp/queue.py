@@ -16,9 +16,9 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
-    P:beat             string: time (ms) of the last reap that looked at the time
+    P:beat             string: time (ms) a worker was last heard from (its reap), to the second
     P:quiet            string: half the longest lease term (ms, at least 2 s): a time without
-                       any reap longer than that gives the leases it back (see ``reap``)
+                       any worker's reap longer than that gives the leases it back (``reap``)
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
                        renamed their output files (see ``outputs``)
     P:left:<worker>    hash: a dead worker's chores (see ``reap``): ``dir`` (its results
@@ -471,7 +471,8 @@ if first then return first end
 return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 """
 
-# ARGV: P, the caller's results directory ('' for none), the caller's host ('' for none).
+# ARGV: P, the caller's results directory ('' for none), the caller's host ('' for none: not a
+# worker).
 # Requeue the running tasks of every worker whose lease has expired. Only leases past their
 # deadline are looked at, so the cost does not grow with the number of live workers.
 # A dead worker leaves two chores, kept in P:left:<worker> whoever reaps it (a worker or a
@@ -485,28 +486,29 @@ return keep_reply(ARGV[2], unrun_worker(ARGV[3], ARGV[4]))
 #          {{id, pid, pstart} to kill}}.
 _REAP = _LUA_COMMON + r"""
 local n, now = 0, now_ms()
--- Leases run down only while the cluster is heard from. Every live worker reaps at each
--- heartbeat (a quarter of its lease term), so a time without any reap longer than P:quiet (half
--- the longest lease term, at least 2 s) means that nobody could reach Redis: it was down and
--- restarted from disk (Redis keeps absolute expiry times), frozen, or cut off from every
--- worker; or that every worker is gone. The first reap after such a silence gives every lease
--- that was alive before it the silence back; otherwise that reap would take every running task
--- of the cluster away from workers that were only waiting for Redis. A reap looks at the time
--- (and writes it) only when it is over a second old, so most reaps of a large cluster write
--- nothing and the AOF does not grow with each of them.
+-- Leases run down only while workers are heard from. Every live worker reaps at each heartbeat
+-- (a quarter of its lease term) and P:beat keeps the time (a worker's reap writes it once it is
+-- over a second old, so most reaps of a large cluster write nothing). No worker's reap for
+-- longer than P:quiet (half the longest lease term, at least 2 s) means that no worker could
+-- reach Redis: it was down and restarted from disk (Redis keeps absolute expiry times), frozen,
+-- or cut off from every worker; or that every worker is gone. The first reap after such a
+-- silence, whoever runs it, gives every lease that was alive before it the silence back, and
+-- the silence starts again from there; otherwise that reap would take every running task of
+-- the cluster away from workers that were only waiting for Redis. A `distcomp wait` reaping
+-- through the silence does not end it.
 local last = tonumber(redis.call('GET', P .. ':beat'))
-if not last or now - last > 1000 then
-  redis.call('SET', P .. ':beat', now)
-  local quiet = tonumber(redis.call('GET', P .. ':quiet'))
-  if last and quiet and now - last > quiet then
-    local away = now - last
-    local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf', 'WITHSCORES')
-    for i = 1, #alive, 2 do
-      local w, deadline = alive[i], tonumber(alive[i + 1]) + away
-      redis.call('ZADD', P .. ':leases', deadline, w)
-      redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
-    end
+local quiet = tonumber(redis.call('GET', P .. ':quiet'))
+if last and quiet and now - last > quiet then
+  local away = now - last
+  local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf', 'WITHSCORES')
+  for i = 1, #alive, 2 do
+    local w, deadline = alive[i], tonumber(alive[i + 1]) + away
+    redis.call('ZADD', P .. ':leases', deadline, w)
+    redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
   end
+  redis.call('SET', P .. ':beat', now)
+elseif ARGV[3] ~= '' and (not last or now - last > 1000) then
+  redis.call('SET', P .. ':beat', now)
 end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
@@ -881,7 +883,8 @@ class Queue:
         """Requeue the tasks of workers whose lease expired. A worker passes its (absolute)
         results directory to be handed the files such workers of the same directory left, and
         its host to be handed the processes of their requeued tasks that ran there, whoever
-        requeued them: each chore goes to one caller, once."""
+        requeued them: each chore goes to one caller, once. A reap with a host is a worker's,
+        which tells that workers are still heard from (see ``_REAP``)."""
         n, keep, drop, orphans = self._run("reap", results_dir, host)
         return Reaped(int(n), [(_str(w), _str(tid), int(a)) for w, tid, a in keep],
                       [(_str(tid), int(a)) for tid, a in drop],
