@@ -16,7 +16,8 @@ Keys (``P`` is the namespace prefix, default ``distcomp``)::
     P:lease:<worker>   string with a TTL: the worker's liveness lease (value = instance token)
     P:leases           zset: worker -> lease deadline (ms, Redis clock), so the reaper only
                        looks at leases that may have expired instead of at every worker
-    P:beat             string: time (ms) a worker was last heard from (its reap), to the second
+    P:beat             string: time (ms) a worker was last heard from (its reap), to the second,
+                       or the end of the last silence given back to the leases
     P:quiet            string: half the longest lease term (ms, at least 2 s): a time without
                        any worker's reap longer than that gives the leases it back (``reap``)
     P:out:<worker>     set: ids of tasks whose outcome that worker reported, until it says it
