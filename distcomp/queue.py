@@ -497,8 +497,8 @@ local n, now = 0, now_ms()
 -- the silence starts again from there; otherwise that reap would take every running task of
 -- the cluster away from workers that were only waiting for Redis. A `distcomp wait` reaping
 -- through the silence does not end it.
-local last = tonumber(redis.call('GET', P .. ':beat'))
-local quiet = tonumber(redis.call('GET', P .. ':quiet'))
+local times = redis.call('MGET', P .. ':beat', P .. ':quiet')
+local last, quiet = tonumber(times[1]), tonumber(times[2])
 if last and quiet and now - last > quiet then
   local away = now - last
   local alive = redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf', 'WITHSCORES')
