@@ -11,16 +11,21 @@ on a new connection after a short backoff, ``retries`` times; a pipeline is sent
 and retried whole; error replies inside a pipeline come back in their place as exceptions.
 Scripts go out as EVALSHA and are loaded only when Redis answers NOSCRIPT, and then only the
 commands that got NOSCRIPT are sent again: a refused script did not run.
+
+``Redis.waiting`` wraps every wait for Redis (sending, reading, the pauses between retries): the
+worker lets go of its state there, so that a call that hangs does not stop memory enforcement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -294,6 +299,8 @@ class Redis:
         self.backoff_cap = backoff_cap
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
+        # Entered around each exchange, whatever thread makes it (see the module's docstring).
+        self.waiting: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     def connect(self) -> Connection:
         return Connection(self.where, self.timeout, self.connect_timeout)
@@ -303,18 +310,19 @@ class Redis:
         (or Redis still loading its data) try again on a new one, after a growing pause, up to
         ``retries`` times."""
         attempt = 0
-        while True:
-            try:
-                replies = self._once(payload, count)
-                loading = next((r for r in replies if isinstance(r, ConnectError)), None)
-                if loading is None:
-                    return replies
-                raise loading
-            except ConnectError:
-                if attempt >= self.retries:
-                    raise
-                attempt += 1
-                time.sleep(min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
+        with self.waiting():
+            while True:
+                try:
+                    replies = self._once(payload, count)
+                    loading = next((r for r in replies if isinstance(r, ConnectError)), None)
+                    if loading is None:
+                        return replies
+                    raise loading
+                except ConnectError:
+                    if attempt >= self.retries:
+                        raise
+                    attempt += 1
+                    time.sleep(min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
 
     def _once(self, payload: bytes, count: int) -> list[Any]:
         with self._lock:

@@ -12,11 +12,16 @@ A worker whose claim came back empty does not poll fast: a second thread listens
 queue's notice that tasks became claimable and wakes the loop through a pipe it polls, so a
 submit is picked up at once by idle workers and an idle cluster puts almost no load on Redis.
 The thread does nothing else; all state stays with the loop.
+
+A third thread guards memory while the loop waits on Redis: a call can hang for seconds (a
+silent partition, a frozen Redis), and the loop lets go of its state for the length of each
+call so that the guard can sample, evict and enforce time limits meanwhile (``guard``).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -27,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +167,13 @@ class Worker:
         self._notice_r, self._notice_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._notice_r, select.POLLIN)
         self.noticed = False           # the queue announced claimable tasks
-        self._stop_listening = threading.Event()
+        self._loop_over = threading.Event()  # ends the listener and guard threads
+        # The worker's state belongs to the loop, which holds this lock except while it waits
+        # for Redis (``waiting_on_redis``); then the guard thread may take it (``guard``).
+        self._state = threading.Lock()
+        self._loop_thread: int | None = None
+        self._waiting_since: float | None = None
+        queue.r.waiting = self.waiting_on_redis
 
     # -- lifecycle --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -244,22 +256,54 @@ class Worker:
         """Listener thread: each notice from the queue (and each (re)subscription, since notices
         sent while disconnected are lost) becomes a byte on the notice pipe. It touches no other
         state of the worker."""
-        while not self._stop_listening.is_set():
+        while not self._loop_over.is_set():
             try:
                 sub = self.q.notices()
                 try:
-                    while not self._stop_listening.is_set():
+                    while not self._loop_over.is_set():
                         if sub.get_message(timeout=1.0) is not None:
                             _poke(self._notice_w)
                 finally:
                     sub.close()
             except (ConnectError, OSError) as exc:
                 log.debug("notice listener: %s; subscribing again", exc)
-                self._stop_listening.wait(1.0)
+                self._loop_over.wait(1.0)
             except ResponseError as exc:
                 log.warning("cannot subscribe to %s (%s); new tasks are found by claiming "
                             "every %gs instead", self.q.key("wake"), exc, self.wc.idle_poll)
                 return
+
+    @contextlib.contextmanager
+    def waiting_on_redis(self) -> Iterator[None]:
+        """Around every call the loop makes to Redis: the worker's state is the guard's while
+        the call waits."""
+        if threading.get_ident() != self._loop_thread:
+            yield
+            return
+        self._waiting_since = time.monotonic()
+        self._state.release()
+        try:
+            yield
+        finally:
+            self._state.acquire()
+            self._waiting_since = None
+
+    def guard(self) -> None:
+        """Guard thread: while the loop has been waiting for Redis for longer than a sample
+        interval, sample memory, evict and enforce time limits in its place. A call can wait
+        for seconds (a silent partition, a frozen or swamped Redis: the client's timeout, then
+        a retry), and tasks growing meanwhile would be left to the kernel's OOM killer."""
+        while not self._loop_over.wait(self.sample_every()):
+            since = self._waiting_since
+            if since is None or time.monotonic() - since < self.sample_every():
+                continue
+            with self._state:
+                if self._waiting_since != since:
+                    continue
+                log.debug("waiting %.1fs for Redis: sampling from the guard thread",
+                          time.monotonic() - since)
+                self.sample()
+                self.check_deadlines(time.monotonic())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.drain_on_term and not self.stopping:
@@ -717,12 +761,15 @@ class Worker:
         if not self.ops and not claim:
             return 0
         pipe = self.q.pipeline()
+        # Taken now: the guard may add annotations while the pipeline waits (``guard``); they go
+        # with the next exchange.
+        ops, self.ops = self.ops, []
+        kept, self.kept = self.kept, []
         # First the renames done since the last exchange: a report below may list the same task
         # again (a later attempt, after a retry), and must stay listed.
-        kept = self.kept
         if kept:
             self.q.outputs_kept(self.name, kept, client=pipe)
-        for kind, task, payload in self.ops:
+        for kind, task, payload in ops:
             assert task is not None
             c = task.claim
             if kind == "annotate":
@@ -746,9 +793,11 @@ class Worker:
             self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
                          client=pipe)
-        replies = pipe.execute()[1 if kept else 0:]
-        self.kept = []
-        ops, self.ops = self.ops, []
+        try:
+            replies = pipe.execute()[1 if kept else 0:]
+        except BaseException:
+            self.ops[:0], self.kept[:0] = ops, kept
+            raise
         for (kind, task, payload), outcome in zip(ops, replies):
             if kind == "annotate" or task is None:
                 continue
@@ -893,80 +942,23 @@ class Worker:
             log.info("tasks are also tracked by this worker's cgroup (%s): processes that "
                      "leave a task's session count toward it and die once it ends",
                      self.cgroup_procs.parent)
-        hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         threading.Thread(target=self.listen, name="notices", daemon=True).start()
-        mono = time.monotonic()
-        next_sample = next_hb = next_claim = mono
-        requeued = False
         try:
-            while True:
-                mono = time.monotonic()
-                self.reap_children()
-                if mono >= next_sample:
-                    self.sample()
-                    next_sample = mono + self.sample_every()
-                    if self.forecast_freed():
-                        next_claim = mono
-                self.check_deadlines(mono)
+            with self._state:
+                self._loop_thread = threading.get_ident()
+                threading.Thread(target=self.guard, name="guard", daemon=True).start()
                 try:
-                    if self.fast_stop and not requeued:
-                        self.requeue_all()
-                        requeued = True
-                    if mono >= next_hb or self.lease_expired:
-                        self.lease_expired = False
-                        self.heartbeat()
-                        next_hb = mono + hb_every
-                        # Only a call that reached Redis says so: a pass that made none (the
-                        # retry is a second away) proves nothing.
-                        if self.redis_down_since is not None:
-                            log.info("Redis answers again after %.1fs",
-                                     mono - self.redis_down_since)
-                            self.redis_down_since = None
-                    if self.freed:
-                        self.freed, next_claim = False, mono
-                        self.refresh_after_exit()
-                    if self.noticed:
-                        self.noticed, next_claim = False, mono
-                    claim = not self.stopping and mono >= next_claim and self.has_room()
-                    if self.exchange(claim):
-                        next_claim = mono
-                    elif claim:
-                        # Nothing came: new tasks are announced (``listen``), so only what no
-                        # notice covers waits for this poll (an avoid window running out,
-                        # memory freed outside the tasks, and for --exit-when-empty the last
-                        # tasks of other workers ending).
-                        wait = min(self.wc.idle_poll, 1.0) if self.exit_when_empty \
-                            else self.wc.idle_poll
-                        next_claim = mono + wait
-                        self.claimed_nothing()
-                        log.debug("claim came back empty; next claim in %gs unless tasks are "
-                                  "announced%s", wait, "" if self.short_at is None else
-                                  " or forecast memory frees up")
-                        if self.exit_when_empty and not self.running and self._empty():
-                            break
-                except (ConnectError, RefusedError) as exc:
-                    if self.redis_down_since is None:
-                        self.redis_down_since = mono
-                        log.warning("%s (%s); tasks keep running, reports wait",
-                                    "Redis refuses writes" if isinstance(exc, RefusedError)
-                                    else "cannot reach Redis", exc)
-                    next_hb = next_claim = mono + 1.0
-                if self.stopping and not self.running and not self.ops:
-                    break
-                wake = min(next_sample, next_hb,
-                           next_claim if not self.stopping and self.has_room() else next_hb,
-                           *(t.kill_deadline for t in self.running.values()
-                             if t.kill_deadline is not None))
-                self._poll(max(0.0, wake - time.monotonic()))
+                    self.loop()
+                finally:
+                    self._loop_thread = None
+                    self._loop_over.set()
         except LeaseLost:
-            self._stop_listening.set()
             log.error("worker name %s was taken over by another instance; stopping and killing "
                       "this instance's tasks", self.name)
             for task in self.running.values():
                 self.runner.kill(task, "lost", 0)
                 self.runner.escalate(task)
             return 1
-        self._stop_listening.set()
         try:
             left = self.q.deregister(self.name, self.token, self.stats())
             if left > 0:
@@ -976,6 +968,73 @@ class Worker:
             log.warning("could not deregister (%s); the lease will expire", exc)
         log.info("worker %s stopped", self.name)
         return EXIT_STOPPED if self.stop_requested and not self.fast_stop else 0
+
+    def loop(self) -> None:
+        """Until the worker stops: reap, sample, heartbeat, report and claim, then wait for the
+        next of these to be due, a task to exit or a notice."""
+        hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
+        mono = time.monotonic()
+        next_sample = next_hb = next_claim = mono
+        requeued = False
+        while True:
+            mono = time.monotonic()
+            self.reap_children()
+            if mono >= next_sample:
+                self.sample()
+                next_sample = mono + self.sample_every()
+                if self.forecast_freed():
+                    next_claim = mono
+            self.check_deadlines(mono)
+            try:
+                if self.fast_stop and not requeued:
+                    self.requeue_all()
+                    requeued = True
+                if mono >= next_hb or self.lease_expired:
+                    self.lease_expired = False
+                    self.heartbeat()
+                    next_hb = mono + hb_every
+                    # Only a call that reached Redis says so: a pass that made none (the
+                    # retry is a second away) proves nothing.
+                    if self.redis_down_since is not None:
+                        log.info("Redis answers again after %.1fs",
+                                 mono - self.redis_down_since)
+                        self.redis_down_since = None
+                if self.freed:
+                    self.freed, next_claim = False, mono
+                    self.refresh_after_exit()
+                if self.noticed:
+                    self.noticed, next_claim = False, mono
+                claim = not self.stopping and mono >= next_claim and self.has_room()
+                if self.exchange(claim):
+                    next_claim = mono
+                elif claim:
+                    # Nothing came: new tasks are announced (``listen``), so only what no
+                    # notice covers waits for this poll (an avoid window running out,
+                    # memory freed outside the tasks, and for --exit-when-empty the last
+                    # tasks of other workers ending).
+                    wait = min(self.wc.idle_poll, 1.0) if self.exit_when_empty \
+                        else self.wc.idle_poll
+                    next_claim = mono + wait
+                    self.claimed_nothing()
+                    log.debug("claim came back empty; next claim in %gs unless tasks are "
+                              "announced%s", wait, "" if self.short_at is None else
+                              " or forecast memory frees up")
+                    if self.exit_when_empty and not self.running and self._empty():
+                        break
+            except (ConnectError, RefusedError) as exc:
+                if self.redis_down_since is None:
+                    self.redis_down_since = mono
+                    log.warning("%s (%s); tasks keep running, reports wait",
+                                "Redis refuses writes" if isinstance(exc, RefusedError)
+                                else "cannot reach Redis", exc)
+                next_hb = next_claim = mono + 1.0
+            if self.stopping and not self.running and not self.ops:
+                break
+            wake = min(next_sample, next_hb,
+                       next_claim if not self.stopping and self.has_room() else next_hb,
+                       *(t.kill_deadline for t in self.running.values()
+                         if t.kill_deadline is not None))
+            self._poll(max(0.0, wake - time.monotonic()))
 
     def _poll(self, timeout: float) -> None:
         for fd, _ in self.poller.poll(timeout * 1000):

@@ -539,42 +539,150 @@ def test_tasks_reserving_no_cores_are_capped_per_core(queue, workers, tmp_path):
     wait_for(lambda: drained(queue), 60, "the queue to drain")
 
 
-def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
-        queue, client, redis_server, namespace, tmp_path):
-    """A worker inside a real 300 MiB cgroup (no --memory-limit: capacity comes from the cgroup)
-    runs a task that grabs 1 GiB fast. Whether the worker evicts it first or the kernel kills it,
-    the task must end failed with a reason about memory, and the worker must survive."""
+@pytest.fixture
+def memory_cgroup():
+    """``memory_cgroup(mib)``: a cgroup v1 memory group limited to ``mib`` MiB, for a worker
+    to start in; whatever is left in it is killed at the end."""
     from tests.test_resources import _own_v1_memory_cgroup
 
     parent = _own_v1_memory_cgroup()
     if parent is None or not os.access(parent, os.W_OK):
         pytest.skip("no writable cgroup v1 memory controller")
+    made: list[Path] = []
 
-    group = parent / f"distcomp-worker-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(300 << 20))
-    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 1000 0.001 5"])
-    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
-           "DISTCOMP_CONFIG": "/dev/null"}
-    worker = subprocess.Popen(
-        ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable, "-m",
-         "distcomp", "worker", "--name", "cg", "--results-dir", str(tmp_path / "r")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: state(queue, tid) == "failed", 60, "the task to fail")
-        reason = queue.task(tid)["reason"]
-        # Worker first: "needs more memory than node cg has ..."; kernel first: the OOM kill is
-        # requeued as an eviction and the queue finds no worker with room: "needs N MiB ...".
-        assert reason.startswith("needs "), reason
-        assert worker.poll() is None, "the worker survives"
-        assert int(client.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
-    finally:
-        worker.kill()
-        worker.wait(10)
+    def make(mib: int) -> Path:
+        group = parent / f"distcomp-worker-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        made.append(group)
+        (group / "memory.limit_in_bytes").write_text(str(mib << 20))
+        return group
+
+    yield make
+    for group in made:
         for pid in (group / "cgroup.procs").read_text().split():
             os.kill(int(pid), signal.SIGKILL)
-        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "cgroup to empty")
+        procs = group / "cgroup.procs"
+        wait_for(lambda procs=procs: not procs.read_text().strip(), 10, "cgroup to empty")
         group.rmdir()
+
+
+def _oom_kills(group: Path) -> int:
+    """The kernel's OOM kills in a v1 memory cgroup (``memory.oom_control``)."""
+    fields = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+    return int(fields["oom_kill"])
+
+
+def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
+        queue, client, workers, memory_cgroup):
+    """A worker inside a real 300 MiB cgroup (no --memory-limit: capacity comes from the cgroup)
+    runs a task that grabs 1 GiB fast. Whether the worker evicts it first or the kernel kills it,
+    the task must end failed with a reason about memory, and the worker must survive."""
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 1000 0.001 5"])
+    w = workers("cg", cgroup=memory_cgroup(300))
+    wait_for(lambda: state(queue, tid) == "failed", 60, "the task to fail")
+    reason = queue.task(tid)["reason"]
+    # Worker first: "needs more memory than node cg has ..."; kernel first: the OOM kill is
+    # requeued as an eviction and the queue finds no worker with room: "needs N MiB ...".
+    assert reason.startswith("needs "), reason
+    assert w.proc.poll() is None, "the worker survives"
+    assert int(client.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
+
+
+def _waiting_for_a_reply(port: int) -> bool:
+    """Whether a connection to the Redis at ``port`` has bytes Redis has not read yet (from
+    /proc/net/tcp: its local end, established, with a receive queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state_hex, queues = fields[1], fields[3], fields[4]
+        if int(local.split(":")[1], 16) == port and state_hex == "01" and \
+                int(queues.split(":")[1], 16) > 0:
+            return True
+    return False
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_worker_waiting_on_a_frozen_redis_still_evicts_before_the_kernel_kills(
+        tmp_path, memory_cgroup):
+    """The loop waits on a Redis call for up to its timeout and a retry (2.5 s each here). A
+    task that grows past the node's memory meanwhile must still be evicted by the worker, not
+    OOM-killed by the kernel: the worker's state passes to its guard thread while the loop
+    waits. Redis is frozen (SIGSTOP) and the task grows (200 MB/s, into a 400 MiB cgroup) only
+    once the worker has sent a request Redis has not read; the old loop evicted nothing until
+    the call failed, and the kernel killed the task first."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    queue = Queue(Redis(server.url), f"frz{uuid.uuid4().hex[:6]}")
+    cue = tmp_path / "grow-now"
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 1000 0.05 5 after={cue}"])
+    group = memory_cgroup(400)
+    w = WorkerProcess(server, queue.ns, "frz", tmp_path / "results", [], cgroup=group)
+    try:
+        wait_for(lambda: client.hget(queue.key("t", tid), "pstart"), 30,
+                 "the task to start and be annotated")
+        task_pid = int(client.hget(queue.key("t", tid), "pid"))
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _waiting_for_a_reply(server.port), 30,
+                     "the worker to wait on a request to the frozen Redis")
+            cue.touch()
+            wait_for(lambda: _ended(task_pid), 30, "the task to be killed")
+            assert _oom_kills(group) == 0, w.output()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        # Evicted while running alone: too big for this node, the worker's own verdict (a
+        # kernel kill would have been put back in the queue).
+        wait_for(lambda: state(queue, tid) == "failed", 30, "the outcome to be recorded")
+        assert queue.task(tid)["reason"].startswith("needs more memory than node frz has"), \
+            queue.task(tid)["reason"]
+        assert f"evicting task {tid}" in w.output()
+    finally:
+        w.kill_everything()
+        server.stop()
+
+
+def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path):
+    """The guard also kills a task at its time limit while the loop waits on Redis. Redis is
+    frozen and a second task ends, so that the loop's report of it waits (5 s and a retry, with
+    a 20 s lease) from about 0.5 s into the first task's 5 s limit. The first task notes the
+    TERM; the old loop sent it only after its call had failed, so after its log said so."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    queue = Queue(Redis(server.url), f"lim{uuid.uuid4().hex[:6]}")
+    termed, cue = tmp_path / "termed", tmp_path / "end-now"
+    limited = json.dumps({"type": "shell", "min_cpu": 0, "timeout_s": 5,
+                          "params": f"trap 'touch {termed}; exit 1' TERM; sleep 60 & wait"})
+    (lid, eid) = submit(queue, [limited, f"python:0:0:0:{GROW} 0 0 0 after={cue}"])
+    w = WorkerProcess(server, queue.ns, "lim", tmp_path / "results", ["--heartbeat-ttl", "20"])
+    try:
+        wait_for(lambda: all(client.hget(queue.key("t", t), "pstart") for t in (lid, eid)), 30,
+                 "both tasks to start and be annotated")
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            cue.touch()
+            wait_for(lambda: _waiting_for_a_reply(server.port), 30,
+                     "the worker to wait on its report to the frozen Redis")
+            assert not termed.exists(), "the time limit ran out before Redis was frozen"
+            wait_for(termed.exists, 30, "the limited task to get its TERM")
+            assert "cannot reach Redis" not in w.output(), w.output()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: state(queue, lid) == "failed", 30, "the limited task's outcome")
+        assert "timed out" in queue.task(lid)["reason"], queue.task(lid)["reason"]
+        wait_for(lambda: state(queue, eid) == "finished", 30, "the other task's outcome")
+    finally:
+        w.kill_everything()
+        server.stop()
 
 
 def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tmp_path):
