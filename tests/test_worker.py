@@ -387,6 +387,11 @@ def worker_cgroup():
     except OSError as exc:
         pytest.skip(f"cannot make a cgroup under {base}: {exc.strerror}")
     yield group
+    _kill_and_remove(group)
+
+
+def _kill_and_remove(group: Path) -> None:
+    """Kill whatever is left in cgroup ``group`` and remove it once its zombies are reaped."""
     for pid in (group / "cgroup.procs").read_text().split():
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -559,11 +564,7 @@ def memory_cgroup():
 
     yield make
     for group in made:
-        for pid in (group / "cgroup.procs").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-        procs = group / "cgroup.procs"
-        wait_for(lambda procs=procs: not procs.read_text().strip(), 10, "cgroup to empty")
-        group.rmdir()
+        _kill_and_remove(group)
 
 
 def _oom_kills(group: Path) -> int:
