@@ -128,6 +128,9 @@ class Worker:
         self.running: dict[str, RunningTask] = {}
         self.by_fd: dict[int, str] = {}
         self.ops: list[tuple[str, RunningTask | None, Any]] = []
+        # Claimed while memory ran short during the claim's call: never started, they go back
+        # to the queue with the next exchange (``exchange``).
+        self.unstarted: list[Claim] = []
         self.kept: list[str] = []  # ids whose files were renamed: the queue is told next exchange
         self.sweep_sids: set[int] = set()
         self.available = self.capacity
@@ -758,17 +761,22 @@ class Worker:
     def exchange(self, claim: bool) -> int:
         """Send every pending report and annotation, and with ``claim`` a claim for what is
         free, in one round trip; start the claimed tasks. Returns how many were claimed."""
-        if not self.ops and not claim:
+        if not self.ops and not self.unstarted and not claim:
             return 0
         pipe = self.q.pipeline()
         # Taken now: the guard may add annotations while the pipeline waits (``guard``); they go
         # with the next exchange.
         ops, self.ops = self.ops, []
         kept, self.kept = self.kept, []
+        unstarted, self.unstarted = self.unstarted, []
         # First the renames done since the last exchange: a report below may list the same task
         # again (a later attempt, after a retry), and must stay listed.
         if kept:
             self.q.outputs_kept(self.name, kept, client=pipe)
+        for c in unstarted:
+            self.q.requeue(c.task_id, self.name, c.attempt,
+                           f"requeued: claimed by {self.name} while it was short of memory",
+                           client=pipe)
         for kind, task, payload in ops:
             assert task is not None
             c = task.claim
@@ -794,9 +802,9 @@ class Worker:
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
                          client=pipe)
         try:
-            replies = pipe.execute()[1 if kept else 0:]
+            replies = pipe.execute()[(1 if kept else 0) + len(unstarted):]
         except BaseException:
-            self.ops[:0], self.kept[:0] = ops, kept
+            self.ops[:0], self.kept[:0], self.unstarted[:0] = ops, kept, unstarted
             raise
         for (kind, task, payload), outcome in zip(ops, replies):
             if kind == "annotate" or task is None:
@@ -821,6 +829,13 @@ class Worker:
         claims = self.q.claims(replies[-1])
         if claims is None:
             self.lease_expired = True
+            return 0
+        if claims and (self.evicting or self.held):
+            # The guard evicted while the claim waited (``guard``): the claim measured memory
+            # from before, and the victims' memory is not free yet.
+            log.info("memory ran short while claiming: putting %d claimed task(s) back in the "
+                     "queue unstarted", len(claims))
+            self.unstarted = claims
             return 0
         self.start(claims)
         return len(claims)
@@ -853,8 +868,10 @@ class Worker:
                 self.runner.kill(task, "lost", self.wc.kill_grace)
         # A claim whose reply was lost (the connection broke after Redis ran it) lists tasks as
         # running here that this instance never started; while the lease lives nobody else
-        # would requeue them. Tasks with a report still waiting in self.ops are ours.
-        known = set(self.running) | {t.task_id for _, t, _ in self.ops if t is not None}
+        # would requeue them. Tasks with a report still waiting in self.ops, or going back
+        # unstarted, are ours.
+        known = set(self.running) | {t.task_id for _, t, _ in self.ops if t is not None} | \
+            {c.task_id for c in self.unstarted}
         for tid in beat.running - known:
             attempt = int((self.q.task(tid) or {}).get("attempt", 0) or 0)
             log.warning("task %s is listed as running here but was never started (claim reply "
@@ -1007,7 +1024,7 @@ class Worker:
                 claim = not self.stopping and mono >= next_claim and self.has_room()
                 if self.exchange(claim):
                     next_claim = mono
-                elif claim:
+                elif claim and not self.unstarted:
                     # Nothing came: new tasks are announced (``listen``), so only what no
                     # notice covers waits for this poll (an avoid window running out,
                     # memory freed outside the tasks, and for --exit-when-empty the last
@@ -1028,7 +1045,7 @@ class Worker:
                                 "Redis refuses writes" if isinstance(exc, RefusedError)
                                 else "cannot reach Redis", exc)
                 next_hb = next_claim = mono + 1.0
-            if self.stopping and not self.running and not self.ops:
+            if self.stopping and not self.running and not self.ops and not self.unstarted:
                 break
             wake = min(next_sample, next_hb,
                        next_claim if not self.stopping and self.has_room() else next_hb,

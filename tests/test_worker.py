@@ -686,6 +686,52 @@ def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path)
         server.stop()
 
 
+def test_tasks_claimed_while_the_guard_evicts_go_back_unstarted(tmp_path, memory_cgroup):
+    """A claim measures memory when it is sent. If the guard evicts while the claim waits on
+    Redis, memory ran short since then and the victim has not given its memory back: what the
+    claim brings must go back to the queue, not start into that. Here a worker of two slots
+    runs a task that grows on cue and one that ends on cue; Redis is frozen right after a
+    heartbeat, the second task ends so that the loop's claim (of a queued third task) waits,
+    then the first grows past the 400 MiB cgroup and is evicted. The old loop started the third
+    task from that claim (attempt 1)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    queue = Queue(Redis(server.url), f"unst{uuid.uuid4().hex[:6]}")
+    grow_cue, end_cue = tmp_path / "grow-now", tmp_path / "end-now"
+    gid, eid, later = submit(queue, [f"python:5:0:0:{GROW} 1000 0.05 5 after={grow_cue}",
+                                     f"python:5:0:0:{GROW} 0 0 0 after={end_cue}",
+                                     "shell:0:0:0:true"])
+    w = WorkerProcess(server, queue.ns, "unst", tmp_path / "results",
+                      ["--max-tasks", "2", "--heartbeat-ttl", "20"],
+                      cgroup=memory_cgroup(400))
+    lease = queue.key("lease", "unst")
+    try:
+        wait_for(lambda: all(client.hget(queue.key("t", t), "pstart") for t in (gid, eid)), 30,
+                 "both tasks to start and be annotated")
+        grow_pid = int(client.hget(queue.key("t", gid), "pid"))
+        # Heartbeats come every 5 s: freezing within 0.1 s of one leaves the claim the one call
+        # that waits.
+        wait_for(lambda: client.pttl(lease) > 19_900, 30, "a heartbeat", interval=0.01)
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            end_cue.touch()
+            wait_for(lambda: _waiting_for_a_reply(server.port), 30,
+                     "the worker to wait on its claim to the frozen Redis")
+            grow_cue.touch()
+            wait_for(lambda: _ended(grow_pid), 30, "the growing task to be evicted")
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: state(queue, later) == "finished", 30, "the third task to run")
+        assert queue.task(later)["attempt"] == "2", (queue.task(later), w.output())
+        assert "putting 1 claimed task(s) back in the queue unstarted" in w.output(), w.output()
+        assert state(queue, eid) == "finished"
+    finally:
+        w.kill_everything()
+        server.stop()
+
+
 def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tmp_path):
     """With --idle-poll 600 an idle worker does not claim again for ten minutes on its own: it
     takes tasks submitted later because the queue announces them. Notices sent while it is
