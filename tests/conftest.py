@@ -72,6 +72,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path):
+    """``own_redis(password=None)``: a started redis-server of the test's own, to stop, start
+    again or freeze (SIGSTOP) without touching other tests; stopped at the end."""
+    made: list[RedisServer] = []
+
+    def make(password: str | None = None) -> RedisServer:
+        workdir = tmp_path / f"redis-{len(made)}"
+        workdir.mkdir()
+        server = RedisServer(workdir, password)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
 def namespace() -> str:
     return "t" + uuid.uuid4().hex[:10]
 

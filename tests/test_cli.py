@@ -470,22 +470,18 @@ def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, qu
     assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
 
 
-def test_redis_refusing_part_way_says_what_was_queued(cli, tmp_path, namespace):
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        Redis(server.url).execute("CONFIG", "SET", "maxmemory", "20mb")
-        n = 100_000
-        f = tmp_path / "big.txt"
-        f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(n)))
-        proc = cli("submit", str(f), env={"DISTCOMP_REDIS_URL": server.url})
-        queued = Queue(Redis(server.url), namespace).counts()["todo"]
-        err = proc.stderr.decode()
-        assert proc.returncode == 1 and 0 < queued < n and err.count("\n") == 1, err
-        assert err.startswith(f"distcomp: error: Redis at {server.url} answered with an error: "
-                              f"OOM command not allowed"), err
-        assert err.endswith(f"; {queued} new task(s) of the {n} in {f} were queued before it "
-                            f"stopped; submitting the same file again queues only the rest "
-                            f"(tasks already queued are skipped)\n"), err
-    finally:
-        server.stop()
+def test_redis_refusing_part_way_says_what_was_queued(cli, tmp_path, namespace, own_redis):
+    server = own_redis()
+    Redis(server.url).execute("CONFIG", "SET", "maxmemory", "20mb")
+    n = 100_000
+    f = tmp_path / "big.txt"
+    f.write_text("".join(f"shell:0:0:1:true {i}\n" for i in range(n)))
+    proc = cli("submit", str(f), env={"DISTCOMP_REDIS_URL": server.url})
+    queued = Queue(Redis(server.url), namespace).counts()["todo"]
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and 0 < queued < n and err.count("\n") == 1, err
+    assert err.startswith(f"distcomp: error: Redis at {server.url} answered with an error: "
+                          f"OOM command not allowed"), err
+    assert err.endswith(f"; {queued} new task(s) of the {n} in {f} were queued before it "
+                        f"stopped; submitting the same file again queues only the rest "
+                        f"(tasks already queued are skipped)\n"), err

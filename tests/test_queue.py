@@ -350,33 +350,29 @@ def test_a_dead_workers_chores_wait_for_a_worker_of_its_directory_and_of_its_hos
     assert client.keys(queue.key("chores") + "*") == []
 
 
-def test_a_reap_reads_no_chores_of_other_hosts_and_directories(tmp_path):
+def test_a_reap_reads_no_chores_of_other_hosts_and_directories(own_redis):
     """Chores of dead workers on hosts that never run a worker again stay until one does; a
     worker's reap, every heartbeat, must not read them. Redis counts the commands its scripts
     run, which shows what the reap looked at."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        queue, client = Queue(Redis(server.url), "p"), redis.Redis(port=server.port)
-        specs = [spec(f"t{i}") for i in range(20)]
-        queue.submit(specs)
-        for i, s in enumerate(specs):
-            ok, _ = queue.register(f"w{i}", f"tok-w{i}", 500, {"host": f"h{i}",
-                                                             "results_dir": f"/r{i}"})
-            assert ok and claim_one(queue, f"w{i}").task_id == s.task_id
-            assert queue.annotate(s.task_id, f"w{i}", 1, {"host": f"h{i}", "pid": 100 + i,
-                                                          "pstart": "5"}) == 1
-        wait_for(lambda: not client.keys("p:lease:*"), 5, "lease expiry")
-        assert queue.reap().requeued == 20
-        client.config_resetstat()
-        assert queue.reap("/mine", "hmine") == (0, [], [], [])
-        reads = {k: v["calls"] for k, v in client.info("commandstats").items()
-                 if k in ("cmdstat_hgetall", "cmdstat_hmget", "cmdstat_hget", "cmdstat_smembers")}
-        assert reads == {"cmdstat_smembers": 2}
-        assert queue.reap("/r7", "h7") == (0, [], [(specs[7].task_id, 1)],
-                                           [(specs[7].task_id, 107, "5")])
-    finally:
-        server.stop()
+    server = own_redis()
+    queue, client = Queue(Redis(server.url), "p"), redis.Redis(port=server.port)
+    specs = [spec(f"t{i}") for i in range(20)]
+    queue.submit(specs)
+    for i, s in enumerate(specs):
+        ok, _ = queue.register(f"w{i}", f"tok-w{i}", 500, {"host": f"h{i}",
+                                                         "results_dir": f"/r{i}"})
+        assert ok and claim_one(queue, f"w{i}").task_id == s.task_id
+        assert queue.annotate(s.task_id, f"w{i}", 1, {"host": f"h{i}", "pid": 100 + i,
+                                                      "pstart": "5"}) == 1
+    wait_for(lambda: not client.keys("p:lease:*"), 5, "lease expiry")
+    assert queue.reap().requeued == 20
+    client.config_resetstat()
+    assert queue.reap("/mine", "hmine") == (0, [], [], [])
+    reads = {k: v["calls"] for k, v in client.info("commandstats").items()
+             if k in ("cmdstat_hgetall", "cmdstat_hmget", "cmdstat_hget", "cmdstat_smembers")}
+    assert reads == {"cmdstat_smembers": 2}
+    assert queue.reap("/r7", "h7") == (0, [], [(specs[7].task_id, 1)],
+                                       [(specs[7].task_id, 107, "5")])
 
 
 def outage(server: RedisServer, queue: Queue, how: str) -> None:
@@ -400,32 +396,28 @@ def outage(server: RedisServer, queue: Queue, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["restart", "freeze", "cut"])
-def test_leases_do_not_run_down_while_no_worker_can_reach_redis(tmp_path, how):
+def test_leases_do_not_run_down_while_no_worker_can_reach_redis(how, own_redis):
     """After an outage longer than the lease term (a reboot of the manager, a frozen Redis, a
     manager cut off from every worker) every lease has expired by Redis's clock. The workers
     were only waiting for Redis: the first reap after it must not take their tasks away, and a
     worker that does not come back is still reaped once its term is over."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        queue = Queue(Redis(server.url), "p")
-        back, gone = spec("back"), spec("gone")
-        queue.submit([back, gone])
-        for name, s in (("w-back", back), ("w-gone", gone)):
-            register(queue, name, ttl_ms=3000)
-            assert claim_one(queue, name).task_id == s.task_id
-        assert queue.reap("/results", "h").requeued == 0
-        outage(server, queue, how)
-        assert queue.reap().requeued == 0  # the first reap after it: a `distcomp wait`
-        assert queue.counts()["running"] == 2
-        beat = queue.heartbeat("w-back", "tok-w-back", 60_000, {})
-        assert beat.status != 0 and beat.running == {back.task_id}
-        wait_for(lambda: queue.reap("/results", "h").requeued == 1, 10,
-                 "w-back's reaps to find the lease of w-gone run out")
-        assert queue.task(back.task_id)["state"] == "running"
-        assert queue.task(gone.task_id)["state"] == "todo"
-    finally:
-        server.stop()
+    server = own_redis()
+    queue = Queue(Redis(server.url), "p")
+    back, gone = spec("back"), spec("gone")
+    queue.submit([back, gone])
+    for name, s in (("w-back", back), ("w-gone", gone)):
+        register(queue, name, ttl_ms=3000)
+        assert claim_one(queue, name).task_id == s.task_id
+    assert queue.reap("/results", "h").requeued == 0
+    outage(server, queue, how)
+    assert queue.reap().requeued == 0  # the first reap after it: a `distcomp wait`
+    assert queue.counts()["running"] == 2
+    beat = queue.heartbeat("w-back", "tok-w-back", 60_000, {})
+    assert beat.status != 0 and beat.running == {back.task_id}
+    wait_for(lambda: queue.reap("/results", "h").requeued == 1, 10,
+             "w-back's reaps to find the lease of w-gone run out")
+    assert queue.task(back.task_id)["state"] == "running"
+    assert queue.task(gone.task_id)["state"] == "todo"
 
 
 def test_a_live_worker_reaping_at_its_pace_does_not_hold_off_a_dead_ones_reaping(queue):

@@ -105,28 +105,24 @@ def test_a_reply_that_does_not_come_in_time_is_a_connect_error(redis_server, nam
         slow.execute("BLPOP", f"{namespace}:never", 5)
 
 
-def test_password_database_and_user_from_the_url(tmp_path):
-    server = RedisServer(tmp_path, password="p@ss:/wörd")
-    server.start()
-    try:
-        port = server.port
-        with pytest.raises(AuthError, match="NOAUTH"):
-            Redis(f"redis://127.0.0.1:{port}/0").ping()
-        with pytest.raises(AuthError, match="WRONGPASS"):
-            Redis(f"redis://127.0.0.1:{port}/0", password="nope").ping()
-        Redis(f"redis://:p%40ss%3A%2Fw%C3%B6rd@127.0.0.1:{port}/3").set("k", "db3")
-        Redis(f"redis://127.0.0.1:{port}?db=4", password="p@ss:/wörd").set("k", "db4")
-        admin = redis.Redis(port=port, password="p@ss:/wörd")
-        assert [admin.execute_command("SELECT", db) and admin.get("k") for db in (0, 3, 4)] == \
-            [None, b"db3", b"db4"]
-        admin.acl_setuser("alice", enabled=True, passwords=["+alice-pw"], keys=["a:*"],
-                          commands=["+@all"])
-        alice = Redis(f"redis://alice:alice-pw@127.0.0.1:{port}/0")
-        alice.set("a:1", "ok")
-        with pytest.raises(ResponseError, match="NOPERM"):
-            alice.set("b:1", "no")
-    finally:
-        server.stop()
+def test_password_database_and_user_from_the_url(own_redis):
+    server = own_redis("p@ss:/wörd")
+    port = server.port
+    with pytest.raises(AuthError, match="NOAUTH"):
+        Redis(f"redis://127.0.0.1:{port}/0").ping()
+    with pytest.raises(AuthError, match="WRONGPASS"):
+        Redis(f"redis://127.0.0.1:{port}/0", password="nope").ping()
+    Redis(f"redis://:p%40ss%3A%2Fw%C3%B6rd@127.0.0.1:{port}/3").set("k", "db3")
+    Redis(f"redis://127.0.0.1:{port}?db=4", password="p@ss:/wörd").set("k", "db4")
+    admin = redis.Redis(port=port, password="p@ss:/wörd")
+    assert [admin.execute_command("SELECT", db) and admin.get("k") for db in (0, 3, 4)] == \
+        [None, b"db3", b"db4"]
+    admin.acl_setuser("alice", enabled=True, passwords=["+alice-pw"], keys=["a:*"],
+                      commands=["+@all"])
+    alice = Redis(f"redis://alice:alice-pw@127.0.0.1:{port}/0")
+    alice.set("a:1", "ok")
+    with pytest.raises(ResponseError, match="NOPERM"):
+        alice.set("b:1", "no")
 
 
 def test_a_unix_socket_url(tmp_path):
@@ -251,17 +247,16 @@ def test_a_tls_url_verifies_the_server_unless_told_not_to(tmp_path):
         proc.wait(10)
 
 
-def test_redis_loading_its_data_is_waited_out_like_an_outage(tmp_path):
+def test_redis_loading_its_data_is_waited_out_like_an_outage(own_redis):
     """A restarted Redis answers LOADING until its data is read; commands are tried again
     (with backoff) instead of failing as errors."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = own_redis()
     admin = redis.Redis(port=server.port)
     admin.mset({f"k{i}": i for i in range(4000)})
     admin.save()
     server.stop()
     port = server.port
-    base = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+    base = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(server.dir),
             "--save", "", "--appendonly", "no"]
     # Slow loading down (0.5 ms a key) and serve clients while it lasts (every 1 KiB read).
     proc = subprocess.Popen([*base, "--key-load-delay", "500",

@@ -20,7 +20,7 @@ import redis
 from distcomp.config import Config, WorkerConfig
 from distcomp.queue import Claim, Queue
 from distcomp.redis_client import Redis
-from tests.conftest import HELPERS, RedisServer, WorkerProcess
+from tests.conftest import HELPERS, WorkerProcess
 from tests.helpers import wait_for
 
 GROW = HELPERS / "grow.py"
@@ -610,16 +610,14 @@ def _ended(pid: int) -> bool:
 
 
 def test_a_worker_waiting_on_a_frozen_redis_still_evicts_before_the_kernel_kills(
-        tmp_path, memory_cgroup):
+        tmp_path, memory_cgroup, own_redis):
     """The loop waits on a Redis call for up to its timeout and a retry (2.5 s each here). A
     task that grows past the node's memory meanwhile must still be evicted by the worker, not
     OOM-killed by the kernel: the worker's state passes to its guard thread while the loop
     waits. Redis is frozen (SIGSTOP) and the task grows (200 MB/s, into a 400 MiB cgroup) only
     once the worker has sent a request Redis has not read; the old loop evicted nothing until
     the call failed, and the kernel killed the task first."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     client = redis.Redis.from_url(server.url)
     queue = Queue(Redis(server.url), f"frz{uuid.uuid4().hex[:6]}")
     cue = tmp_path / "grow-now"
@@ -647,17 +645,14 @@ def test_a_worker_waiting_on_a_frozen_redis_still_evicts_before_the_kernel_kills
         assert f"evicting task {tid}" in w.output()
     finally:
         w.kill_everything()
-        server.stop()
 
 
-def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path):
+def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path, own_redis):
     """The guard also kills a task at its time limit while the loop waits on Redis. Redis is
     frozen and a second task ends, so that the loop's report of it waits (5 s and a retry, with
     a 20 s lease) from about 0.5 s into the first task's 5 s limit. The first task notes the
     TERM; the old loop sent it only after its call had failed, so after its log said so."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     client = redis.Redis.from_url(server.url)
     queue = Queue(Redis(server.url), f"lim{uuid.uuid4().hex[:6]}")
     termed, cue = tmp_path / "termed", tmp_path / "end-now"
@@ -683,10 +678,10 @@ def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path)
         wait_for(lambda: state(queue, eid) == "finished", 30, "the other task's outcome")
     finally:
         w.kill_everything()
-        server.stop()
 
 
-def test_tasks_claimed_while_the_guard_evicts_go_back_unstarted(tmp_path, memory_cgroup):
+def test_tasks_claimed_while_the_guard_evicts_go_back_unstarted(tmp_path, memory_cgroup,
+                                                                 own_redis):
     """A claim measures memory when it is sent. If the guard evicts while the claim waits on
     Redis, memory ran short since then and the victim has not given its memory back: what the
     claim brings must go back to the queue, not start into that. Here a worker of two slots
@@ -694,9 +689,7 @@ def test_tasks_claimed_while_the_guard_evicts_go_back_unstarted(tmp_path, memory
     heartbeat, the second task ends so that the loop's claim (of a queued third task) waits,
     then the first grows past the 400 MiB cgroup and is evicted. The old loop started the third
     task from that claim (attempt 1)."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     client = redis.Redis.from_url(server.url)
     queue = Queue(Redis(server.url), f"unst{uuid.uuid4().hex[:6]}")
     grow_cue, end_cue = tmp_path / "grow-now", tmp_path / "end-now"
@@ -729,16 +722,13 @@ def test_tasks_claimed_while_the_guard_evicts_go_back_unstarted(tmp_path, memory
         assert state(queue, eid) == "finished"
     finally:
         w.kill_everything()
-        server.stop()
 
 
-def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tmp_path):
+def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tmp_path, own_redis):
     """With --idle-poll 600 an idle worker does not claim again for ten minutes on its own: it
     takes tasks submitted later because the queue announces them. Notices sent while it is
     cut off are lost, so after Redis restarts it must subscribe again (and claim then)."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     q = Queue(Redis(server.url), "idle")
     w = WorkerProcess(server, "idle", "w-idle", tmp_path / "results",
                       ["--idle-poll", "600", "--log-level", "debug"])
@@ -762,7 +752,6 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
         assert w.proc.poll() is None, w.output()
     finally:
         w.kill_everything()
-        server.stop()
 
 
 @pytest.mark.parametrize("args, named", [
@@ -788,12 +777,10 @@ def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, q
 
 
 @pytest.mark.parametrize("where", ["DISTCOMP_REDIS_PASSWORD", "the URL"])
-def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, where):
+def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, where, own_redis):
     """A task that prints its environment (`env` while debugging) would put the password in its
     output file, on the shared file system."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis", password="s3cret-for-tasks")
-    server.start()
+    server = own_redis("s3cret-for-tasks")
     q = Queue(Redis(server.url, "s3cret-for-tasks"), "env")
     (tid,) = submit(q, ["shell:0:0:1:env"])
     url = server.url.replace("//", "//:s3cret-for-tasks@") if where == "the URL" else server.url
@@ -801,26 +788,21 @@ def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, wher
            "DISTCOMP_CONFIG": ""}
     if where == "DISTCOMP_REDIS_PASSWORD":
         env["DISTCOMP_REDIS_PASSWORD"] = "s3cret-for-tasks"
-    try:
-        proc = subprocess.run([sys.executable, "-m", "distcomp", "worker", "--results-dir",
-                               str(tmp_path / "r"), "--exit-when-empty"], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stderr
-        assert state(q, tid) == "finished"
-        seen = (tmp_path / "r" / tid[:2] / f"{tid}.out").read_text()
-        assert "DISTCOMP_TASK_ID=" + tid in seen
-        assert "s3cret-for-tasks" not in seen
-        assert "s3cret-for-tasks" not in proc.stderr
-    finally:
-        server.stop()
+    proc = subprocess.run([sys.executable, "-m", "distcomp", "worker", "--results-dir",
+                           str(tmp_path / "r"), "--exit-when-empty"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert state(q, tid) == "finished"
+    seen = (tmp_path / "r" / tid[:2] / f"{tid}.out").read_text()
+    assert "DISTCOMP_TASK_ID=" + tid in seen
+    assert "s3cret-for-tasks" not in seen
+    assert "s3cret-for-tasks" not in proc.stderr
 
 
-def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path):
+def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path, own_redis):
     """While Redis is away the worker retries every second; the loop passes in between make no
     call to Redis and must not be taken for proof that it is back."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     w = WorkerProcess(server, "away", "w-away", tmp_path / "results", [])
     try:
         wait_for(lambda: "worker w-away up" in w.output(), 30, "the worker to start")
@@ -839,16 +821,13 @@ def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path
         assert w.output().count("Redis answers again") == 1, w.output()
     finally:
         w.kill_everything()
-        server.stop()
 
 
-def test_a_worker_rides_out_redis_refusing_writes(tmp_path):
+def test_a_worker_rides_out_redis_refusing_writes(tmp_path, own_redis):
     """Redis at its maxmemory (noeviction) refuses the worker's heartbeat and claims: the
     worker keeps its task running, says so once, and goes on when Redis accepts writes again.
     It used to exit, leaving the task running with nobody to report it."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     q = Queue(Redis(server.url), "full")
     gate = tmp_path / "gate"
     (tid,) = submit(q, [f"shell:0:0:1:while [ ! -e {gate} ]; do sleep 0.05; done"])
@@ -875,7 +854,6 @@ def test_a_worker_rides_out_redis_refusing_writes(tmp_path):
         assert w.output().count("Redis refuses") == 1, w.output()
     finally:
         w.kill_everything()
-        server.stop()
 
 
 def test_worker_learns_what_tasks_of_each_declared_size_really_use(queue, tmp_path):
@@ -960,12 +938,10 @@ def test_a_forecast_starts_a_task_beside_ones_that_will_be_gone_before_it_grows(
     assert most == 3, w.output()
 
 
-def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
+def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path, own_redis):
     """Redis 7 gives a new ACL user no pub/sub channels unless told: submits and reports must
     still work for such a user, and its workers fall back to claiming every idle_poll."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = own_redis()
     redis.Redis(port=server.port).acl_setuser("nochan", enabled=True, passwords=["+pw-nochan"],
                                               keys=["*"], commands=["+@all"], reset_channels=True)
     url = f"redis://nochan:pw-nochan@127.0.0.1:{server.port}/0"
@@ -982,7 +958,6 @@ def test_without_access_to_channels_tasks_are_still_submitted_and_run(tmp_path):
         assert "cannot subscribe to acl:wake" in w.output()
     finally:
         w.kill_everything()
-        server.stop()
 
 
 def test_wait_returns_as_soon_as_the_last_task_is_recorded(queue, client, workers, redis_server,
