@@ -760,7 +760,8 @@ class Worker:
 
     def exchange(self, claim: bool) -> int:
         """Send every pending report and annotation, and with ``claim`` a claim for what is
-        free, in one round trip; start the claimed tasks. Returns how many were claimed."""
+        free, in one round trip; start the claimed tasks, or if the guard evicted meanwhile
+        send them back (``unstarted``). Returns how many were started."""
         if not self.ops and not self.unstarted and not claim:
             return 0
         pipe = self.q.pipeline()
