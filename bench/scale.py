@@ -1,7 +1,8 @@
 """Scale: a million queued tasks and hundreds of workers against one Redis.
 
-1. ``distcomp submit`` of a taskfile of N tasks (default 1,000,000): wall time of the CLI and
-   Redis memory after it (INFO memory).
+1. ``distcomp submit`` of a taskfile of N tasks (default 1,000,000): wall time of the CLI (the
+   median of ``--submit-rounds`` submits, each into an emptied Redis) and Redis memory after the
+   last (INFO memory).
 2. ``distcomp status --json`` latency with N queued (the whole CLI process, median of 5), and
    the in-process part (``reap`` + counts + workers alive) separately.
    ``distcomp export -o FILE`` of the N tasks: wall time of the CLI, rows written.
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=1_000_000)
     ap.add_argument("--small", type=int, default=1_000, help="queue length of the small case")
     ap.add_argument("--claim-samples", type=int, default=2_000)
+    ap.add_argument("--submit-rounds", type=int, default=3,
+                    help="submits of the big file, each into an emptied Redis; the median counts")
     ap.add_argument("--workers", type=int, default=500)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20)
@@ -198,17 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tasks, args.claim_samples, args.workers, args.procs, args.seconds = (
             20_000, 200, 50, 2, 3)
+        args.submit_rounds = 2
+    if args.submit_rounds < 1:
+        ap.error("--submit-rounds must be at least 1")
     with tempfile.TemporaryDirectory(prefix="distcomp-bench-scale-") as tmp, \
             RedisServer() as server:
         big, small = Path(tmp) / "big.tasks", Path(tmp) / "small.tasks"
         write_taskfile(big, args.tasks, "big")
         write_taskfile(small, args.small, "small")
         r = server.client()
-        mem0 = r.info("memory")["used_memory"]
-        print(f"scale: submitting {args.tasks:,} tasks with the CLI ...", flush=True)
-        submit_s, sub = submit(server, big, "big")
-        mem1 = r.info("memory")
-        print(f"  {submit_s:.1f} s, Redis used_memory {mem1['used_memory_human']}", flush=True)
+        # One submit takes 12-16 s on this VM within an hour: the median of a few, each into
+        # an emptied Redis, is the figure; the last one's tasks stay for the rest.
+        rounds = []
+        for n in range(args.submit_rounds):
+            if n:
+                r.flushall()
+            mem0 = r.info("memory")["used_memory"]
+            print(f"scale: submitting {args.tasks:,} tasks with the CLI "
+                  f"({n + 1}/{args.submit_rounds}) ...", flush=True)
+            seconds, sub = submit(server, big, "big")
+            rounds.append(seconds)
+            mem1 = r.info("memory")
+            print(f"  {seconds:.1f} s, Redis used_memory {mem1['used_memory_human']}", flush=True)
+        submit_s = statistics.median(rounds)
         submit(server, small, "small")
         print("scale: status latency ...", flush=True)
         status = status_latency(server, "big", 5)
@@ -226,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "params": {"tasks": args.tasks, "small": args.small, "claim_samples": args.claim_samples,
                    "workers": args.workers, "procs": args.procs, "seconds": args.seconds,
-                   "smoke": args.smoke},
-        "submit": {"seconds": submit_s, "tasks_per_s": args.tasks / submit_s, **sub,
+                   "submit_rounds": args.submit_rounds, "smoke": args.smoke},
+        "submit": {"seconds": submit_s, "rounds_s": rounds,
+                   "tasks_per_s": args.tasks / submit_s, **sub,
                    "redis_used_memory": mem1["used_memory"] - mem0,
                    "redis_bytes_per_task": (mem1["used_memory"] - mem0) / args.tasks,
                    "redis_used_memory_rss": mem1["used_memory_rss"]},
@@ -245,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(f"scale: {args.tasks:,} tasks",
                 ["measure", "value", "target"],
-                [["submit wall s (CLI)", submit_s, "<= 15 s for 1M"],
+                [[f"submit wall s (CLI, median of {len(rounds)})", submit_s, "<= 15 s for 1M"],
+                 ["  every submit s", " ".join(f"{x:.1f}" for x in rounds), ""],
                  ["submit tasks/s", args.tasks / submit_s, ""],
                  ["Redis memory MiB", (mem1["used_memory"] - mem0) / 2**20, ""],
                  ["Redis bytes/task", (mem1["used_memory"] - mem0) / args.tasks, ""],
