@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         write_taskfile(big, args.tasks, "big")
         write_taskfile(small, args.small, "small")
         r = server.client()
-        # One submit takes 12-16 s on this VM within an hour: the median of a few, each into
-        # an emptied Redis, is the figure; the last one's tasks stay for the rest.
+        # One submit's time moved by a third within an hour on the 2-core VM: the median of a
+        # few, each into an emptied Redis, is the figure; the last one's tasks stay for the rest.
         rounds = []
         for n in range(args.submit_rounds):
             if n:
