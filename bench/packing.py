@@ -87,17 +87,29 @@ def ideal_static(peaks: list[int], capacity_mb: int, slots: int, life_s: float) 
     return now
 
 
+def memory_shape(grow_s: float, hold_s: float, step_s: float) -> list[float]:
+    """A task's memory at each step of its life as a share of its peak (bench/memtask.py's
+    model: linear growth from 0, then the peak held), from its start to its end, both included.
+    At the step it ends a task still holds its peak up to that instant, while one starting then
+    holds nothing yet; counted so, the sum at two neighbouring steps bounds the sum everywhere
+    between them, and checking the steps is exact."""
+    life = max(1, round((grow_s + hold_s) / step_s))
+    return [min(1.0, k * step_s / grow_s) if grow_s else 1.0 for k in range(life + 1)]
+
+
 def ideal_foresight(peaks: list[int], capacity_mb: int, slots: int, grow_s: float,
-                    hold_s: float, step_s: float = 0.02) -> float:
+                    hold_s: float, step_s: float = 0.02, in_order: bool = False) -> float:
     """Makespan when every task's size at every age is known exactly and nothing costs time:
     first fit in order, a task starts as soon as the exact sum of the started tasks and its
     own stays within the worker's room at every step of its life (``step_s`` apart). What
     admission by a perfect memory profile could do; it can still not be fluid, because a
-    task's memory cannot move to where there is room."""
+    task's memory cannot move to where there is room. With ``in_order`` no task starts before
+    the ones queued ahead of it, as a worker takes undeclared tasks (it cannot tell which of
+    them would fit)."""
     room = worker_room(capacity_mb)
-    life = max(1, round((grow_s + hold_s) / step_s))
-    shape = [min(1.0, k * step_s / grow_s) if grow_s else 1.0 for k in range(life)]
-    used = [0.0] * (life * (len(peaks) + 1))  # MB held at each step, by the started tasks
+    shape = memory_shape(grow_s, hold_s, step_s)
+    life = len(shape) - 1
+    used = [0.0] * (len(shape) * (len(peaks) + 1))  # MB held at each step, by the started tasks
     queue, ends, now = list(peaks), [], 0
 
     def fits(peak: int) -> bool:
@@ -107,7 +119,8 @@ def ideal_foresight(peaks: list[int], capacity_mb: int, slots: int, grow_s: floa
         while ends and ends[0] <= now:
             heapq.heappop(ends)
         while queue and len(ends) < slots:
-            fit = next((i for i, p in enumerate(queue) if fits(p)), None)
+            fit = next((i for i, p in enumerate(queue[:1] if in_order else queue) if fits(p)),
+                       None)
             if fit is None:
                 break
             peak = queue.pop(fit)
