@@ -95,3 +95,35 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert load["workers"] == doc["params"]["workers"] and load["tasks_finished"] > 0
     assert load["redis_cpu_s"] >= 0
     assert doc["distcomp"]["tasks_lost"] == 0
+
+
+def test_packing_optimum_smoke(tmp_path: Path) -> None:
+    doc = run_bench("packing_optimum", tmp_path)
+    p = doc["params"]
+    step, grow, life = p["step"], p["grow"], round((p["grow"] + p["hold"]) / p["step"])
+    starts = [round(s / step) for s in doc["best_starts_s"]]
+    assert len(starts) == p["tasks"] == len(doc["peaks_mb"])
+    # The schedule is one a node could run: re-checked here at every grid instant, apart from
+    # the script's own bookkeeping. A task ending at an instant holds its peak up to it.
+    for t in range(max(starts) + life + 1):
+        held = [(t - s, peak) for s, peak in zip(starts, doc["peaks_mb"]) if 0 <= t - s <= life]
+        assert sum(peak * min(1.0, age * step / grow) for age, peak in held) <= doc["room_mb"]
+        assert sum(age < life for age, _ in held) <= p["concurrency"]
+    assert doc["best_s"] == pytest.approx((max(starts) + life) * step)
+    # Solved to the end at this size, so the solver's bound is the schedule itself; both sit
+    # above the proven ramp bound, which sits above the fluid bound.
+    assert doc["solver"]["optimal"]
+    assert doc["best_proven_s"] == pytest.approx(doc["best_s"])
+    assert doc["lower_bound_s"] < doc["ramp_bound_s"] <= doc["best_s"]
+    # Planned with every size known, it beats starting each task as soon as it fits.
+    assert doc["best_s"] < min(doc["greedy_first_fit_s"], doc["greedy_queue_order_s"])
+
+
+def test_packing_optimum_refuses_a_grid_that_misses_the_growth(tmp_path: Path) -> None:
+    out = tmp_path / "never.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "packing_optimum.py"), "--step", "0.4",
+                           "--out", str(out)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 2
+    assert "--grow 3 and --hold 1 must be whole multiples of --step 0.4" in proc.stderr
+    assert not out.exists()
