@@ -70,6 +70,15 @@ def worker_room(capacity_mb: int) -> int:
     return capacity_mb - min(max(capacity_mb // 20, 256), 2048, capacity_mb // 4)
 
 
+def ramp_bound(peaks: list[int], room_mb: int, grow_s: float, hold_s: float) -> float:
+    """No schedule that keeps the tasks within ``room_mb`` ends sooner, whatever its start
+    times: until the first task ends (GROW seconds in), every task's memory grows linearly from
+    0, so their sum is a convex function of time that starts at 0 and is within the room at
+    GROW; it stays below the straight line from 0 to the room, and the first GROW seconds hold
+    at most half of what they could. Makespan >= memory-seconds / room + GROW / 2."""
+    return sum(p * (grow_s / 2 + hold_s) for p in peaks) / room_mb + grow_s / 2
+
+
 def ideal_static(peaks: list[int], capacity_mb: int, slots: int, life_s: float) -> float:
     """Makespan of reservation packing with exact peaks and no overhead (event simulation)."""
     room, queue, running, used, now = worker_room(capacity_mb), list(peaks), [], 0, 0.0
@@ -344,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     # finished attempts really held (tasks run slower on a loaded machine), smallest over the
     # tools that finished every task.
     lower = sum(p * (args.grow / 2 + args.hold) for p in peaks) / capacity_mb
+    ramp = ramp_bound(peaks, worker_room(capacity_mb), args.grow, args.hold)
     static_best = ideal_static(peaks, capacity_mb, args.concurrency, args.grow + args.hold)
     foresight = ideal_foresight(peaks, capacity_mb, args.concurrency, args.grow, args.hold)
     complete = [r["done_mb_s"] for r in results.values() if r["tasks_lost"] == 0]
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "peaks_mb": peaks,
         "lower_bound_s": lower,
         "lower_bound_measured_s": measured,
+        "ramp_bound_s": ramp,
         "ideal_static_s": static_best,
         "ideal_foresight_s": foresight,
         "tools": results,
@@ -385,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(f"packing: {args.tasks} tasks of {args.min_mb}-{args.max_mb} MB (seed "
                 f"{args.seed}), grow {args.grow:g}s + hold {args.hold:g}s, capacity "
                 f"{capacity_mb} MiB, {args.concurrency} slots; lower bound {lower:.1f} s "
-                f"(from measured task memory-seconds: {measured:.1f} s); ideal static packing "
+                f"(from measured task memory-seconds: {measured:.1f} s); no schedule within the "
+                f"worker's room below {ramp:.1f} s ({ramp / lower:.2f}x, bench/packing_optimum.py "
+                f"has the best one); ideal static packing "
                 f"{static_best:.1f} s ({static_best / lower:.2f}x); exact foresight of every "
                 f"task's growth {foresight:.1f} s ({foresight / lower:.2f}x)",
                 ["tool", "makespan s", "x lower bound", "mem mean", "mem peak", "evictions",

@@ -6,12 +6,8 @@ cannot move to where there is room. This script computes how close one could com
 task's size and shape known in advance and unlimited time to plan, so that packing's 1.25x
 target can be read against what is possible at all, and prints it beside the greedy policies:
 
-* ``ramp bound`` - proven for every schedule that keeps memory within the worker's room,
-  starts at any instant: while no task has ended (the first GROW seconds), every task's memory
-  grows linearly from 0, so the sum is a convex function of time that starts at 0 and cannot
-  exceed the room at GROW; it stays under the straight line from 0 to the room and the first
-  GROW seconds hold at most half of what they could. Makespan >= memory-seconds / room +
-  GROW / 2.
+* ``ramp bound`` - ``packing.ramp_bound``, proven for every schedule that keeps memory within
+  the worker's room, whatever its start times.
 * ``best schedule`` - the best schedule an exact solver (HiGHS, through scipy's ``milp``) finds
   within ``--time-limit``, with starts on a grid of ``--step`` seconds: a 0/1 variable for each
   task and start instant, memory and job slots checked at every instant. GROW and HOLD are
@@ -40,7 +36,7 @@ from scipy.sparse import csr_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_result
-from packing import ideal_foresight, ideal_static, make_tasks, memory_shape, worker_room
+from packing import ideal_foresight, ideal_static, make_tasks, memory_shape, ramp_bound, worker_room
 
 
 def usage(starts: list[int], peaks: list[int], share: list[float]) -> tuple[list[float], list[int]]:
@@ -54,11 +50,6 @@ def usage(starts: list[int], peaks: list[int], share: list[float]) -> tuple[list
             mem[s + k] += peak * f
             active[s + k] += k < life
     return mem, active
-
-
-def ramp_bound(peaks: list[int], room_mb: int, grow_s: float, hold_s: float) -> float:
-    """No schedule within ``room_mb`` ends sooner (module docstring, ``ramp bound``)."""
-    return sum(p * (grow_s / 2 + hold_s) for p in peaks) / room_mb + grow_s / 2
 
 
 def best_schedule(peaks: list[int], room_mb: int, slots: int, share: list[float], horizon: int,

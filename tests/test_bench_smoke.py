@@ -67,6 +67,9 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert doc["ideal_static_s"] >= doc["lower_bound_s"]
     # Nor can knowing every task's growth: its memory still cannot move to where there is room.
     assert doc["ideal_foresight_s"] >= doc["lower_bound_s"]
+    # Both are schedules within the worker's room, which no schedule beats the ramp bound of.
+    assert doc["lower_bound_s"] < doc["ramp_bound_s"] <= min(doc["ideal_static_s"],
+                                                              doc["ideal_foresight_s"])
     for name in ("distcomp", "distcomp-overcommit", "distcomp-static"):
         assert doc["tools"][name]["tasks_lost"] == 0, doc["tools"][name]
         assert doc["tools"][name]["kernel_oom_kills"] == 0, doc["tools"][name]
