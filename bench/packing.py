@@ -26,8 +26,8 @@ worker's default reserve kept free, first fit in submission order, no overhead a
 reservation-based packing could do at best - and of ideal admission by foresight: every task's
 size at every age known exactly, a task started as soon as the exact sum fits at every later
 instant (``ideal_foresight``); and the ramp bound, under which no schedule within the worker's
-room ends (``ramp_bound``; bench/packing_optimum.py solves for the best schedule). The same bound
-from the memory-seconds the finished attempts really held is reported too (tasks run slower than
+room ends (``ramp_bound``; bench/packing_optimum.py solves for the best schedule). The fluid
+bound from the memory-seconds the finished attempts really held is reported too (tasks run slower than
 designed on a loaded machine).
 
 Right before each run, untimed, the script touches and frees as much memory as the capacity
