@@ -23,12 +23,12 @@ makespan is the workload's memory-seconds (sum of peak * (GROW/2 + HOLD)) divide
 capacity: nothing packs better than perfectly fluid memory. Next to it, the makespan of ideal
 static packing: every task's true peak known and reserved for exactly GROW + HOLD seconds, the
 worker's default reserve kept free, first fit in submission order, no overhead at all - what
-reservation-based packing could do at best - and of ideal admission by foresight: every task's
-size at every age known exactly, a task started as soon as the exact sum fits at every later
-instant (``ideal_foresight``); and the ramp bound, under which no schedule within the worker's
-room ends (``ramp_bound``; bench/packing_optimum.py solves for the best schedule). The fluid
-bound from the memory-seconds the finished attempts really held is reported too (tasks run slower than
-designed on a loaded machine).
+a packer that reserves declared peaks does with perfect declarations - and of ideal admission by
+foresight: every task's size at every age known exactly, a task started as soon as the exact sum
+fits at every later instant (``ideal_foresight``); and the ramp bound, under which no schedule
+within the worker's room ends (``ramp_bound``; bench/packing_optimum.py solves for the best
+schedule). The fluid bound from the memory-seconds the finished attempts really held is
+reported too (tasks run slower than designed on a loaded machine).
 
 Right before each run, untimed, the script touches and frees as much memory as the capacity
 (``warm_memory``): a VM that hands freed memory back to its host makes the first touch after a
