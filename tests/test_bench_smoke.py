@@ -17,9 +17,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 V1_MEMORY = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def run_bench(name: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--out",
+def run_bench(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}{''.join(args)}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", *args, "--out",
                            str(out)], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -100,26 +100,42 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert doc["distcomp"]["tasks_lost"] == 0
 
 
-def test_packing_optimum_smoke(tmp_path: Path) -> None:
-    doc = run_bench("packing_optimum", tmp_path)
+def checked_schedule(doc: dict) -> list[int]:
+    """The start instants of the solver's schedule, re-checked here at every grid instant apart
+    from the script's own bookkeeping: a schedule a node could run. A task ending at an instant
+    holds its peak up to it."""
     p = doc["params"]
     step, grow, life = p["step"], p["grow"], round((p["grow"] + p["hold"]) / p["step"])
     starts = [round(s / step) for s in doc["best_starts_s"]]
     assert len(starts) == p["tasks"] == len(doc["peaks_mb"])
-    # The schedule is one a node could run: re-checked here at every grid instant, apart from
-    # the script's own bookkeeping. A task ending at an instant holds its peak up to it.
     for t in range(max(starts) + life + 1):
         held = [(t - s, peak) for s, peak in zip(starts, doc["peaks_mb"]) if 0 <= t - s <= life]
         assert sum(peak * min(1.0, age * step / grow) for age, peak in held) <= doc["room_mb"]
         assert sum(age < life for age, _ in held) <= p["concurrency"]
     assert doc["best_s"] == pytest.approx((max(starts) + life) * step)
-    # Solved to the end at this size, so the solver's bound is the schedule itself; both sit
-    # above the proven ramp bound, which sits above the fluid bound.
+    # Solved to the end at this size, so the solver's bound is the schedule itself.
     assert doc["solver"]["optimal"]
     assert doc["best_proven_s"] == pytest.approx(doc["best_s"])
+    return starts
+
+
+def test_packing_optimum_smoke(tmp_path: Path) -> None:
+    doc = run_bench("packing_optimum", tmp_path)
+    checked_schedule(doc)
     assert doc["lower_bound_s"] < doc["ramp_bound_s"] <= doc["best_s"]
     # Planned with every size known, it beats starting each task as soon as it fits.
     assert doc["best_s"] < min(doc["greedy_first_fit_s"], doc["greedy_queue_order_s"])
+
+
+def test_packing_optimum_in_queue_order(tmp_path: Path) -> None:
+    anywhere = run_bench("packing_optimum", tmp_path)
+    doc = run_bench("packing_optimum", tmp_path, "--queue-order")
+    assert doc["params"]["queue_order"] is True
+    starts = checked_schedule(doc)
+    assert starts == sorted(starts), "a task started before the one ahead of it in the queue"
+    # Keeping the queue's order costs something on this workload, and planning still beats the
+    # greedy that keeps it.
+    assert anywhere["best_s"] < doc["best_s"] < doc["greedy_queue_order_s"]
 
 
 def test_packing_optimum_refuses_a_grid_that_misses_the_growth(tmp_path: Path) -> None:
