@@ -10,9 +10,10 @@ target can be read against what is possible at all, and prints it beside the gre
   the worker's room, whatever its start times.
 * ``best schedule`` - the best schedule an exact solver (HiGHS, through scipy's ``milp``) finds
   within ``--time-limit``, with starts on a grid of ``--step`` seconds: a 0/1 variable for each
-  task and instant (started by then or not), memory and job slots checked at every instant. GROW and HOLD are
-  multiples of the step and a task that ends at an instant is counted there at its peak
-  (``packing.memory_shape``), so checking the instants is exact. The solver's own bound comes
+  task and instant (starts then, or with ``--queue-order`` has started by then), memory and job
+  slots checked at every instant. GROW and HOLD are multiples of the step and a task that ends
+  at an instant is counted there at its peak (``packing.memory_shape``), so checking the
+  instants is exact. The solver's own bound comes
   with it: no schedule on that grid is shorter. With ``--queue-order`` every task starts no
   earlier than the one before it in the queue, as when a worker takes tasks whose sizes nobody
   declared: the best such a worker could do if it knew every size and never restarted a task.

@@ -119,16 +119,21 @@ def checked_schedule(doc: dict) -> list[int]:
     return starts
 
 
-def test_packing_optimum_smoke(tmp_path: Path) -> None:
-    doc = run_bench("packing_optimum", tmp_path)
+@pytest.fixture(scope="module")
+def any_order_optimum(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_bench("packing_optimum", tmp_path_factory.mktemp("optimum"))
+
+
+def test_packing_optimum_smoke(any_order_optimum: dict) -> None:
+    doc = any_order_optimum
     checked_schedule(doc)
     assert doc["lower_bound_s"] < doc["ramp_bound_s"] <= doc["best_s"]
     # Planned with every size known, it beats starting each task as soon as it fits.
     assert doc["best_s"] < min(doc["greedy_first_fit_s"], doc["greedy_queue_order_s"])
 
 
-def test_packing_optimum_in_queue_order(tmp_path: Path) -> None:
-    anywhere = run_bench("packing_optimum", tmp_path)
+def test_packing_optimum_in_queue_order(tmp_path: Path, any_order_optimum: dict) -> None:
+    anywhere = any_order_optimum
     doc = run_bench("packing_optimum", tmp_path, "--queue-order")
     assert doc["params"]["queue_order"] is True
     starts = checked_schedule(doc)
