@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -56,3 +57,37 @@ def test_a_playbook_run_against_an_inventory_without_a_manager_stops(tmp_path):
                        f"taskfile={tmp_path / 'tasks.txt'}")
         assert run.returncode != 0, (book, run.stdout)
         assert "No host in group 'manager' in the inventory" in run.stdout, (book, run.stdout)
+
+
+def test_a_run_limited_to_a_worker_still_knows_the_managers_address(tmp_path):
+    """The manager's experiment address comes from its facts (inventory/cloudlab/group_vars), so
+    `site.yml --limit node1`, which gathers none of the manager's, pointed the worker at ''. Two
+    local hosts stand in for the manager and the worker; this machine's network is the LAN."""
+    address, network = _this_machines_network()
+    inventory = tmp_path / "inventory"
+    (inventory / "group_vars").mkdir(parents=True)
+    group_vars = (REPO / "inventory/cloudlab/group_vars/all.yml").read_text()
+    (inventory / "group_vars/all.yml").write_text(
+        group_vars.replace("distcomp_experiment_network: 10.10.1.0/24",
+                           f"distcomp_experiment_network: {network}")
+        .replace("ansible_python_interpreter: /usr/bin/python3",
+                 f"ansible_python_interpreter: {sys.executable}"))
+    (inventory / "hosts.yml").write_text(
+        "manager:\n  hosts:\n    m: {ansible_connection: local}\n"
+        "workers:\n  hosts:\n    w: {ansible_connection: local}\n")
+    (tmp_path / "play.yml").write_text(
+        "- hosts: all\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: common\n"
+        "        tasks_from: manager_facts\n"
+        "    - ansible.builtin.debug:\n        msg: 'manager at [{{ distcomp_manager_address }}]'\n")
+    run = playbook("-i", str(inventory), "--limit", "w", str(tmp_path / "play.yml"))
+    assert run.returncode == 0, run.stdout
+    assert f"manager at [{address}]" in run.stdout, run.stdout
+
+
+def _this_machines_network() -> tuple[str, str]:
+    """The first non-loopback IPv4 address of this machine and its network in CIDR form."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout
+    iface = ipaddress.ip_interface(out.split()[3])
+    return str(iface.ip), str(iface.network)
