@@ -25,6 +25,7 @@ EXIT_OPERATIONAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 MAX_SECONDS = 365 * 24 * 3600  # --interval, --timeout: more is a typo (inf overflows sleep)
+MAX_LIST = 1_000_000  # status --limit: it reads the tasks one by one; export is for more
 SHOWN_ERRORS = 20  # invalid lines listed; a binary file given by mistake has thousands
 
 
@@ -143,6 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise CliError(f"--limit must be a positive number of tasks, got {args.limit}",
                        EXIT_BAD_INPUT)
+    if args.limit > MAX_LIST:
+        raise CliError(f"--limit must be at most {MAX_LIST:,}, got {args.limit} (to list "
+                       f"more, use `distcomp export --state STATE`)", EXIT_BAD_INPUT)
     queue = _connect(args)
     queue.reap()
     doc: dict[str, Any] = _status_doc(queue)
@@ -529,17 +533,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # -- operator actions --------------------------------------------------------------------------
-def _ids(queue: Queue, args: argparse.Namespace, state: str) -> list[str]:
+def _check_ids(args: argparse.Namespace) -> None:
+    """Task ids or ``--all``, exactly one of them; checked before connecting, as bad usage."""
     if args.all and args.ids:
         raise CliError("give task ids or --all, not both", EXIT_BAD_INPUT)
-    if args.all:
-        return list(queue.iter_ids_in_state(state))
-    if not args.ids:
+    if not args.all and not args.ids:
         raise CliError("give task ids, or --all", EXIT_BAD_INPUT)
+
+
+def _ids(queue: Queue, args: argparse.Namespace, *states: str) -> list[str]:
+    """The tasks named (by a unique prefix each), or with ``--all`` every task in ``states``."""
+    if args.all:
+        return [tid for state in states for tid in queue.iter_ids_in_state(state)]
     return [_resolve(queue, i) for i in args.ids]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    _check_ids(args)
     queue = _connect(args)
     n = queue.retry(_ids(queue, args, "failed"))
     _emit(args, {"retried": n}, f"{n} failed task(s) back in the queue")
@@ -547,10 +557,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    _check_ids(args)
     queue = _connect(args)
-    ids = _ids(queue, args, "todo") if not args.all else (
-        list(queue.iter_ids_in_state("todo")) + list(queue.iter_ids_in_state("running")))
-    done, flagged = queue.cancel(ids)
+    done, flagged = queue.cancel(_ids(queue, args, "todo", "running"))
     _emit(args, {"cancelled": done + flagged, "queued": done, "running": flagged},
           f"cancelled {done} queued task(s); {flagged} running task(s) will be killed")
     return 0
@@ -612,17 +621,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
-_USER_INFO = re.compile(r"(\w+://)[^\s@]*@")
+# In a word with an '@': a scheme and what follows the last '@' are shown, the rest is masked.
+# Any word, not only one with '://': a URL mistyped without it may hold a password too.
+_USER_INFO = re.compile(r"(\w+:/*)?[^\s'\"]*@")
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line like every other error, with any password in a URL masked:
-    argparse would print the usage block and echo the arguments it did not take."""
+    argparse would print the usage block and echo the arguments it did not take.
+    Each is made with ``allow_abbrev=False``: ``--password SECRET`` would be taken as
+    ``--password-file`` and its error would show the secret as a file name."""
 
     def error(self, message: str) -> NoReturn:
-        message = _USER_INFO.sub(r"\1***@", message)
+        message = _USER_INFO.sub(lambda m: f"{m.group(1) or ''}***@", message)
         hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
         self.exit(EXIT_BAD_INPUT, f"distcomp: error: {message} (see {hint})\n")
+
+
+class _NoPassword(argparse.Action):
+    """``--password`` is not an option, and argparse would echo the password it was given
+    among the arguments it did not take; say what to do instead without showing it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("there is no --password option (a password on the command line is seen "
+                     "by every user of the machine): give --password-file FILE or set "
+                     "DISTCOMP_REDIS_PASSWORD")
 
 
 def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
@@ -636,13 +660,15 @@ def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
                    help="Redis URL (default: $DISTCOMP_REDIS_URL, the config file, then "
                         "redis://127.0.0.1:6379/0)")
     p.add_argument("--password-file", default=default, help="file holding the Redis password")
+    p.add_argument("--password", action=_NoPassword, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--namespace", default=default,
                    help="key prefix, to share one Redis (default: distcomp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="distcomp",
+        prog="distcomp", allow_abbrev=False,
         description="Queue and run bags of independent jobs on a cluster (Redis-backed).")
     p.add_argument("--version", action="version", version=f"distcomp {__version__}")
     _global_options(p)
@@ -650,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
                 json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         sp.set_defaults(func=func)
         _global_options(sp, argparse.SUPPRESS)
         if json_flag:

@@ -110,6 +110,11 @@ def parse_manifest(data: bytes) -> Manifest:
         root = ET.fromstring(data.lstrip())
     except ET.ParseError as exc:
         raise ManifestError(f"not an XML document ({exc})") from None
+    except (LookupError, ValueError) as exc:
+        # what expat's encoding handling raises: an unknown name (LookupError) or a multi-byte
+        # encoding it cannot read, such as UTF-32 or Shift JIS (ValueError)
+        raise ManifestError(f"cannot read the encoding its XML declaration names ({exc}); "
+                            f"save the manifest as UTF-8") from None
     if root.tag != _q("rspec"):
         raise ManifestError(
             f"not an RSpec v3 manifest (root element is {root.tag}, expected {_q('rspec')})"
@@ -214,10 +219,13 @@ def _logins(node: str, element: ET.Element) -> tuple[Login, ...]:
         if not username or not hostname:
             raise ManifestError(f"node {node} has a <login> without username or hostname")
         port_text = login.get("port", "22")
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise ManifestError(f"node {node} has a <login> with port {port_text!r}") from None
+        digits = port_text.strip()
+        # isdecimal alone would pass other scripts' digits, and int() refuses thousands of them
+        ok = digits.isascii() and digits.isdecimal() and len(digits) <= 5
+        port = int(digits) if ok else 0
+        if not 1 <= port <= 65535:
+            raise ManifestError(f"node {node} has a <login> with port {port_text!r} "
+                                f"(expected 1-65535)")
         logins.append(Login(username=username, hostname=hostname, port=port))
     return tuple(logins)
 
@@ -421,7 +429,7 @@ def add_inventory_command(subparsers: argparse._SubParsersAction) -> None:
     """
     inventory = subparsers.add_parser(
         "inventory", help="write an Ansible inventory for a cluster",
-        description="Write an Ansible inventory for a cluster.",
+        description="Write an Ansible inventory for a cluster.", allow_abbrev=False,
     )
     sources = inventory.add_subparsers(dest="inventory_source", metavar="SOURCE", required=True)
     cloudlab = sources.add_parser(
@@ -429,6 +437,7 @@ def add_inventory_command(subparsers: argparse._SubParsersAction) -> None:
         description="Write the inventory for a CloudLab experiment from its manifest (the "
         "portal's Manifest tab, or `geni-get manifest` on a node). The manager is node0 unless "
         "--manager says otherwise; every other node is a worker.",
+        allow_abbrev=False,
     )
     cloudlab.add_argument("manifest", metavar="MANIFEST", help="manifest XML file")
     cloudlab.add_argument("--manager", metavar="NAME",

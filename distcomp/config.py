@@ -20,6 +20,11 @@ from .redis_client import Redis
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_CONFIG = "/etc/distcomp/distcomp.conf"
 OVERCOMMIT_AUTO = "auto"  # overcommit derived from how much of their peak tasks hold
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEMES = ("redis", "rediss", "unix")
+# Where configparser's inline_comment_prefixes would cut a value: ';' or '#' at its start or
+# after a blank, on any of its lines.
+_INLINE_COMMENT = re.compile(r"(?:^|\s+)[;#].*$", re.MULTILINE)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -78,15 +83,18 @@ class Config:
                               f"{_url_problem(self.url, exc)}") from None
 
     def redacted_url(self) -> str:
-        """The URL with its whole user-info masked, found as text rather than by urlsplit:
-        a password holding '/', '?' or '#' is split there by urlsplit and would show."""
-        userinfo = _userinfo(self.url)
-        if userinfo is None:
+        """The URL with all it holds before its last '@' masked but a leading ``scheme://``,
+        found as text rather than by urlsplit: a password holding '/', '?' or '#' is split
+        there by urlsplit and would show, and in a URL mistyped without '://' urlsplit finds
+        no user-info at all."""
+        if "@" not in self.url:
             return self.url
-        scheme, rest = self.url.split("://", 1)
+        head, host = self.url.rsplit("@", 1)
+        scheme = _SCHEME.match(head)
+        userinfo = head[scheme.end():] if scheme else head
         # ':***' says "a password, no user" without revealing anything more than '***' does
         mask = ":***" if userinfo.startswith(":") else "***"
-        return f"{scheme}://{mask}{rest[len(userinfo):]}"
+        return f"{scheme.group() if scheme else ''}{mask}@{host}"
 
 
 def _userinfo(url: str) -> str | None:
@@ -123,6 +131,13 @@ def _utf8(text: str, what: str) -> str:
 def _read_password_file(path: str) -> str:
     try:
         data = Path(path).read_bytes()
+    except FileNotFoundError:
+        if "/" not in path:
+            # Maybe the password itself, given where its file was asked for: not shown.
+            raise ConfigError("password file not found (its name is not shown, in case it is "
+                              "the password: give the path of a file that holds the "
+                              "password, e.g. ./redis.pass)") from None
+        raise ConfigError(f"cannot read password file {path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
     try:
@@ -152,12 +167,13 @@ def _load_worker(section: configparser.SectionProxy, where: str) -> WorkerConfig
     for key in _WORKER_STRS:
         if section.get(key, "").strip():
             setattr(cfg, key, section[key].strip())
-    for key, conv in [(k, float) for k in _WORKER_FLOATS] + [(k, int) for k in _WORKER_INTS]:
+    for key, conv, kind in ([(k, float, "a number") for k in _WORKER_FLOATS]
+                            + [(k, int, "an integer") for k in _WORKER_INTS]):
         if section.get(key, "").strip():
             try:
                 setattr(cfg, key, conv(section[key]))
             except ValueError:
-                raise ConfigError(f"{where}: [worker] {key} must be a number, "
+                raise ConfigError(f"{where}: [worker] {key} must be {kind}, "
                                   f"got {section[key]!r}") from None
     for key in _WORKER_SIZES:
         value = section.get(key, "").strip()
@@ -194,9 +210,13 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
     path = path or os.environ.get("DISTCOMP_CONFIG") or None
     explicit = path is not None
     path = path or DEFAULT_CONFIG
-    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None)
+    # A header ends at its first ']': '[redis]  ; see [docs]' is [redis], as when
+    # inline_comment_prefixes, which _drop_inline_comments stands in for, cut the comment first.
+    parser.SECTCRE = re.compile(r"\[(?P<header>[^]]+)\]")
     if explicit or os.path.exists(path):
         _read_config(parser, path)
+        _drop_inline_comments(parser, path)
         cfg.source = path
     for name in parser.sections():
         if name not in ("redis", "worker"):
@@ -247,16 +267,36 @@ def _read_config(parser: configparser.ConfigParser, path: str) -> None:
                           f"{str(exc).splitlines()[0]}") from None
 
 
+def _drop_inline_comments(parser: configparser.ConfigParser, path: str) -> None:
+    """Cut the ' ;' and ' #' comments off values, as ``inline_comment_prefixes`` would, but
+    refuse one after the password: a password may hold ' ;' or ' #', and one cut there would
+    only be refused by Redis, with nothing to say why."""
+    for name in parser.sections():
+        section = parser[name]
+        for key in list(section):
+            cut = _INLINE_COMMENT.sub("", section[key])
+            if cut == section[key]:
+                continue
+            if (name, key) == ("redis", "password"):
+                raise ConfigError(f"{path}: [redis] password holds ' ;' or ' #', which start a "
+                                  f"comment in this file: put the password in a "
+                                  f"password_file, or remove the comment")
+            section[key] = cut
+
+
 def _check_url(cfg: Config) -> None:
     """Take the password from the URL if it has one, and refuse a URL that cannot work."""
+    # Checked as text first: urlsplit reads 'redis:/:pw@h' as a path, which fails later in
+    # words that quote the password.
+    scheme, sep, _ = cfg.url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, "
+                          f"got {cfg.redacted_url()!r}")
     try:
         parts = urlsplit(cfg.url)
     except ValueError as exc:
         raise ConfigError(f"Redis URL {cfg.redacted_url()!r}: "
                           f"{_url_problem(cfg.url, exc)}") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, "
-                          f"got {cfg.redacted_url()!r}")
     if parts.password:
         cfg.password = _utf8(unquote(parts.password), "the password in the Redis URL")
     elif parts.username and cfg.password is None:

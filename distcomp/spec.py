@@ -111,9 +111,13 @@ class ParseResult:
     errors: list[tuple[int, str]]  # (line number, reason)
 
 
-def _resource_text(text: str, what: str, limit: float) -> float:
-    """A resource field of the colon format: a number (surrounding blanks allowed) in range."""
+def _resource_text(text: str, what: str, limit: int) -> float:
+    """A resource field of the colon format: a number (surrounding blanks allowed) in range.
+    ``float`` alone is not the test: it reads other scripts' digits and ``1_0``, which the
+    priority field (and JSON) refuse."""
     try:
+        if not text.isascii() or "_" in text:
+            raise ValueError(text)
         number = float(text)
     except ValueError:
         raise SpecError(f"{what} must be a number, got {text.strip()!r}") from None
@@ -135,34 +139,55 @@ def _priority_text(text: str) -> int:
     return _check_priority(int(text))
 
 
+def _shown(value: float) -> str:
+    """A number for an error message: a JSON integer can have thousands of digits."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:8]}... ({len(text.lstrip('-'))} digits)"
+
+
 def _check_priority(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"priority must be an integer, got {value!r}")
     if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
-        raise SpecError(f"priority {value} is out of range (-{MAX_PRIORITY}..{MAX_PRIORITY})")
+        raise SpecError(f"priority {_shown(value)} is out of range "
+                        f"(-{MAX_PRIORITY}..{MAX_PRIORITY})")
     return value
 
 
-def _check_resource(value: Any, what: str, limit: float) -> float:
+def _check_resource(value: Any, what: str, limit: int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    # An int is finite however long; math.isfinite would overflow converting a long one.
+    if isinstance(value, float) and not math.isfinite(value):
         raise SpecError(f"{what} must be a finite number, got {value!r}")
-    return float(_in_range(value, what, limit))
+    return _in_range(value, what, limit)
 
 
-def _in_range(value: float, what: str, limit: float) -> float:
+def _in_range(value: float, what: str, limit: int) -> float:
     if value < 0:
-        raise SpecError(f"{what} must be >= 0, got {value!r}")
+        raise SpecError(f"{what} must be >= 0, got {_shown(value)}")
     if value > limit:
-        raise SpecError(f"{what} {value!r} is larger than any node ({limit:g} at most)")
-    return value
+        raise SpecError(f"{what} {_shown(value)} is larger than any node ({limit:,} at most)")
+    # -0.0 passes the test above; as 0.0 it gives the task the same id as 0 does.
+    return float(value) if value else 0.0
 
 
 def _check_type(value: Any) -> str:
     if value not in TASK_TYPES:
         raise SpecError(f"unknown task type {value!r} (expected one of: {', '.join(TASK_TYPES)})")
     return value
+
+
+def _check_text(value: str, what: str) -> None:
+    """A SpecError if ``value`` cannot be stored: a JSON ``\\ud800`` escape gives a lone
+    UTF-16 surrogate, which no UTF-8 text holds. Found only when the task id is hashed or the
+    task is sent to Redis, it would stop a submit half-way through the taskfile."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SpecError(f"{what} holds \\u{ord(exc.object[exc.start]):04x}, a lone UTF-16 "
+                        f"surrogate that is not a character (write the character itself, or "
+                        f"its pair of surrogates)") from None
 
 
 def _check_params(value: Any) -> str:
@@ -218,7 +243,8 @@ def parse_json_line(line: str) -> TaskSpec:
         raise SpecError("a JSON task must be an object")
     unknown = sorted(set(doc) - JSON_FIELDS)
     if unknown:
-        raise SpecError(f"unknown field(s): {', '.join(unknown)}")
+        # repr: a name may hold a newline or a quote, which would break the FILE:LINE format
+        raise SpecError(f"unknown field(s): {', '.join(map(repr, unknown))}")
     for required in ("type", "params"):
         if required not in doc:
             raise SpecError(f"missing field {required!r}")
@@ -230,6 +256,11 @@ def parse_json_line(line: str) -> TaskSpec:
     cwd = doc.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
         raise SpecError("cwd must be a non-empty string")
+    # Only JSON can spell a lone surrogate: the colon format is decoded as strict UTF-8.
+    if isinstance(doc["params"], str):
+        _check_text(doc["params"], "params")
+    if cwd is not None:
+        _check_text(cwd, "cwd")
     env = doc.get("env", {})
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and k and "=" not in k and "\0" not in k
@@ -237,6 +268,9 @@ def parse_json_line(line: str) -> TaskSpec:
         for k, v in env.items()
     ):
         raise SpecError("env must be an object mapping variable names to strings")
+    for k, v in env.items():
+        _check_text(k, "an env variable name")
+        _check_text(v, f"env variable {k!r}")
     retries = doc.get("max_retries", DEFAULT_MAX_RETRIES)
     if isinstance(retries, bool) or not isinstance(retries, int) or not (
         0 <= retries <= MAX_RETRIES_LIMIT

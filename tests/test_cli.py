@@ -144,6 +144,26 @@ def test_cancel_and_retry_from_the_cli(cli):
     assert usage.returncode == 2 and b"give task ids, or --all" in usage.stderr
 
 
+@pytest.mark.parametrize("command", ["cancel", "retry"])
+def test_ids_with_all_are_refused_before_connecting(cli, queue, command):
+    """cancel --all ID used to ignore the id and cancel every task."""
+    cli("submit", "-", input=b"shell:0:0:1:echo a\nshell:0:0:1:echo b\n", check=True)
+    tid = queue.ids_in_state("todo")[0]
+    for extra in ({}, {"DISTCOMP_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}):
+        proc = cli(command, "--all", tid, env=extra)
+        assert (proc.returncode, proc.stderr.decode()) == (
+            2, "distcomp: error: give task ids or --all, not both\n")
+    assert queue.counts()["todo"] == 2
+
+
+def test_cancel_by_id_cancels_that_task_only(cli, queue):
+    cli("submit", "-", input=b"shell:0:0:1:echo a\nshell:0:0:1:echo b\n", check=True)
+    tid = queue.ids_in_state("todo")[0]
+    out = json.loads(cli("cancel", tid[:8], "--json", check=True).stdout)
+    assert out == {"cancelled": 1, "queued": 1, "running": 0}
+    assert queue.ids_in_state("failed") == [tid] and queue.counts()["todo"] == 1
+
+
 def test_purge_needs_confirmation_and_keeps_foreign_keys(cli, client, namespace):
     client.set("someone-else:key", "1")
     cli("submit", "-", input=b"shell:0:0:1:echo a\n", check=True)
@@ -324,13 +344,17 @@ def test_export_errors_change_nothing(cli, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["index.csv"], "no temporary file left"
 
 
-@pytest.mark.parametrize("limit", ["-1", "0"])
-def test_status_refuses_a_limit_that_lists_nothing(cli, limit):
+@pytest.mark.parametrize("limit, message", [
+    ("-1", "--limit must be a positive number of tasks, got -1"),
+    ("0", "--limit must be a positive number of tasks, got 0"),
+    ("100000000000000000000", ("--limit must be at most 1,000,000, got 100000000000000000000 "
+                               "(to list more, use `distcomp export --state STATE`)")),
+])
+def test_status_refuses_a_limit_that_lists_nothing_or_too_much(cli, limit, message):
     cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
     proc = cli("status", "--state", "todo", "--limit", limit)
     err = proc.stderr.decode()
-    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"--limit must be a positive number of tasks, got {limit}" in err
+    assert (proc.returncode, err) == (2, f"distcomp: error: {message}\n")
 
 
 def test_export_writes_through_a_fifo_a_symlink_and_dash(cli, tmp_path):
@@ -371,9 +395,24 @@ def test_global_options_go_after_the_command_too(cli, redis_server):
     assert proc.returncode == 0 and json.loads(proc.stdout)["total"] == 0, proc.stderr.decode()
 
 
+NO_PASSWORD = ("there is no --password option (a password on the command line is seen by every "
+               "user of the machine): give --password-file FILE or set DISTCOMP_REDIS_PASSWORD")
+
+
 @pytest.mark.parametrize("args, message", [
     (["status", "stray", "redis://:S3cr3tPW@127.0.0.1:6391"],
      "unrecognized arguments: stray redis://***@127.0.0.1:6391 (see `distcomp --help`)"),
+    (["status", "redis://:S3cr@t@127.0.0.1:6413/0"],
+     "unrecognized arguments: redis://***@127.0.0.1:6413/0 (see `distcomp --help`)"),
+    (["status", "redis:/:S3cr3tPW@h", "redis//:S3cr3tPW@h:1"],
+     "unrecognized arguments: redis:/***@h ***@h:1 (see `distcomp --help`)"),
+    (["status", "--password", "S3cr3tPW"], NO_PASSWORD + " (see `distcomp status --help`)"),
+    (["--password=S3cr3tPW", "status"], NO_PASSWORD + " (see `distcomp --help`)"),
+    (["status", "--password-f", "pw.txt"],
+     "unrecognized arguments: --password-f pw.txt (see `distcomp --help`)"),
+    (["submit", "--skip", "-"], "unrecognized arguments: --skip (see `distcomp --help`)"),
+    (["inventory", "cloudlab", "m.xml", "--man", "node1"],
+     "unrecognized arguments: --man node1 (see `distcomp --help`)"),
     (["inventory", "cloudlab", "m.xml", "--redis", "redis://me:S3cr3tPW@h:6391/0"],
      "unrecognized arguments: --redis redis://***@h:6391/0 (see `distcomp --help`)"),
     (["status", "--limit", "x"],
@@ -401,6 +440,20 @@ def test_lines_that_crashed_the_parser_are_line_errors(cli, tmp_path, client, na
     proc = cli("submit", str(f))
     err = proc.stderr.decode().splitlines()
     assert proc.returncode == 2 and err[0].startswith(f"{f}:1: {reason}") and len(err) == 2, err
+    assert keys_of(client, namespace) == []
+
+
+def test_a_lone_surrogate_late_in_a_file_queues_nothing(cli, tmp_path, client, namespace):
+    """It used to pass parsing and fail hashing its id, after the chunks before it were
+    stored: a traceback and a partly queued file."""
+    f = tmp_path / "tasks.jsonl"
+    good = b"".join(b'{"type":"shell","params":"echo %d"}\n' % i for i in range(2500))
+    f.write_bytes(good + b'{"type":"shell","params":"echo \\ud800"}\n')
+    proc = cli("submit", str(f))
+    err = proc.stderr.decode().splitlines()
+    assert proc.returncode == 2 and len(err) == 2, err
+    assert err[0] == (f"{f}:2501: params holds \\ud800, a lone UTF-16 surrogate that is not a "
+                      f"character (write the character itself, or its pair of surrogates)")
     assert keys_of(client, namespace) == []
 
 

@@ -196,7 +196,7 @@ RSPEC_OPEN = '<rspec xmlns="http://www.geni.net/resources/rspec/3" type="manifes
         ((RSPEC_OPEN + '<node client_id="node0" sliver_id="s1"><services>'
           '<login hostname="pc1.emulab.net" port="ssh" username="alice"/>'
           "</services></node></rspec>").encode(),
-         "node node0 has a <login> with port 'ssh'"),
+         "node node0 has a <login> with port 'ssh' (expected 1-65535)"),
         ((RSPEC_OPEN + '<node client_id="node0" sliver_id="s1"><services>'
           '<login port="22" username="alice"/></services></node></rspec>').encode(),
          "node node0 has a <login> without username or hostname"),
@@ -210,6 +210,29 @@ def test_bad_documents(content, message):
     with pytest.raises(cloudlab.ManifestError) as caught:
         cloudlab.parse_manifest(content)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("port", ["-5", "0", "99999", "٢٢", "9" * 5000])
+def test_a_login_port_outside_1_to_65535_is_refused(port):
+    content = (RSPEC_OPEN + '<node client_id="node0" sliver_id="s1"><services>'
+               f'<login hostname="pc1.emulab.net" port="{port}" username="alice"/>'
+               "</services></node></rspec>").encode()
+    with pytest.raises(cloudlab.ManifestError) as caught:
+        cloudlab.parse_manifest(content)
+    assert str(caught.value) == f"node node0 has a <login> with port {port!r} (expected 1-65535)"
+
+
+@pytest.mark.parametrize(("encoding", "reason"), [
+    ("bogus", "unknown encoding: bogus"),
+    ("utf-32", "multi-byte encodings are not supported"),
+    ("shift_jis", "multi-byte encodings are not supported"),
+])
+def test_an_encoding_expat_cannot_read_is_a_manifest_error(encoding, reason):
+    content = f'<?xml version="1.0" encoding="{encoding}"?>{RSPEC_OPEN}</rspec>'.encode()
+    with pytest.raises(cloudlab.ManifestError) as caught:
+        cloudlab.parse_manifest(content)
+    assert str(caught.value) == (f"cannot read the encoding its XML declaration names ({reason}); "
+                                 "save the manifest as UTF-8")
 
 
 def test_unreadable_file(tmp_path):

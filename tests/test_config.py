@@ -138,3 +138,92 @@ def test_a_listener_that_never_answers_is_given_up_on_in_seconds(cli):
         silent.close()
     assert "timed out" in one_line_error(proc, 1)
     assert elapsed < 30
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis:/:TOPSECRET@h", "***@h"),
+    ("redis//:TOPSECRET@h:1", "***@h:1"),
+    ("redis//:TOPSECRET://x@h:1", "***@h:1"),
+    ("http://:TOPSECRET@h:1/0", "http://:***@h:1/0"),
+    ("127.0.0.1:6379", "127.0.0.1:6379"),
+])
+def test_a_url_without_a_redis_scheme_is_refused_without_the_password(cli, url, shown):
+    """Without '://' nothing was masked: 'redis:/:PW@h' failed later in int()'s words, which
+    quoted the password, and 'redis//:PW@h:1' was shown whole in the scheme error."""
+    err = one_line_error(cli("--redis", url, "status"))
+    assert err == (f"distcomp: error: Redis URL must start with redis://, rediss:// or unix://, "
+                   f"got {shown!r}\n")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis:/:p@ss@h:1", "***@h:1"),
+    ("x//:pw://y@h", "***@h"),
+    ("REDIS://:pw@h", "REDIS://:***@h"),
+    ("redis://@h", "redis://***@h"),
+])
+def test_the_redacted_url_shows_nothing_before_the_last_at(url, shown):
+    assert Config(url=url).redacted_url() == shown
+
+
+def test_a_scheme_in_capitals_still_works(cli, redis_server):
+    proc = cli("--redis", redis_server.url.replace("redis://", "REDIS://"), "status", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_a_password_given_where_its_file_is_asked_for_is_not_shown(cli, tmp_path):
+    err = one_line_error(cli("--password-file", "MyTopSecret", "status"))
+    assert "MyTopSecret" not in err
+    assert "password file not found (its name is not shown, in case it is the password" in err
+    missing = tmp_path / "no-such-dir" / "redis.pass"
+    err = one_line_error(cli("--password-file", str(missing), "status"))
+    assert err == f"distcomp: error: cannot read password file {missing}: no such file\n"
+
+
+@pytest.mark.parametrize("line", [
+    "password = hunter2 ;tail",
+    "password = hunter2   ; the Redis password",
+    "password = hunter2 #tail",
+    "password = ;hunter2",
+])
+def test_a_password_line_with_an_inline_comment_is_refused(cli, tmp_path, line):
+    """It used to be cut at the comment: Redis then refused a password the user never wrote."""
+    conf = tmp_path / "pw.conf"
+    conf.write_text(f"[redis]\n{line}\n")
+    err = one_line_error(cli("--config", str(conf), "status"))
+    assert err == (f"distcomp: error: {conf}: [redis] password holds ' ;' or ' #', which start "
+                   f"a comment in this file: put the password in a password_file, or remove "
+                   f"the comment\n")
+    assert "hunter2" not in err and "tail" not in err
+
+
+def test_inline_comments_are_still_cut_everywhere_else(cli, tmp_path):
+    """The password keeps ';' and '#' that no blank precedes; every other value loses its
+    comment (a URL, namespace or integer with one would be refused), and so does a section
+    header, even one whose comment holds brackets."""
+    (tmp_path / "srv").mkdir()
+    server = RedisServer(tmp_path / "srv", password="a;b#c")
+    server.start()
+    try:
+        conf = tmp_path / "ok.conf"
+        conf.write_text(f"[redis]   ; where [the queue] lives\n"
+                        f"url = {server.url}   ; the manager\n"
+                        f"password = a;b#c\n"
+                        f"namespace = ns1 # mine\n"
+                        f"[worker]\nmax_tasks = 3 ; at most\n")
+        proc = cli("--config", str(conf), "status", "--json",
+                   env={"DISTCOMP_REDIS_URL": "", "DISTCOMP_NAMESPACE": ""})
+        assert proc.returncode == 0, proc.stderr.decode()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("max_tasks = 1.5", "[worker] max_tasks must be an integer, got '1.5'"),
+    ("tail_bytes = 4k", "[worker] tail_bytes must be an integer, got '4k'"),
+    ("kill_grace = soon", "[worker] kill_grace must be a number, got 'soon'"),
+])
+def test_worker_numbers_say_which_kind_they_must_be(cli, tmp_path, line, message):
+    conf = tmp_path / "w.conf"
+    conf.write_text(f"[worker]\n{line}\n")
+    err = one_line_error(cli("--config", str(conf), "status"))
+    assert message in err

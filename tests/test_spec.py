@@ -112,14 +112,15 @@ def test_a_file_that_is_not_clean_utf8_parses_line_by_line_alike(bad):
     (b"shell:1:two:1:echo", "min_dram_gb must be a number, got 'two'"),
     (b"shell:1:nan:1:echo", "min_dram_gb must be a finite number, got 'nan'"),
     (b"shell:1:1:inf:echo", "min_cpu must be a finite number, got 'inf'"),
-    (b"shell:1:1e12:1:echo", "min_dram_gb 1000000000000.0 is larger than any node"),
+    (b"shell:1:1e12:1:echo",
+     "min_dram_gb 1000000000000.0 is larger than any node (1,048,576 at most)"),
     (b"shell:1.5:1:1:echo", "priority must be an integer, got '1.5'"),
     (b"shell:99999999:1:1:echo", "priority 99999999 is out of range (-999999..999999)"),
     (b'{"type": "shell", "params": 5}', "params must be a string, got int"),
     (b'{"type": "shell", "params": "x", "priority": "high"}',
      "priority must be an integer, got 'high'"),
     (b'{"type": "shell", "params": "x", "min_cpu": true}', "min_cpu must be a number, got True"),
-    (b'{"type": "shell", "params": "x", "colour": 1}', "unknown field(s): colour"),
+    (b'{"type": "shell", "params": "x", "colour": 1}', "unknown field(s): 'colour'"),
     (b'{"type": "shell"}', "missing field 'params'"),
     (b'{"type": "shell", "params": "x"', "invalid JSON"),
     (b"shell:1:0:1:echo \xff\xfe", "not valid UTF-8 (byte 0xff at column 18)"),
@@ -148,6 +149,57 @@ def test_lines_that_crashed_the_parser_are_rejected(line, reason):
         parse_line(line)
     assert str(exc.value) == reason
     assert parse_taskfile(line + b"\n").errors == [(1, reason)]
+
+
+SURROGATE = ("holds \\ud800, a lone UTF-16 surrogate that is not a character (write the "
+             "character itself, or its pair of surrogates)")
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"type":"shell","params":"echo \\ud800"}', "params " + SURROGATE),
+    (b'{"type":"shell","params":"x","cwd":"/d/\\ud800"}', "cwd " + SURROGATE),
+    (b'{"type":"shell","params":"x","env":{"A\\ud800":"1"}}', "an env variable name " + SURROGATE),
+    (b'{"type":"shell","params":"x","env":{"A":"\\ud800"}}', "env variable 'A' " + SURROGATE),
+    (b'{"type":"shell","params":"x","min_dram_gb":1' + b"0" * 400 + b"}",
+     "min_dram_gb 10000000... (401 digits) is larger than any node (1,048,576 at most)"),
+    (b'{"type":"shell","params":"x","min_cpu":-1' + b"0" * 400 + b"}",
+     "min_cpu must be >= 0, got -1000000... (401 digits)"),
+    (b'{"type":"shell","params":"x","timeout_s":1' + b"0" * 400 + b"}",
+     "timeout_s 10000000... (401 digits) is larger than any node (31,536,000 at most)"),
+    (b'{"type":"shell","params":"x","priority":1' + b"0" * 400 + b"}",
+     "priority 10000000... (401 digits) is out of range (-999999..999999)"),
+    (b'{"type":"shell","params":"x","a\\nb":1,"c\\"":2}',
+     "unknown field(s): 'a\\nb', 'c\"'"),
+    (b"shell:0:1_0:1:x", "min_dram_gb must be a number, got '1_0'"),
+    ("shell:0:1:\u0663:x".encode(), "min_cpu must be a number, got '\u0663'"),
+    ("shell:0:\uff11:1:x".encode(), "min_dram_gb must be a number, got '\uff11'"),
+])
+def test_values_that_crashed_the_submit_or_slipped_through_are_one_line_errors(line, reason):
+    """A lone surrogate passed parsing, then failed hashing the id after earlier chunks were
+    stored; a 401-digit integer overflowed math.isfinite; a key with a newline broke the
+    FILE:LINE format; the resource fields read '1_0' and other scripts' digits."""
+    with pytest.raises(SpecError) as exc:
+        parse_line(line)
+    assert str(exc.value) == reason
+    assert "\n" not in reason
+    assert parse_taskfile(line + b"\n").errors == [(1, reason)]
+
+
+def test_a_character_outside_the_bmp_written_as_its_surrogate_pair_is_accepted():
+    spec = parse_line(b'{"type":"shell","params":"echo \\ud83d\\ude00"}')
+    assert spec.params == "echo \U0001f600"
+    assert spec.task_id == parse_line("shell:0:0:1:echo \U0001f600".encode()).task_id
+
+
+@pytest.mark.parametrize("zero, negative_zero", [
+    (b"shell:0:0:0:echo z", b"shell:0:-0:-0.0:echo z"),
+    (b'{"type":"shell","params":"echo z","min_dram_gb":0,"min_cpu":0}',
+     b'{"type":"shell","params":"echo z","min_dram_gb":-0.0,"min_cpu":-0.0}'),
+])
+def test_minus_zero_is_zero_and_the_same_task(zero, negative_zero):
+    a, b = parse_line(zero), parse_line(negative_zero)
+    assert a.task_id == b.task_id and (b.min_dram_gb, b.min_cpu) == (0.0, 0.0)
+    assert "-0" not in b.canonical()
 
 
 CR_REASON = ("line contains a carriage return (CR): convert CR line endings to LF, e.g. with "

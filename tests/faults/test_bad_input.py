@@ -76,7 +76,7 @@ CASES = [
      "{f}:3: unknown task type 'perl' (expected one of: shell, python)\n"
      "{f}:4: min_dram_gb must be >= 0, got -1.0\n"
      "{f}:5: min_dram_gb must be a finite number, got 'nan'\n"
-     "{f}:6: min_dram_gb 1e+300 is larger than any node (1.04858e+06 at most)\n"
+     "{f}:6: min_dram_gb 1e+300 is larger than any node (1,048,576 at most)\n"
      "{f}:7: min_cpu must be a finite number, got 'inf'\n"
      "{f}:8: min_cpu must be >= 0, got -2.0\n"
      "{f}:9: priority 99999999999999999999 is out of range (-999999..999999)\n"
@@ -101,7 +101,7 @@ CASES = [
      "{f}:5: env must be an object mapping variable names to strings\n"
      "{f}:6: timeout_s must be >= 0, got -1\n"
      "{f}:7: max_retries must be an integer from 0 to 1000\n"
-     "{f}:8: unknown field(s): colour\n"
+     "{f}:8: unknown field(s): 'colour'\n"
      "{f}:9: invalid JSON: Expecting ',' delimiter at column 16\n"
      "{f}:10: expected type:priority:min_dram_gb:min_cpu:params, found 1 field(s)\n")
      + NOTHING.replace("{n}", "10")),
