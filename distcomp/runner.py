@@ -19,7 +19,9 @@ acts on, a program the kernel will not exec) still goes through ``bash -c``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import resource
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from .forecast import Trace
 from .queue import Claim
 from .resources import session_pids
+
+log = logging.getLogger("distcomp.runner")
 
 _OUTPUT_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # Python ignores SIGPIPE and SIGXFSZ for itself; a task must start with the defaults, as
@@ -92,8 +96,9 @@ class RunningTask:
     trace: Trace = field(default_factory=lambda: Trace([]))  # memory over its life, sampled
     kill_reason: str | None = None
     kill_deadline: float | None = None
-    returncode: int | None = None
+    returncode: int | None = None  # still None once ended: its exit status was lost
     ended: float = 0.0
+    ended_mono: float = 0.0
     spawn_error: str | None = None
     stdout_tail: str = ""
     stderr_tail: str = ""
@@ -187,24 +192,36 @@ class Runner:
         return (program, words) if program else None
 
     def start(self, claim: Claim) -> RunningTask:
-        self.shard(claim.task_id)
+        """Start the task; one that cannot be started (its output files or directory cannot
+        be made, its program cannot be run) comes back ended, with ``spawn_error`` saying why."""
         env = {**self.base_env, **claim.env} if claim.env else dict(self.base_env)
         env["DISTCOMP_TASK_ID"] = claim.task_id
         env["DISTCOMP_ATTEMPT"] = str(claim.attempt)
         task = RunningTask(claim, 0, -1, time.time(), time.monotonic(),
                            *self.part_paths(claim.task_id, claim.attempt))
         try:
+            self.shard(claim.task_id)
             task.out_fd = os.open(task.out_part, _OUTPUT_FLAGS, 0o666)
             task.err_fd = os.open(task.err_part, _OUTPUT_FLAGS, 0o666)
             # posix_spawn cannot change directory in the child, so the worker steps into the
             # task's directory around the spawn; the path is looked up again for every task
             # (a remounted shared filesystem is found), and the worker holds no directory open.
-            os.chdir(claim.cwd or self.workdir)
+            # A relative cwd is below the workdir: the worker's own directory is "/" between
+            # spawns, and whatever it was started in before the first.
+            os.chdir(os.path.join(self.workdir, claim.cwd) if claim.cwd else self.workdir)
             try:
                 task.pid = self._spawn(claim, env, task)
             finally:
                 os.chdir("/")
-            task.pidfd = os.pidfd_open(task.pid)
+            try:
+                task.pidfd = os.pidfd_open(task.pid)
+            except OSError:
+                # The task runs, but the worker could not watch it (EMFILE): it is killed and
+                # reaped before it is reported as not started.
+                self.signal_tree(task, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(task.pid, 0)
+                raise
         except (OSError, ValueError) as exc:
             reason = f"cannot start: {getattr(exc, 'strerror', None) or exc}"
             if isinstance(exc, OSError) and exc.filename:
@@ -257,14 +274,14 @@ class Runner:
         """Whether the main process has ended and waits to be reaped: it ended on its own, so a
         kill decided on older observations (eviction, timeout, cancel, stop) would only mislabel
         it."""
-        if task.returncode is not None:
+        if task.ended:
             return True
         if task.pid <= 0:
             return False
         try:
             return os.waitid(os.P_PID, task.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:
-            return True
+            return True  # reaped by someone else: it has ended (see ``try_reap``)
 
     def kill(self, task: RunningTask, reason: str, grace: float) -> None:
         """TERM now, KILL once the grace period is over (see ``escalate``)."""
@@ -279,50 +296,63 @@ class Runner:
 
     def try_reap(self, task: RunningTask) -> bool:
         """Collect the main process if it exited; kill what it left behind in its group and
-        read the tails of its output."""
-        if task.returncode is not None:
+        read the tails of its output. A process that something else reaped (the kernel does
+        when SIGCHLD is ignored) took its exit status with it: ``returncode`` stays None."""
+        if task.ended:
             return True
+        usage = None
         try:
             exited = os.waitid(os.P_PID, task.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            exited = None
-            status, usage = 0, None
+            log.warning("task %s: its process %d was reaped by someone else; its exit status is "
+                        "lost", task.task_id, task.pid)
         else:
             if exited is None:
                 return False
             # The zombie still holds the pid, so the group id cannot have been reused yet.
             self.signal_tree(task, signal.SIGKILL)
             _, status, usage = os.wait4(task.pid, 0)
-        task.returncode = os.waitstatus_to_exitcode(status)
+            task.returncode = os.waitstatus_to_exitcode(status)
         # A child's ru_maxrss starts from the peak of the memory it was forked or vforked
         # with: Linux keeps the high-water mark of the pre-exec address space, which is this
         # worker's. Only a larger value is the task's own; below it the samples are all there is.
         own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if usage is not None and usage.ru_maxrss > own_peak:
             task.peak_rss = max(task.peak_rss, usage.ru_maxrss * 1024)
-        task.ended = time.time()
+        task.ended, task.ended_mono = time.time(), time.monotonic()
         if task.pidfd >= 0:
             os.close(task.pidfd)
             task.pidfd = -1
-        task.stdout_tail = self._tail(task.out_fd)
-        task.stderr_tail = self._tail(task.err_fd)
+        task.stdout_tail = self._tail(task, task.out_fd)
+        task.stderr_tail = self._tail(task, task.err_fd)
         self.close_output(task)
         return True
 
-    def _tail(self, fd: int) -> str:
+    def _tail(self, task: RunningTask, fd: int) -> str:
+        """The end of an output file, or nothing when it cannot be read (an I/O error of the
+        shared file system): the task's outcome is reported all the same."""
         if fd < 0:
             return ""
-        size = os.fstat(fd).st_size
-        if not size:
+        try:
+            size = os.fstat(fd).st_size
+            if not size:
+                return ""
+            start = max(0, size - self.tail_bytes)
+            return os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+        except OSError as exc:
+            log.warning("task %s: cannot read the tail of its output: %s", task.task_id, exc)
             return ""
-        start = max(0, size - self.tail_bytes)
-        return os.pread(fd, size - start, start).decode("utf-8", errors="replace")
 
     @staticmethod
     def close_output(task: RunningTask) -> None:
+        """Close the output files. A close can report a write-back error of the shared file
+        system; the descriptor is released all the same."""
         for fd in (task.out_fd, task.err_fd):
             if fd >= 0:
-                os.close(fd)
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    log.warning("task %s: closing its output: %s", task.task_id, exc)
         task.out_fd = task.err_fd = -1
 
     def keep(self, task: RunningTask) -> None:
@@ -330,8 +360,9 @@ class Runner:
         self.keep_attempt(task.task_id, task.claim.attempt)
 
     def keep_attempt(self, task_id: str, attempt: int) -> bool:
-        """Rename one attempt's files to the task's; False when neither was left to rename
-        (renamed already, or never on this file system)."""
+        """Rename one attempt's files to the task's; False when neither was renamed (renamed
+        already, never on this file system, or the file system failed: that is logged, and the
+        outcome stays recorded without its files)."""
         moved = False
         for part, final in zip(self.part_paths(task_id, attempt), self.final_paths(task_id)):
             try:
@@ -339,6 +370,9 @@ class Runner:
                 moved = True
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                log.warning("task %s: cannot rename the output of attempt %d: %s", task_id,
+                            attempt, exc)
         return moved
 
     def discard(self, task: RunningTask) -> None:
@@ -350,6 +384,9 @@ class Runner:
                 os.unlink(part)
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                log.warning("task %s: cannot remove the output of attempt %d: %s", task_id,
+                            attempt, exc)
 
 
 def _needs_bash(env: dict[str, str]) -> bool:

@@ -239,7 +239,9 @@ class Worker:
         descriptors (its pidfd and two output files): close inherited descriptors on exec, and
         raise the soft descriptor limit only as far as ``max_tasks`` needs, because tasks
         inherit it (programs that close every descriptor up to the limit slow down with a
-        huge one)."""
+        huge one). SIGCHLD goes back to its default: ignored (a parent's setting survives
+        exec), the kernel reaps the tasks itself and their exit statuses are lost."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         close_inherited_fds()
         need = 3 * self.max_tasks + 64
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -251,9 +253,12 @@ class Worker:
                 need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
 
     def install_signals(self) -> None:
+        """TERM, INT and HUP stop the worker (``_on_signal``): a hangup is the terminal or ssh
+        session of a worker started by hand closing, whose tasks (sessions of their own) would
+        otherwise run on, listed as running, after the worker died of it."""
         signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
 
     def listen(self) -> None:
         """Listener thread: each notice from the queue (and each (re)subscription, since notices
@@ -708,11 +713,11 @@ class Worker:
             self.runner.discard(task)
             return
         if task.peak_rss and task.spawn_error is None and reason is None and \
-                rc != -signal.SIGKILL:
+                rc is not None and rc != -signal.SIGKILL:
             # Only a task that ended on its own reached its real peak: one killed early would
             # make its class look smaller than it is.
             filled = fill(task)
-            life = task.ended - task.started
+            life = task.ended_mono - task.started_mono  # the clock of its trace's ages
             held = shape(task.trace, life, task.peak_rss) if filled is not None else None
             self.learn(task.claim.declared, task.peak_rss, filled,
                        None if held is None else (life, held))
@@ -754,8 +759,11 @@ class Worker:
             self.done += 1
             self.ops.append(("finish", task, res))
             return
-        res["reason"] = (f"killed by {signal_name(-rc)}" if rc is not None and rc < 0
-                         else f"exit code {rc}")
+        if rc is None:
+            res["reason"] = "exit status lost: the task's process was reaped outside the worker"
+            self.ops.append(("fail", task, (res, True)))
+            return
+        res["reason"] = f"killed by {signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
         self.ops.append(("fail", task, (res, True)))
 
     def exchange(self, claim: bool) -> int:
@@ -923,6 +931,22 @@ class Worker:
             log.warning("could not requeue %d task(s) (%s); they go back to the queue when "
                         "this worker deregisters, or else when its lease expires", len(mine), exc)
 
+    def abandon(self) -> None:
+        """The loop failed: what runs goes back to the queue as on a stop (``requeue_all``),
+        and its processes get the grace period to end, then are killed, so none runs on after
+        the worker exits. What had ended and waits to be reported goes back to the queue when
+        the lease expires, as a dead worker's tasks do."""
+        try:
+            self.requeue_all()
+        finally:
+            deadline = time.monotonic() + self.wc.kill_grace
+            for task in self.running.values():
+                if task.pidfd >= 0:
+                    ending = select.poll()
+                    ending.register(task.pidfd, select.POLLIN)
+                    ending.poll(max(0.0, deadline - time.monotonic()) * 1000)
+                self.runner.escalate(task)
+
     def check_deadlines(self, mono: float) -> None:
         for task in self.running.values():
             if task.kill_deadline is not None and mono >= task.kill_deadline:
@@ -977,6 +1001,11 @@ class Worker:
                 self.runner.kill(task, "lost", 0)
                 self.runner.escalate(task)
             return 1
+        except Exception:
+            log.critical("unexpected error; putting %d running task(s) back in the queue, "
+                         "killing them and exiting", len(self.running))
+            self.abandon()
+            raise
         try:
             left = self.q.deregister(self.name, self.token, self.stats())
             if left > 0:

@@ -4,7 +4,9 @@ must be what ``bash -c`` would have given it, byte for byte."""
 from __future__ import annotations
 
 import os
+import resource
 import select
+import signal
 import subprocess
 from pathlib import Path
 
@@ -155,3 +157,60 @@ def test_peak_memory_is_the_tasks_own_not_the_workers(runner: Runner) -> None:
     assert small.peak_rss < 100 << 20, small.peak_rss
     assert big.peak_rss >= 400 << 20, "a task's own peak above the worker's is still recorded"
     del ballast
+
+
+def test_a_relative_cwd_is_below_the_workdir(runner: Runner, place: Path) -> None:
+    """Every time, whatever directory the worker process was started in: the worker steps back
+    to "/" after each spawn, so a cwd taken as relative to its own directory named another
+    place for the first task than for the rest."""
+    c = claim("pwd", cwd="adir")
+    first, second = run(runner, c), run(runner, c)
+    assert [(t.spawn_error, t.stdout_tail) for t in (first, second)] == \
+        [(None, f"{place}/adir\n")] * 2
+
+
+def test_output_that_cannot_be_read_or_closed_leaves_the_outcome(runner: Runner,
+                                                                  place: Path) -> None:
+    """A shared file system can fail reading or closing the output files (EIO, ESTALE): the
+    task's exit status is still collected and the worker goes on. Here the stdout descriptor
+    is one that cannot be read (a directory) and stderr's is closed behind the runner's back."""
+    task = runner.start(claim("false 1"))
+    unreadable = os.open(place / "adir", os.O_RDONLY)
+    os.close(task.out_fd)
+    task.out_fd = unreadable
+    os.close(task.err_fd)
+    select.select([task.pidfd], [], [])
+    assert runner.try_reap(task)
+    assert (task.returncode, task.stdout_tail, task.stderr_tail) == (1, "", "")
+    assert (task.out_fd, task.err_fd) == (-1, -1)
+    runner.discard(task)
+
+
+def test_a_task_the_runner_cannot_watch_is_killed_and_reaped(runner: Runner) -> None:
+    """The task was spawned but no descriptor was left to watch it (EMFILE from pidfd_open):
+    it is reported as not started, so it must not run on, nor stay behind as a zombie."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (max(map(int, os.listdir("/proc/self/fd"))) + 16, hard))
+    fillers: list[int] = []
+    try:
+        with pytest.raises(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        os.close(fillers.pop())
+        os.close(fillers.pop())  # room for the two output files, none for the pidfd
+        task = runner.start(claim("sleep 30"))
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    runner.discard(task)
+    assert task.spawn_error == "cannot start: Too many open files" and task.pid > 0
+    try:
+        left = os.waitpid(task.pid, os.WNOHANG)
+    except ChildProcessError:
+        left = None  # reaped
+    if left is not None:
+        os.killpg(task.pid, signal.SIGKILL)
+        os.waitpid(task.pid, 0)
+    assert left is None, "the task's process was left running, unreaped"

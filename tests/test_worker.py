@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -285,6 +287,80 @@ def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
         assert out.read() == "did it\n"
 
 
+def test_a_task_whose_exit_status_is_lost_fails_saying_so(queue, tmp_path):
+    """A task's process reaped by someone else (the kernel, while SIGCHLD is ignored) leaves
+    no exit status to report: it was taken for exit code 0 and the task recorded finished."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="lost-status")),
+               queue)
+    w.register()
+    gate = tmp_path / "gate"
+    (tid,) = submit(queue, [json.dumps({
+        "type": "shell", "params": f"while [ ! -e {gate} ]; do sleep 0.01; done; exit 3",
+        "max_retries": 0})])
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        assert w.exchange(True) == 1
+        task = w.running[tid]
+        gate.touch()
+        select.select([task.pidfd], [], [])  # the task has exited, and the kernel reaped it
+        assert w.runner.try_reap(task)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    w.completed(task)
+    w.exchange(False)
+    record = queue.task(tid)
+    assert (record["state"], record["exit_code"], record["reason"]) == (
+        "failed", "", "exit status lost: the task's process was reaped outside the worker")
+
+
+def test_a_tasks_life_is_measured_on_the_clock_of_its_memory_trace(queue, tmp_path):
+    """A task's shape spreads its memory samples, aged on the monotonic clock, over its life:
+    measured on the wall clock, a step of the clock while it ran (NTP) stretched or squeezed
+    its life and put its samples in the wrong part of it."""
+    from distcomp.worker import FILL_SAMPLES, Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="life")), queue)
+    w.register()
+    gate = tmp_path / "gate"
+    (tid,) = submit(queue, [f"shell:0:0:1:while [ ! -e {gate} ]; do sleep 0.01; done"])
+    assert w.exchange(True) == 1
+    task = w.running[tid]
+    for _ in range(FILL_SAMPLES):
+        w.sample()
+    gate.touch()
+    select.select([task.pidfd], [], [])
+    assert w.runner.try_reap(task)
+    task.started -= 3600  # the wall clock was stepped an hour ahead while it ran
+    w.completed(task)
+    ((_, _, (life, _)),) = w.classes[task.claim.declared]
+    assert 0 < life < 60, life
+
+
+def test_a_task_whose_output_cannot_be_set_up_fails_and_the_worker_goes_on(queue, workers):
+    """A results shard that cannot be made (a file in its place here; on MooseFS an EIO,
+    ESTALE or ENOSPC takes the same path) fails that task as one that cannot start, and its
+    output files cannot be removed or renamed either: the worker logs it, records each
+    attempt once and runs the other tasks. It used to die of the first error."""
+    blocked, fine = submit(queue, [
+        json.dumps({"type": "shell", "params": "echo blocked", "max_retries": 1}),
+        "shell:0:0:1:echo fine"])
+    assert blocked[:2] != fine[:2]
+    shard = workers.results / blocked[:2]
+    workers.results.mkdir()
+    shard.touch()
+    w = workers("w1")
+    wait_for(lambda: drained(queue) or w.proc.poll() is not None, 30, "the queue to drain")
+    assert w.proc.poll() is None, w.output()
+    task = queue.task(blocked)
+    assert (task["state"], task["attempt"], task["reason"]) == (
+        "failed", "2", f"cannot start: File exists: {shard}")
+    assert state(queue, fine) == "finished"
+    assert f"task {blocked}: cannot remove the output of attempt 1" in w.output()
+    assert f"task {blocked}: cannot rename the output of attempt 2" in w.output()
+
+
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
     (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
     workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
@@ -449,18 +525,95 @@ def test_a_worker_that_owns_its_cgroup_counts_what_left_a_running_tasks_session(
              "the process that left the task's session to be killed")
 
 
-def test_sigterm_requeues_running_tasks_promptly(queue, workers, tmp_path, client):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_stop_signal_requeues_running_tasks_promptly(queue, workers, tmp_path, client, sig):
+    """HUP as TERM: closing the terminal or ssh session of a worker started by hand used to
+    kill it outright, and its tasks, in sessions of their own, ran on listed as running."""
     (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
     w1 = workers("w1")
     wait_for(lambda: queue.task(tid).get("pid"), 30, "the task to start")
     pid = int(queue.task(tid)["pid"])
-    w1.signal(signal.SIGTERM)
+    w1.signal(sig)
     assert w1.wait(30) == 0
     task = queue.task(tid)
     assert task["state"] == "todo" and task["reason"] == "requeued: worker w1 was stopped"
     assert queue.counts()["running"] == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert not client.exists(queue.key("lease", "w1"))
+
+
+def start_worker_through(code: str, redis_server, namespace: str, tmp_path: Path,
+                         *args: str) -> tuple[subprocess.Popen, Path]:
+    """A worker run by the Python ``code``, which gets the worker's command line (what
+    follows ``distcomp``) as ``sys.argv[1:]``: for how a worker is started, or a fault put
+    into it, where WorkerProcess runs ``distcomp worker`` itself. Returns it and its log."""
+    log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
+    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
+           "DISTCOMP_CONFIG": os.devnull}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "worker", "--results-dir", str(tmp_path / "results"),
+             "--kill-grace", "1", *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def test_a_worker_started_with_sigchld_ignored_records_exit_codes(redis_server, namespace,
+                                                                 queue, tmp_path):
+    """A parent that ignores SIGCHLD passes that on across exec, and then the kernel reaps the
+    tasks itself: their exit statuses were lost, and every task was recorded finished with
+    exit code 0, `exit 3` too."""
+    (tid,) = submit(queue, [json.dumps({"type": "shell", "params": "exit 3", "max_retries": 0})])
+    ignoring = ("import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'distcomp', *sys.argv[1:]])")
+    proc, log = start_worker_through(ignoring, redis_server, namespace, tmp_path,
+                                     "--name", "w-ign", "--exit-when-empty")
+    assert proc.wait(60) == 0, log.read_text()
+    task = queue.task(tid)
+    assert (task["state"], task["exit_code"], task["reason"]) == ("failed", "3", "exit code 3")
+
+
+def test_an_unexpected_error_hands_the_running_tasks_back_before_the_worker_exits(
+        redis_server, namespace, queue, tmp_path):
+    """Whatever escapes the loop (here an I/O error put into the heartbeat) ends the worker,
+    but not before its running tasks are back in the queue and their processes dead, a task
+    that ignores TERM too: they used to run on, listed as running, with nobody to report
+    them."""
+    trigger = tmp_path / "fail-now"
+    (tid,) = submit(queue, ["shell:0:0:1:trap '' TERM; sleep 300"])
+    failing = (
+        "import errno, os, sys\n"
+        "from distcomp.cli import main\n"
+        "from distcomp.worker import Worker\n"
+        "beat = Worker.heartbeat\n"
+        "def heartbeat(self):\n"
+        f"    if os.path.exists({str(trigger)!r}):\n"
+        "        raise OSError(errno.EIO, 'injected')\n"
+        "    beat(self)\n"
+        "Worker.heartbeat = heartbeat\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc, log = start_worker_through(failing, redis_server, namespace, tmp_path,
+                                     "--name", "w-err", "--heartbeat-ttl", "2")
+    pid = None
+    try:
+        wait_for(lambda: (queue.task(tid) or {}).get("pid") or proc.poll() is not None, 30,
+                 "the task to start")
+        pid = int(queue.task(tid)["pid"])
+        trigger.touch()
+        assert proc.wait(30) == 1, log.read_text()
+        assert "OSError: [Errno 5] injected" in log.read_text()
+        task = queue.task(tid)
+        assert (task["state"], task.get("reason")) == (
+            "todo", "requeued: worker w-err was stopped")
+        assert queue.counts()["running"] == 0
+        assert _ended(pid), "the task's process outlived its worker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def test_drain_lets_running_tasks_finish(queue, workers, tmp_path):
