@@ -1122,9 +1122,10 @@ SETTING_FLOORS = (
 
 def check_settings(wc: WorkerConfig) -> None:
     """Refuse settings a worker cannot run with, each with a one-line reason."""
-    if not wc.name or "," in wc.name:
-        raise ConfigError(f"worker name {wc.name!r} must be non-empty and without ',' (the queue "
-                          f"keeps lists of names separated by commas)")
+    if not wc.name or not wc.name.isprintable() or any(c in wc.name for c in ",# "):
+        raise ConfigError(f"worker name {wc.name!r} must be non-empty, printable and without ',', "
+                          f"'#' or blanks (the queue keeps names in lists separated by commas "
+                          f"and in marks separated by '#')")
     for name, low, zero in SETTING_FLOORS:
         value = getattr(wc, name)
         if not (math.isfinite(value) and value >= low):

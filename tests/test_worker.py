@@ -913,7 +913,8 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
     (["--max-tasks", "-1"], "max_tasks"), (["--kill-grace", "-1"], "kill_grace"),
     (["--default-timeout", "-5"], "default_timeout"),
     (["--eviction-budget", "-1"], "eviction_budget"), (["--name", ""], "worker name"),
-    (["--name", "a,b"], "worker name"),
+    (["--name", "a,b"], "worker name"), (["--name", "a#1"], "worker name"),
+    (["--name", "a b"], "worker name"), (["--name", "a\tb"], "worker name"),
 ])
 def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, queue, tmp_path,
                                                       args, named):
