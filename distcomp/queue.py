@@ -67,6 +67,8 @@ from .spec import TaskSpec
 
 SUBMIT_CHUNK = 1000
 CLAIM_LOOKAHEAD = 16
+# Tasks a claim reads past per bucket that this worker failed in the avoid window (``_CLAIM``).
+CLAIM_AVOID_BUDGET = 256
 STATES = ("todo", "running", "finished", "failed")
 # A task id (spec.TaskSpec.id); SCAN also meets P:t:... keys of a namespace named P:t.
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
@@ -177,11 +179,14 @@ local function owned(tkey, worker, attempt)
   return s[1] == 'running' and s[2] == worker and s[3] == attempt
 end
 -- A report whose reply was lost is sent again by the worker: answer it with the outcome
--- recorded the first time instead of rejecting it, so the worker keeps the output files.
+-- recorded the first time instead of rejecting it, so the worker keeps the output files. Only
+-- digits may follow the prefix: worker 'a', attempt 1 is not the mark 'a#1#2#1' of worker 'a#1'.
 local function replayed(tkey, worker, attempt)
   local r = redis.call('HGET', tkey, 'reported')
   local prefix = worker .. '#' .. attempt .. '#'
-  if r and string.sub(r, 1, #prefix) == prefix then return tonumber(string.sub(r, #prefix + 1)) end
+  if r and string.sub(r, 1, #prefix) == prefix then
+    return tonumber(string.match(string.sub(r, #prefix + 1), '^%d+$')) or 0
+  end
   return 0
 end
 local function report_mark(worker, attempt, outcome)
@@ -314,12 +319,13 @@ return keep_reply(rid, {#new, existing})
 # ARGV: P, worker, token, now, free_mem_mb, free_cpu, max_n, avoid_window_s, lookahead,
 # charges: JSON object, declared min_dram_gb (as stored) -> MiB the worker charges a task that
 # declared it, learned from the peaks of such tasks where they were bigger; any other task is
-# charged its requirement (its declaration, raised to its peak when it was evicted).
+# charged its requirement (its declaration, raised to its peak when it was evicted); avoid
+# budget (CLAIM_AVOID_BUDGET).
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local charges = cjson.decode(ARGV[10])
+local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live = nil
 local function others_alive(failed_on)
@@ -338,6 +344,42 @@ local function avoided(failed_on, last_fail)
   if now - tonumber(last_fail) >= avoid_window then return false end
   return others_alive(failed_on)
 end
+-- A retried task keeps its place, at the head of its bucket: the tasks this worker failed in the
+-- avoid window do not count toward the look-ahead, or a few of them would hide every other task
+-- of their bucket from it. Up to ``avoid_budget`` of them per bucket are read past in one claim;
+-- the run of them at a bucket's head is read once, not again for each task the claim takes: the
+-- bucket's reads start after it (``skip``).
+local skip, passed = {}, {}
+-- The best task of bucket b that fits, scored better than ``than`` (nil: any): id, score, the
+-- charged memory and cores, and the task's fields.
+local function best_of(b, than)
+  local qkey, looked, start, head_run = P .. ':q:' .. b, 0, skip[b] or 0, true
+  while looked < lookahead do
+    local page = redis.call('ZRANGE', qkey, start, start + lookahead - 1, 'WITHSCORES')
+    for i = 1, #page, 2 do
+      local score = tonumber(page[i + 1])
+      if than ~= nil and score >= than then return nil end
+      -- Everything the reply needs too, in the same read.
+      local f = redis.call('HMGET', P .. ':t:' .. page[i], 'req_mem', 'cpu', 'failed_on',
+        'last_fail', 'type', 'params', 'cwd', 'env', 'timeout', 'dram_gb')
+      local avoid = avoided(f[3], f[4])
+      if avoid and (passed[b] or 0) < avoid_budget then
+        passed[b] = (passed[b] or 0) + 1
+        if head_run then skip[b] = start + (i + 1) / 2 end
+      else
+        head_run = false
+        looked = looked + 1
+        local mem, cpu = math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
+        if not avoid and mem <= free_mem and cpu <= free_cpu + 1e-9 then
+          return page[i], score, mem, cpu, f
+        end
+      end
+      if looked >= lookahead then return nil end
+    end
+    if #page < 2 * lookahead then return nil end
+    start = start + lookahead
+  end
+end
 local buckets = redis.call('SMEMBERS', P .. ':buckets')
 local claimed = {}
 while #claimed < max_n do
@@ -350,19 +392,9 @@ while #claimed < max_n do
     local cpu_floor = 0
     if c > 0 then cpu_floor = 2 ^ (c - 1) / 4 end
     if mem_floor <= free_mem and cpu_floor <= free_cpu + 1e-9 then
-      local head = redis.call('ZRANGE', P .. ':q:' .. b, 0, lookahead - 1, 'WITHSCORES')
-      for i = 1, #head, 2 do
-        local score = tonumber(head[i + 1])
-        if best_score ~= nil and score >= best_score then break end
-        -- Everything the reply needs too, in the same read.
-        local f = redis.call('HMGET', P .. ':t:' .. head[i], 'req_mem', 'cpu', 'failed_on',
-          'last_fail', 'type', 'params', 'cwd', 'env', 'timeout', 'dram_gb')
-        local mem, cpu = math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
-        if mem <= free_mem and cpu <= free_cpu + 1e-9 and not avoided(f[3], f[4]) then
-          best, best_score, best_bucket, best_mem, best_cpu, best_f = head[i], score, b, mem,
-            cpu, f
-          break
-        end
+      local id, score, mem, cpu, f = best_of(b, best_score)
+      if id then
+        best, best_score, best_bucket, best_mem, best_cpu, best_f = id, score, b, mem, cpu, f
       end
     end
   end
@@ -511,9 +543,10 @@ if last and quiet and now - last > quiet then
 elseif ARGV[3] ~= '' and (not last or now - last > 1000) then
   redis.call('SET', P .. ':beat', now)
 end
+-- Redis does not undo a script that fails half-way: a dead worker leaves P:leases last, once its
+-- tasks are back in the queue, so that a reap that failed before is done again by the next one.
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
   if redis.call('EXISTS', P .. ':lease:' .. w) == 0 then
-    redis.call('ZREM', P .. ':leases', w)
     local who = redis.call('HMGET', P .. ':w:' .. w, 'host', 'results_dir')
     local ids, left, procs = redis.call('SMEMBERS', P .. ':run:' .. w), {}, false
     for _, id in ipairs(ids) do
@@ -537,9 +570,13 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now)) do
         redis.call('HSET', lkey, 'host', who[1])
         redis.call('SADD', P .. ':chores:host:' .. who[1], w)
       end
-      if #left > 0 then redis.call('HSET', lkey, unpack(left)) end
+      -- In slices: Lua unpacks at most about 8,000 values at once.
+      for i = 1, #left, 1000 do
+        redis.call('HSET', lkey, unpack(left, i, math.min(i + 999, #left)))
+      end
     end
     n = n + unrun_worker(w, 'requeued: worker ' .. w .. ' stopped renewing its lease')
+    redis.call('ZREM', P .. ':leases', w)
   end
 end
 local keep, drop, orphans = {}, {}, {}
@@ -723,6 +760,26 @@ end
 return cjson.encode(rows)
 """
 
+# ARGV: P, state (running, finished or failed), score, id, count. Reads only. Up to ``count``
+# entries of P:s:<state> after (score, id) in the set's order, from its start when score is
+# '': {id, score, ...}. A page that starts after the last entry of the previous one, not at an
+# index, misses no entry that stays in the set however many leave it meanwhile.
+_STATE_PAGE = _LUA_COMMON + r"""
+local key, n, start = P .. ':s:' .. ARGV[2], tonumber(ARGV[5]), 0
+if ARGV[3] ~= '' then
+  -- Ranks lo to hi - 1 hold the ids of that score (a cancel gives a thousand one time), in
+  -- id order (all hex digits of one length, which Lua orders as Redis does): bisect them.
+  local lo = redis.call('ZCOUNT', key, '-inf', '(' .. ARGV[3])
+  local hi = redis.call('ZCOUNT', key, '-inf', ARGV[3])
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if redis.call('ZRANGE', key, mid, mid)[1] <= ARGV[4] then lo = mid + 1 else hi = mid end
+  end
+  start = lo
+end
+return redis.call('ZRANGE', key, start, start + n - 1, 'WITHSCORES')
+"""
+
 
 class Submitted(NamedTuple):
     added: int
@@ -790,7 +847,7 @@ class Queue:
                 ("reap", _REAP), ("register", _REGISTER), ("heartbeat", _HEARTBEAT),
                 ("deregister", _DEREGISTER), ("cancel", _CANCEL), ("retry", _RETRY),
                 ("annotate", _ANNOTATE), ("read_tasks", _READ_TASKS), ("purge", _PURGE),
-                ("outputs", _OUTPUTS),
+                ("outputs", _OUTPUTS), ("state_page", _STATE_PAGE),
             )
         }
 
@@ -917,7 +974,7 @@ class Queue:
         ``claims()``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
-                         json.dumps(charges or {}), client=client)
+                         json.dumps(charges or {}), CLAIM_AVOID_BUDGET, client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod
@@ -1023,13 +1080,13 @@ class Queue:
         if state == "todo":
             yield from self.ids_in_state("todo")
             return
-        start = 0
+        after: tuple[Any, Any] = ("", "")
         while True:
-            rows = self.r.zrange(self.key("s", state), start, start + 999)
-            if not rows:
+            rows = self._run("state_page", state, *after, 1000)
+            yield from (_str(x) for x in rows[::2])
+            if len(rows) < 2000:
                 return
-            yield from (_str(x) for x in rows)
-            start += len(rows)
+            after = (rows[-1], rows[-2])
 
     def iter_tasks(self, fields: Sequence[str], states: Iterable[str] | None = None,
                    chunk: int = 1000) -> Iterator[tuple[str, dict[str, str]]]:

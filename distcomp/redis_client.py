@@ -99,10 +99,12 @@ class Endpoint:
 
     def __init__(self, url: str, password: str | None = None) -> None:
         parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        # Blank values kept: '?timeout=' is an unknown option too, not nothing.
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         unknown = sorted(set(query) - {"db", "ssl_cert_reqs", "ssl_ca_certs"})
         if unknown:
-            raise ValueError(f"unsupported Redis URL option(s): {', '.join(unknown)} "
+            raise ValueError(f"unsupported Redis URL option(s): "
+                             f"{', '.join(_masked(k) for k in unknown)} "
                              f"(supported: db, ssl_cert_reqs, ssl_ca_certs)")
         self.scheme = parts.scheme
         self.username = unquote(parts.username) if parts.username else None
@@ -117,26 +119,41 @@ class Endpoint:
                              f"'a..b', one over 63 characters, or characters DNS cannot carry)"
                              ) from None
         self.port = parts.port or 6379
-        db = query.get("db") or (parts.path.strip("/") if parts.scheme != "unix" else "")
-        self.db = int(db or 0)
+        if "db" in query:
+            db = query["db"]
+        else:
+            db = (parts.path.strip("/") if parts.scheme != "unix" else "") or "0"
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"database must be a non-negative integer, got {_masked(db)!r}")
+        self.db = int(db)
         self.tls: ssl.SSLContext | None = None
         if parts.scheme == "rediss":
             import ssl  # only for TLS: importing it is a tenth of a command's start-up
 
             cafile = query.get("ssl_ca_certs")
+            if cafile == "":
+                raise ValueError("ssl_ca_certs is empty: give the CA file or leave the option out")
             try:
                 self.tls = ssl.create_default_context(cafile=cafile)
             except ssl.SSLError:
-                raise ValueError(f"ssl_ca_certs {cafile}: no PEM certificate in it") from None
+                raise ValueError(f"ssl_ca_certs {_masked(cafile or '')}: no PEM certificate in "
+                                 f"it") from None
             except OSError as exc:
-                raise ValueError(f"ssl_ca_certs {cafile}: cannot read: {exc.strerror}") from None
+                raise ValueError(f"ssl_ca_certs {_masked(cafile or '')}: cannot read: "
+                                 f"{exc.strerror}") from None
             reqs = query.get("ssl_cert_reqs", "required")
             if reqs not in ("none", "optional", "required"):
                 raise ValueError(f"ssl_cert_reqs must be none, optional or required, "
-                                 f"got {reqs!r}")
+                                 f"got {_masked(reqs)!r}")
             if reqs != "required":
                 self.tls.check_hostname = False
                 self.tls.verify_mode = ssl.CERT_NONE if reqs == "none" else ssl.CERT_OPTIONAL
+
+
+def _masked(text: str) -> str:
+    """``text`` with all before its last '@' masked: a URL's pieces that urlsplit took for
+    the database or an option can hold the password."""
+    return f"***@{text.rsplit('@', 1)[1]}" if "@" in text else text
 
 
 class Connection:

@@ -189,6 +189,24 @@ def test_bad_url_options_are_config_errors():
         Config(url="rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe").client()
 
 
+@pytest.mark.parametrize("url, message", [
+    ("redis://h/abc", "database must be a non-negative integer, got 'abc'"),
+    ("redis://h/0/1", "database must be a non-negative integer, got '0/1'"),
+    ("redis://h?db=-1", "database must be a non-negative integer, got '-1'"),
+    ("redis://h/0?db=", "database must be a non-negative integer, got ''"),
+    ("redis://h/0?sslmode", r"unsupported Redis URL option\(s\): sslmode "),
+    ("redis://h/0?timeout=", r"unsupported Redis URL option\(s\): timeout "),
+    ("rediss://h/0?ssl_ca_certs=", "ssl_ca_certs is empty"),
+    # The password 12/secret: urlsplit ends the host at its '/', and the rest is the database.
+    ("redis://:12/secret@h/0", r"database must be a non-negative integer, got '\*\*\*@h/0'"),
+])
+def test_a_url_redis_cannot_be_given_is_refused_in_one_line(url, message):
+    """Not Python's own words about int(), and no option dropped because it has no value."""
+    with pytest.raises(ValueError, match=f"^{message}") as refused:
+        Redis(url)
+    assert "\n" not in str(refused.value) and "secret" not in str(refused.value)
+
+
 def test_redis_py_is_not_what_the_runtime_imports():
     """The reason this client exists: `distcomp` commands start without importing redis-py."""
     root = Path(__file__).resolve().parent.parent
