@@ -185,6 +185,9 @@ def test_bad_config_is_a_clear_error(cli, tmp_path):
     ("overcommit = lots", "[worker] overcommit must be a number or 'auto', got 'lots'"),
     ("overcommit = 4.5", "overcommit must be between 0.25 and 4 or 'auto', got 4.5"),
     ("own_cgroup = maybe", "[worker] own_cgroup must be yes or no, got 'maybe'"),
+    ("max_tasks = 1.5", "[worker] max_tasks must be an integer, got '1.5'"),
+    ("tail_bytes = 4k", "[worker] tail_bytes must be an integer, got '4k'"),
+    ("kill_grace = soon", "[worker] kill_grace must be a number, got 'soon'"),
 ])
 def test_bad_worker_keys_in_the_config_are_a_clear_error(cli, tmp_path, line, message):
     conf = tmp_path / "bad.conf"

@@ -215,15 +215,3 @@ def test_inline_comments_are_still_cut_everywhere_else(cli, tmp_path):
         assert proc.returncode == 0, proc.stderr.decode()
     finally:
         server.stop()
-
-
-@pytest.mark.parametrize("line, message", [
-    ("max_tasks = 1.5", "[worker] max_tasks must be an integer, got '1.5'"),
-    ("tail_bytes = 4k", "[worker] tail_bytes must be an integer, got '4k'"),
-    ("kill_grace = soon", "[worker] kill_grace must be a number, got 'soon'"),
-])
-def test_worker_numbers_say_which_kind_they_must_be(cli, tmp_path, line, message):
-    conf = tmp_path / "w.conf"
-    conf.write_text(f"[worker]\n{line}\n")
-    err = one_line_error(cli("--config", str(conf), "status"))
-    assert message in err

@@ -135,16 +135,22 @@ def test_concurrent_claimers_never_double_claim(redis_server, namespace):
     assert base.counts()["running"] == 2000
 
 
-def test_late_result_of_a_taken_over_attempt_is_rejected(queue, client):
+def taken_over(queue, client, first_worker: str, second_worker: str):
+    """Queue one task; its first attempt, on ``first_worker``, is requeued when that worker's
+    lease expires, and ``second_worker`` claims it again. Returns the task and both claims."""
     s = spec("work")
     queue.submit([s])
-    register(queue, "w1", ttl_ms=100)
-    first = claim_one(queue, "w1")
-    assert first.attempt == 1
-    wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
+    register(queue, first_worker, ttl_ms=100)
+    first = claim_one(queue, first_worker)
+    wait_for(lambda: not client.exists(queue.key("lease", first_worker)), 5, "lease expiry")
     assert queue.reap().requeued == 1
-    register(queue, "w2")
-    second = claim_one(queue, "w2")
+    register(queue, second_worker)
+    return s, first, claim_one(queue, second_worker)
+
+
+def test_late_result_of_a_taken_over_attempt_is_rejected(queue, client):
+    s, first, second = taken_over(queue, client, "w1", "w2")
+    assert first.attempt == 1
     assert second.task_id == s.task_id and second.attempt == 2
     assert queue.finish(s.task_id, "w1", 1, {"exit_code": 0}) == 0
     assert queue.finish(s.task_id, "w2", 2, {"exit_code": 0}) == 1
@@ -158,14 +164,7 @@ def test_a_late_report_is_rejected_when_another_workers_name_extends_the_reporte
                                                                                  client):
     """Reports are marked worker#attempt#outcome: attempt 1 of worker 'a' once read the mark
     'a#1#2#1' of worker 'a#1' as its own and got no answer instead of a rejection."""
-    s = spec("work")
-    queue.submit([s])
-    register(queue, "a", ttl_ms=100)
-    first = claim_one(queue, "a")
-    wait_for(lambda: not client.exists(queue.key("lease", "a")), 5, "lease expiry")
-    assert queue.reap().requeued == 1
-    register(queue, "a#1")
-    second = claim_one(queue, "a#1")
+    s, first, second = taken_over(queue, client, "a", "a#1")
     assert queue.finish(s.task_id, "a#1", second.attempt, {"exit_code": 0}) == 1
     assert queue.finish(s.task_id, "a", first.attempt, {"exit_code": 0}) == 0
     assert queue.fail(s.task_id, "a", first.attempt, {"reason": "exit 1"}, True) == 0
@@ -536,14 +535,7 @@ def test_deregistering_leaves_a_name_another_instance_holds_alone(queue):
 
 
 def test_a_late_annotation_of_an_earlier_attempt_is_dropped(queue, client):
-    s = spec("work")
-    queue.submit([s])
-    register(queue, "w1", ttl_ms=100)
-    first = claim_one(queue, "w1")
-    wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "lease expiry")
-    assert queue.reap().requeued == 1
-    register(queue, "w2")
-    second = claim_one(queue, "w2")
+    s, first, second = taken_over(queue, client, "w1", "w2")
     assert queue.annotate(s.task_id, "w2", second.attempt, {"host": "h2", "pid": 2}) == 1
     assert queue.annotate(s.task_id, "w1", first.attempt, {"host": "h1", "pid": 1}) == 0
     task = queue.task(s.task_id)
