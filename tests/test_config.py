@@ -38,6 +38,11 @@ def test_a_password_with_a_slash_hash_or_question_mark_is_never_shown(cli, url):
     ("redis://al:p@ss@h:1/0", "redis://***@h:1/0"),
     ("redis://S3cr3tPW@h:1", "redis://***@h:1"),
     ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+    # nothing before the last '@' shows, whatever comes before it
+    ("redis:/:p@ss@h:1", "***@h:1"),
+    ("x//:pw://y@h", "***@h"),
+    ("REDIS://:pw@h", "REDIS://:***@h"),
+    ("redis://@h", "redis://***@h"),
 ])
 def test_the_redacted_url_masks_the_whole_user_info(url, shown):
     assert Config(url=url).redacted_url() == shown
@@ -153,16 +158,6 @@ def test_a_url_without_a_redis_scheme_is_refused_without_the_password(cli, url, 
     err = one_line_error(cli("--redis", url, "status"))
     assert err == (f"distcomp: error: Redis URL must start with redis://, rediss:// or unix://, "
                    f"got {shown!r}\n")
-
-
-@pytest.mark.parametrize("url, shown", [
-    ("redis:/:p@ss@h:1", "***@h:1"),
-    ("x//:pw://y@h", "***@h"),
-    ("REDIS://:pw@h", "REDIS://:***@h"),
-    ("redis://@h", "redis://***@h"),
-])
-def test_the_redacted_url_shows_nothing_before_the_last_at(url, shown):
-    assert Config(url=url).redacted_url() == shown
 
 
 def test_a_scheme_in_capitals_still_works(cli, redis_server):
