@@ -158,6 +158,17 @@ class Runner:
             self._made.add(d)
         return d
 
+    def open_part(self, task_id: str, path: str) -> int:
+        """Open an attempt's output file in its shard. A shard made before may be gone since
+        (``rm -rf results/*`` between two sweeps while the workers run, a file system
+        remounted empty): it is made again, or every task of it would fail until a restart."""
+        try:
+            return os.open(path, _OUTPUT_FLAGS, 0o666)
+        except FileNotFoundError:
+            self._made.discard(os.path.dirname(path))
+            self.shard(task_id)
+            return os.open(path, _OUTPUT_FLAGS, 0o666)
+
     def final_paths(self, task_id: str) -> tuple[str, str]:
         d = f"{self.results}/{task_id[:2]}"
         return f"{d}/{task_id}.out", f"{d}/{task_id}.err"
@@ -201,8 +212,8 @@ class Runner:
                            *self.part_paths(claim.task_id, claim.attempt))
         try:
             self.shard(claim.task_id)
-            task.out_fd = os.open(task.out_part, _OUTPUT_FLAGS, 0o666)
-            task.err_fd = os.open(task.err_part, _OUTPUT_FLAGS, 0o666)
+            task.out_fd = self.open_part(claim.task_id, task.out_part)
+            task.err_fd = self.open_part(claim.task_id, task.err_part)
             # posix_spawn cannot change directory in the child, so the worker steps into the
             # task's directory around the spawn; the path is looked up again for every task
             # (a remounted shared filesystem is found), and the worker holds no directory open.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import select
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -214,3 +215,22 @@ def test_a_task_the_runner_cannot_watch_is_killed_and_reaped(runner: Runner) -> 
         os.killpg(task.pid, signal.SIGKILL)
         os.waitpid(task.pid, 0)
     assert left is None, "the task's process was left running, unreaped"
+
+
+
+def test_a_shard_removed_while_the_worker_runs_is_made_again(runner: Runner, place: Path) -> None:
+    """The runner remembers which result shards it made; one removed since (``rm -rf
+    results/*`` between sweeps, workers still up) used to fail every task of it with 'cannot
+    start' until the worker restarted, each retry too, until the task failed for good."""
+    first = claim("true 1")
+    assert run(runner, first).spawn_error is None
+    shutil.rmtree(place / "results")
+    again = claim("echo again", attempt=2)
+    again.task_id = first.task_id  # the same shard
+    task = runner.start(again)
+    assert task.spawn_error is None, task.spawn_error
+    select.select([task.pidfd], [], [])
+    assert runner.try_reap(task)
+    assert task.returncode == 0
+    assert Path(task.out_part).read_text() == "again\n"
+    runner.discard(task)
