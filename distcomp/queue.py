@@ -467,6 +467,8 @@ local peak = tonumber(ARGV[6])
 if peak > tonumber(redis.call('HGET', tkey, 'req_mem')) then
   redis.call('HSET', tkey, 'req_mem', peak)
 end
+-- Cancelled meanwhile: that is its outcome, whatever its budget or size would say.
+if cancelled then return recorded(tkey, id, worker, attempt, unrun(id, tkey, true, nil, now)) end
 if evictions > tonumber(ARGV[7]) then
   redis.call('HSET', tkey, 'reason', ARGV[9])
   to_failed(id, tkey, now)

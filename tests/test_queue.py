@@ -308,6 +308,11 @@ RETURNS = {
     "retryable failure": lambda q, c: q.fail(c.task_id, "w", c.attempt, {"reason": "exit 1"},
                                              True),
     "eviction": lambda q, c: q.evict(c.task_id, "w", c.attempt, 100, 5, "evicted", "budget", {}),
+    # An eviction that would fail the task for good also leaves its cancel the reason.
+    "eviction past its budget": lambda q, c: q.evict(c.task_id, "w", c.attempt, 100, 0,
+                                                     "evicted", "budget", {}),
+    "eviction beyond every room": lambda q, c: q.evict(c.task_id, "w", c.attempt, 16_384, 5,
+                                                       "evicted", "budget", {}),
     "requeue": lambda q, c: q.requeue(c.task_id, "w", c.attempt, "requeued"),
     "requeue of its worker": lambda q, c: q.requeue_worker("w", "restart"),
     "deregistration": lambda q, c: q.deregister("w", "tok-w", {}),
