@@ -91,3 +91,39 @@ def _this_machines_network() -> tuple[str, str]:
                          capture_output=True, text=True, check=True).stdout
     iface = ipaddress.ip_interface(out.split()[3])
     return str(iface.ip), str(iface.network)
+
+
+def _worker_unit(tmp_path: Path, memory_max: str) -> subprocess.CompletedProcess:
+    """The distcomp role's preflight checks, then its unit file rendered into ``tmp_path``, for
+    a worker with ``distcomp_worker_memory_max`` set to ``memory_max``."""
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n"
+        "        tasks_from: preflight\n        public: true\n"
+        "    - ansible.builtin.template:\n"
+        f"        src: {REPO}/roles/distcomp/templates/distcomp-worker.service.j2\n"
+        f"        dest: {tmp_path}/distcomp-worker.service\n        mode: '0644'\n")
+    extra = {"distcomp_worker_memory_max": memory_max, "distcomp_redis_host": "10.10.1.1",
+             "distcomp_redis_password": "not-a-secret", "distcomp_worker_name": "node1",
+             "distcomp_results_dir": str(tmp_path), "distcomp_worker_cores": "2"}
+    return playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra))
+
+
+def test_a_memory_ceiling_lands_in_the_worker_unit_only_when_set(tmp_path):
+    """The worker takes its capacity from its cgroup, so the ceiling is the unit's MemoryMax=
+    (tests/molecule fills it until the worker evicts); without one the unit has no line."""
+    for value, line in (("768M", "MemoryMax=768M"), ("80%", "MemoryMax=80%"), ("", None)):
+        run = _worker_unit(tmp_path, value)
+        assert run.returncode == 0, run.stdout
+        unit = (tmp_path / "distcomp-worker.service").read_text()
+        assert [x for x in unit.splitlines() if x.startswith("MemoryMax")] == \
+            ([line] if line else []), unit
+
+
+def test_a_memory_ceiling_systemd_would_not_read_stops_the_run(tmp_path):
+    for value in ("768MB", "0.5G", "150%", "lots"):
+        run = _worker_unit(tmp_path, value)
+        assert run.returncode != 0, (value, run.stdout)
+        assert f"distcomp_worker_memory_max ({value}) must be empty, bytes" in run.stdout, \
+            run.stdout
+        assert not (tmp_path / "distcomp-worker.service").exists()
