@@ -47,6 +47,34 @@ def test_waiting_stops_at_its_last_round_with_what_to_do_next(redis_server, name
     assert out.count("0/1 done, 0 failed, 1 running, 0 todo") == 3, out
 
 
+
+def test_queue_counts_say_when_queued_tasks_fit_no_live_worker(redis_server, namespace,
+                                                               tmp_path):
+    """A task asking for more cores than any worker has waits in todo for ever: status.yml and
+    every round of submit.yml -e wait=true say so, not only `distcomp status`."""
+    q = Queue(Redis(redis_server.url), namespace)
+    q.submit([parse_line(b"shell:0:0:64:true big"), parse_line(b"shell:0:0:1:sleep 1000")])
+    assert q.register("w", "tok", 3_600_000, {"host": "h", "room_mb": 1024, "cores": 2})[0]
+    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+             "distcomp_wait_interval": 0.05, "__distcomp_wait_max_rounds": 1,
+             "ansible_become": False}
+    note = "1 queued need more memory or cores than any live worker offers"
+    for tasks_from, line in (("status", "2 tasks: 2 to do, 0 running"),
+                             ("wait", "0/2 done, 0 failed, 0 running, 2 todo, 1 workers")):
+        (tmp_path / "play.yml").write_text(
+            "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+            "    - ansible.builtin.include_role:\n        name: distcomp\n"
+            f"        tasks_from: {tasks_from}\n")
+        out = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
+                       json.dumps(extra)).stdout
+        assert line in " ".join(out.split()), out
+        assert note in " ".join(out.split()), out
+    q.cancel([parse_line(b"shell:0:0:64:true big").task_id])
+    out = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra)).stdout
+    assert "1/2 done, 1 failed, 0 running, 1 todo, 1 workers" in " ".join(out.split()), out
+    assert note not in " ".join(out.split()), out
+
 def test_a_playbook_run_against_an_inventory_without_a_manager_stops(tmp_path):
     """Otherwise the play on manager[0] matches nothing, Ansible only warns, and the run exits
     0 as if the tasks were queued."""
