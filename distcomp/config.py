@@ -141,7 +141,7 @@ def _read_password_file(path: str) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
     try:
-        password = data.decode("utf-8").strip()
+        password = data.decode("utf-8-sig").strip()  # without a byte-order mark
     except UnicodeDecodeError:
         raise ConfigError(f"password file {path} is not UTF-8 text") from None
     if not password:
@@ -210,6 +210,7 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
     path = path or os.environ.get("DISTCOMP_CONFIG") or None
     explicit = path is not None
     path = path or DEFAULT_CONFIG
+    config_password_file = None
     parser = configparser.ConfigParser(interpolation=None)
     # A header ends at its first ']': '[redis]  ; see [docs]' is [redis], as when
     # inline_comment_prefixes, which _drop_inline_comments stands in for, cut the comment first.
@@ -231,14 +232,23 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
         if section.get("password", "").strip():
             cfg.password = section["password"].strip()
         elif section.get("password_file", "").strip():
-            cfg.password = _read_password_file(section["password_file"].strip())
+            # Read last, and only when nothing that takes precedence gave a password.
+            config_password_file = section["password_file"].strip()
     if parser.has_section("worker"):
         cfg.worker = _load_worker(parser["worker"], path)
+    # An option given empty ("$EXP" with EXP unset) is a mistake, not the default: with the
+    # default namespace, `purge --yes` would empty another experiment's queue.
+    for option, value in (("--redis", url), ("--namespace", namespace)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{option} is empty: give a value, or leave the option out for "
+                              f"the default")
     cfg.url = url or os.environ.get("DISTCOMP_REDIS_URL") or cfg.url
     if os.environ.get("DISTCOMP_REDIS_PASSWORD"):
         cfg.password = _utf8(os.environ["DISTCOMP_REDIS_PASSWORD"], "DISTCOMP_REDIS_PASSWORD")
     elif password_file:
         cfg.password = _read_password_file(password_file)
+    elif config_password_file and ":" not in (_userinfo(cfg.url) or ""):
+        cfg.password = _read_password_file(config_password_file)
     _check_url(cfg)
     cfg.namespace = namespace or os.environ.get("DISTCOMP_NAMESPACE") or cfg.namespace
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.namespace):
@@ -250,7 +260,8 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
 def _read_config(parser: configparser.ConfigParser, path: str) -> None:
     """Read the INI file; its errors name the line but never quote it (it may be a password)."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        # utf-8-sig: an editor on Windows starts the file with a byte-order mark
+        with open(path, encoding="utf-8-sig") as fh:
             parser.read_file(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None

@@ -118,7 +118,9 @@ class Endpoint:
             raise ValueError(f"host name {self.host!r} is not valid (an empty label as in "
                              f"'a..b', one over 63 characters, or characters DNS cannot carry)"
                              ) from None
-        self.port = parts.port or 6379
+        if parts.port == 0:
+            raise ValueError("port 0 is not a port Redis listens on (6379 is its default)")
+        self.port = 6379 if parts.port is None else parts.port
         if "db" in query:
             db = query["db"]
         else:

@@ -210,3 +210,59 @@ def test_inline_comments_are_still_cut_everywhere_else(cli, tmp_path):
         assert proc.returncode == 0, proc.stderr.decode()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("option", ["--namespace", "--redis"])
+def test_an_option_given_empty_is_refused_not_taken_for_the_default(cli, option):
+    """`--namespace "$EXP"` with EXP unset named the default namespace (here the test's own,
+    from DISTCOMP_NAMESPACE), and `purge --yes` emptied that queue."""
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    err = one_line_error(cli(option, "", "purge", "--yes"))
+    assert f"{option} is empty" in err
+    assert b'"todo": 1' in cli("status", "--json", check=True).stdout
+
+
+def test_the_configs_password_file_is_read_only_when_nothing_else_gives_one(
+        cli, tmp_path, tmp_path_factory):
+    """The URL, DISTCOMP_REDIS_PASSWORD and --password-file come before the config file, so a
+    password_file there that this user cannot read must not stop them."""
+    server = RedisServer(tmp_path_factory.mktemp("pwfile"), password="s3cret-pw")
+    server.start()
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        conf = tmp_path / "node.conf"
+        conf.write_text(f"[redis]\nurl = {url}\npassword_file = /nonexistent/redis.pass\n")
+        given = tmp_path / "pw"
+        given.write_text("s3cret-pw\n")
+        for extra, env in ((["--password-file", str(given)], {}),
+                           ([], {"DISTCOMP_REDIS_PASSWORD": "s3cret-pw"}),
+                           (["--redis", f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"], {})):
+            ok = cli("--config", str(conf), *extra, "status",
+                     env={"DISTCOMP_REDIS_URL": "", **env})
+            assert ok.returncode == 0, (extra, ok.stderr)
+        err = one_line_error(cli("--config", str(conf), "status",
+                                 env={"DISTCOMP_REDIS_URL": ""}))
+        assert "cannot read password file /nonexistent/redis.pass: no such file" in err
+    finally:
+        server.stop()
+
+
+def test_a_byte_order_mark_is_not_part_of_a_config_or_password_file(cli, tmp_path,
+                                                                     tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("bom"), password="s3cret-pw")
+    server.start()
+    try:
+        pw = tmp_path / "pw"
+        pw.write_bytes(b"\xef\xbb\xbfs3cret-pw\r\n")
+        conf = tmp_path / "bom.conf"
+        conf.write_bytes(f"\ufeff[redis]\nurl = redis://127.0.0.1:{server.port}/0\n"
+                         f"password_file = {pw}\n".encode())
+        proc = cli("--config", str(conf), "status", "--json", env={"DISTCOMP_REDIS_URL": ""})
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.stop()
+
+
+def test_port_0_is_refused_not_taken_for_6379(cli):
+    err = one_line_error(cli("--redis", "redis://127.0.0.1:0/0", "status"))
+    assert "port 0 is not a port Redis listens on" in err
