@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_overcommit, parse_size
+from .output import OutputError, replaced_whole
 from .queue import STATES, Queue
 from .redis_client import AuthError, ConnectError, RedisError, ResponseError
 from .spec import TaskSpec, parse_taskfile
@@ -258,9 +260,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 break
             time.sleep(args.interval)
     except KeyboardInterrupt:
-        pass
-    if tty:
-        print()
+        if tty:
+            print()
+        raise
     return 0
 
 
@@ -463,49 +465,17 @@ EXPORT_COLUMNS = ("id", "state", "type", "priority", "min_dram_gb", "min_cpu", "
 
 @contextlib.contextmanager
 def _replaced_whole(path: str | None) -> Iterator[TextIO]:
-    """Standard output, or a temporary file beside PATH renamed over it once every row is
-    written: an export that fails half-way leaves no partial file where a whole one is
-    expected. Through a symbolic link that is the file it names; anything else that is not
-    a regular file (a FIFO, a device) is written directly, as renaming over it would put a
-    regular file in its place."""
+    """Standard output, or FILE written whole (distcomp.output): an export that fails
+    half-way leaves no partial file where a whole one is expected."""
     if path is None:
         yield sys.stdout
         return
     try:
-        st: os.stat_result | None = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise CliError(f"{path}: cannot write there: {exc.strerror}", EXIT_BAD_INPUT) from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise CliError(f"{path}: is a directory, expected a file name", EXIT_BAD_INPUT)
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-        except OSError as exc:
-            raise CliError(f"{path}: cannot write there: {exc.strerror}",
-                           EXIT_BAD_INPUT) from None
-        with open(fd, "w", encoding="utf-8", newline="") as direct:
-            yield direct
-        return
-    import tempfile  # only here: 7% of every other command's start-up
-
-    target = os.path.realpath(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
-                                   prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-    except OSError as exc:
-        raise CliError(f"{path}: cannot write there: {exc.strerror}", EXIT_BAD_INPUT) from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    try:
-        with open(fd, "w", encoding="utf-8", newline="") as out:
+        with replaced_whole(path) as out:
             yield out
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except OutputError as exc:
+        code = EXIT_BAD_INPUT if exc.usage else EXIT_OPERATIONAL
+        raise CliError(f"-o: {exc}" if not path else str(exc), code) from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -624,6 +594,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # In a word with an '@': a scheme and what follows the last '@' are shown, the rest is masked.
 # Any word, not only one with '://': a URL mistyped without it may hold a password too.
 _USER_INFO = re.compile(r"(\w+:/*)?[^\s'\"]*@")
+_OPTION_VALUE = re.compile(r"(?<!\S)(--?[\w-]+)=\S*")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -634,19 +605,28 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         message = _USER_INFO.sub(lambda m: f"{m.group(1) or ''}***@", message)
+        if message.startswith("unrecognized arguments: "):
+            # an option nobody knows may still carry a secret: --pw=SECRET shows as --pw=***
+            message = _OPTION_VALUE.sub(r"\1=***", message)
         hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
         self.exit(EXIT_BAD_INPUT, f"distcomp: error: {message} (see {hint})\n")
 
 
+# Spellings people try for a password option: none exists, and argparse would echo the value
+# given with one (among the arguments it did not take, or as an invalid command name).
+_PASSWORD_OPTIONS = ("--password", "--passwd", "--pass", "--redis-password", "--requirepass",
+                     "--auth")
+
+
 class _NoPassword(argparse.Action):
-    """``--password`` is not an option, and argparse would echo the password it was given
-    among the arguments it did not take; say what to do instead without showing it."""
+    """Refuses a password option (``_PASSWORD_OPTIONS``) without showing its value, and says
+    what to do instead."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        parser.error("there is no --password option (a password on the command line is seen "
-                     "by every user of the machine): give --password-file FILE or set "
-                     "DISTCOMP_REDIS_PASSWORD")
+        parser.error(f"there is no {option_string} option (a password on the command line is "
+                     f"seen by every user of the machine): give --password-file FILE or set "
+                     f"DISTCOMP_REDIS_PASSWORD")
 
 
 def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
@@ -660,7 +640,7 @@ def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
                    help="Redis URL (default: $DISTCOMP_REDIS_URL, the config file, then "
                         "redis://127.0.0.1:6379/0)")
     p.add_argument("--password-file", default=default, help="file holding the Redis password")
-    p.add_argument("--password", action=_NoPassword, default=argparse.SUPPRESS,
+    p.add_argument(*_PASSWORD_OPTIONS, action=_NoPassword, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
     p.add_argument("--namespace", default=default,
                    help="key prefix, to share one Redis (default: distcomp)")
@@ -794,12 +774,18 @@ def _describe_redis_error(cfg: Config, exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A file name that is not UTF-8 (kept as surrogates) prints escaped, not as a crash
+        # after the work is done.
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command != "inventory":
             args.cfg = load(args.config, args.redis, args.password_file, args.namespace)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a write error shows here, as one line, not at exit
+        return code
     except CliError as exc:
         print(f"distcomp: error: {exc}", file=sys.stderr)
         return exc.code
@@ -811,6 +797,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OPERATIONAL
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # Mostly output that could not be written (a full disk, /dev/full, a file size limit);
+        # the worker logs its own with the traceback first.
+        where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
+        print(f"distcomp: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_OPERATIONAL
     except KeyboardInterrupt:
         print("distcomp: error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

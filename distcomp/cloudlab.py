@@ -471,10 +471,14 @@ def _run_cloudlab(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
         return 0
+    # Imported here: inventory/cloudlab/cloudlab.py loads this file alone, outside the package.
+    from .output import OutputError, replaced_whole
+
     try:
-        Path(args.output).write_text(text)
-    except OSError as exc:
-        print(f"distcomp: error: {args.output}: cannot write the inventory "
-              f"({exc.strerror or exc})", file=sys.stderr)
+        with replaced_whole(args.output) as out:
+            out.write(text)
+    except OutputError as exc:
+        print(f"distcomp: error: {'-o: ' if not args.output else ''}{exc} (the inventory was "
+              f"not written)", file=sys.stderr)
         return 2
     return 0

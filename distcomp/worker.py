@@ -1003,7 +1003,7 @@ class Worker:
             return 1
         except Exception:
             log.critical("unexpected error; putting %d running task(s) back in the queue, "
-                         "killing them and exiting", len(self.running))
+                         "killing them and exiting", len(self.running), exc_info=True)
             self.abandon()
             raise
         try:

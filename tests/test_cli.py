@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -541,3 +542,76 @@ def test_redis_refusing_part_way_says_what_was_queued(cli, tmp_path, namespace, 
     assert err.endswith(f"; {queued} new task(s) of the {n} in {f} were queued before it "
                         f"stopped; submitting the same file again queues only the rest "
                         f"(tasks already queued are skipped)\n"), err
+
+
+def test_ctrl_c_during_watch_exits_130(cli, redis_server, namespace, tmp_path):
+    """As `wait` does: `distcomp watch && next-step` must not go on after the user stopped it."""
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "watch", "--interval", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(redis_server.url, namespace, tmp_path))
+    try:
+        assert proc.stdout.readline()  # its first progress line: it is watching
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+
+
+def _limited(size: int):
+    """For subprocess: files this process writes may not grow past ``size`` bytes."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_output_that_cannot_be_written_is_one_line_and_keeps_the_old_file(
+        cli, redis_server, namespace, tmp_path):
+    """A full disk or a file size limit gave a traceback; an export must also keep the file it
+    was replacing."""
+    cli("submit", "-", input=b"".join(b"shell:0:0:1:true %d\n" % i for i in range(500)),
+        check=True)
+    out = tmp_path / "index.csv"
+    out.write_text("the previous export\n")
+    env = _env(redis_server.url, namespace, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "distcomp", "export", "-o", str(out)], env=env,
+                          capture_output=True, timeout=60, preexec_fn=_limited(4096), check=False)
+    assert proc.returncode == 1 and proc.stderr.decode() == (
+        f"distcomp: error: {out}: cannot write: File too large; the file was left as it was\n")
+    assert out.read_text() == "the previous export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".index")] == []
+    for argv in (["export"], ["status"], ["export", "-o", "/dev/full"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "distcomp", *argv], env=env,
+                                  stdout=full, stderr=subprocess.PIPE, timeout=60, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.count("\n") == 1, (argv, err)
+        assert err.startswith("distcomp: error: ") and "No space left on device" in err, err
+
+
+def test_an_empty_output_name_is_refused_before_anything_is_read(cli):
+    proc = cli("export", "-o", "")
+    assert proc.returncode == 2 and proc.stderr.decode() == (
+        "distcomp: error: -o: the file name is empty\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--passwd=S3cr3t-x", "status"], ["--passwd", "S3cr3t-x", "status"],
+    ["status", "--redis-password", "S3cr3t-x"], ["status", "--pw=S3cr3t-x"],
+    ["--auth", "S3cr3t-x", "status"],
+])
+def test_a_password_option_that_does_not_exist_never_shows_the_password(cli, argv):
+    proc = cli(*argv)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert "S3cr3t-x" not in err and err.startswith("distcomp: error: "), err
+
+
+def test_a_taskfile_name_that_is_not_utf8_prints_escaped(cli, tmp_path):
+    """Under a strict UTF-8 locale (en_US.UTF-8; forced here) the line after the submit was a
+    traceback, though the tasks were queued."""
+    name = os.fsencode(tmp_path) + b"/t\xff.txt"
+    with open(name, "wb") as f:
+        f.write(b"shell:0:0:1:true\n")
+    proc = cli("submit", os.fsdecode(name), env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith(b"/t\\udcff.txt: added 1 task(s), 0 already queued\n"), proc.stdout

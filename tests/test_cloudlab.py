@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -344,7 +345,8 @@ def test_cli_unwritable_output(tmp_path, capsys):
     argv = ["inventory", "cloudlab", str(fixture("single-site.xml")), "-o", str(target)]
     assert run_cli(argv) == 2
     assert capsys.readouterr().err == (
-        f"distcomp: error: {target}: cannot write the inventory (No such file or directory)\n"
+        f"distcomp: error: {target}: cannot write there: No such file or directory (the "
+        f"inventory was not written)\n"
     )
 
 
@@ -519,3 +521,20 @@ def test_python_m_distcomp_inventory_cloudlab(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == (f"distcomp: error: {fixture('multi-site.xml')}: several LANs "
                           "(lan-data, lan-ctl); choose one with --lan\n")
+
+
+def test_an_inventory_that_cannot_be_written_whole_leaves_the_old_one(tmp_path):
+    """A full disk cut the new inventory where the old one was; a cut on a line boundary would
+    have Ansible see fewer workers without a word."""
+    target = tmp_path / "hosts.yml"
+    target.write_text("the previous inventory\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distcomp", "inventory", "cloudlab",
+         str(fixture("single-site.xml")), "-o", str(target)],
+        capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)))
+    assert proc.returncode == 2 and proc.stderr == (
+        f"distcomp: error: {target}: cannot write: File too large; the file was left as it "
+        f"was (the inventory was not written)\n")
+    assert target.read_text() == "the previous inventory\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["hosts.yml"]
