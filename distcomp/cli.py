@@ -137,8 +137,11 @@ def _queued_so_far(args: argparse.Namespace, before: int, tasks: list[TaskSpec],
 
 # -- status, watch, wait -----------------------------------------------------------------------
 def _status_doc(queue: Queue) -> dict[str, int]:
+    """Counts, live workers, and how many queued tasks no live worker could ever take: they
+    would sit in todo for ever, and whoever watches the queue should hear why."""
     doc = queue.counts()
     doc["workers_alive"] = queue.workers_alive()
+    doc["unplaceable"] = queue.unplaceable() if doc["todo"] else 0
     return doc
 
 
@@ -152,7 +155,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     queue = _connect(args)
     queue.reap()
     doc: dict[str, Any] = _status_doc(queue)
-    doc["unplaceable"] = queue.unplaceable()
     if args.state:
         ids = queue.ids_in_state(args.state, args.limit)
         tasks = []
@@ -255,6 +257,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             span = window[-1][0] - window[0][0]
             rate = (window[-1][1] - window[0][1]) / span if span > 0 else 0.0
             line = _progress_line(doc, rate) + f"  workers {doc['workers_alive']}"
+            if doc["unplaceable"]:
+                line += f"  ({doc['unplaceable']} need a bigger worker)"
             print("\r" + line + "\033[K" if tty else line, end="" if tty else "\n", flush=True)
             if doc["todo"] + doc["running"] == 0:
                 break
@@ -330,8 +334,10 @@ def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
                 if doc is None:
                     raise CliError(f"timed out after {args.timeout:g}s: cannot reach Redis at "
                                    f"{args.cfg.redacted_url()}")
+                stuck = (f"; {doc['unplaceable']} of the todo need more memory or cores than "
+                         f"any live worker offers") if doc["unplaceable"] else ""
                 raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo "
-                               f"and {doc['running']} running")
+                               f"and {doc['running']} running{stuck}")
             # Checks every interval still run: they reap the tasks of dead workers.
             drained.wait(args.interval if deadline is None
                          else min(args.interval, deadline - now))

@@ -615,3 +615,24 @@ def test_a_taskfile_name_that_is_not_utf8_prints_escaped(cli, tmp_path):
     proc = cli("submit", os.fsdecode(name), env={"PYTHONIOENCODING": "utf-8:strict"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith(b"/t\\udcff.txt: added 1 task(s), 0 already queued\n"), proc.stdout
+
+
+def test_wait_and_watch_say_when_queued_tasks_fit_no_live_worker(cli, queue, redis_server,
+                                                                  namespace, tmp_path):
+    """A task asking for more cores than any worker has stays todo for ever: `status` said so,
+    `wait` and `watch` showed only the todo count."""
+    cli("submit", "-", input=b"shell:0:0:64:true big\nshell:0:0:1:true small\n", check=True)
+    assert queue.register("w", "tok", 3_600_000, {"host": "h", "room_mb": 1024, "cores": 2})[0]
+    waited = cli("wait", "--timeout", "0.2")
+    assert waited.returncode == 1 and waited.stderr.decode() == (
+        "distcomp: error: timed out after 0.2s with 2 todo and 0 running; 1 of the todo need "
+        "more memory or cores than any live worker offers\n")
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "watch", "--interval", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(redis_server.url, namespace, tmp_path))
+    try:
+        line = proc.stdout.readline().decode()
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert line.rstrip().endswith("workers 1  (1 need a bigger worker)"), line
