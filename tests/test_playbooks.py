@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis
 from distcomp.spec import parse_line
@@ -80,7 +82,7 @@ def test_a_playbook_run_against_an_inventory_without_a_manager_stops(tmp_path):
     0 as if the tasks were queued."""
     (tmp_path / "hosts.yml").write_text("all:\n  hosts: {}\n")
     (tmp_path / "tasks.txt").write_text("shell:0:0:1:true\n")
-    for book in ("submit.yml", "status.yml", "results.yml"):
+    for book in ("site.yml", "submit.yml", "status.yml", "results.yml", "teardown.yml"):
         run = playbook("-i", str(tmp_path / "hosts.yml"), book, "-e",
                        f"taskfile={tmp_path / 'tasks.txt'}")
         assert run.returncode != 0, (book, run.stdout)
@@ -121,9 +123,11 @@ def _this_machines_network() -> tuple[str, str]:
     return str(iface.ip), str(iface.network)
 
 
-def _worker_unit(tmp_path: Path, memory_max: str) -> subprocess.CompletedProcess:
+def _worker_unit(tmp_path: Path, memory_max: str = "",
+                 **settings: str) -> subprocess.CompletedProcess:
     """The distcomp role's preflight checks, then its unit file rendered into ``tmp_path``, for
-    a worker with ``distcomp_worker_memory_max`` set to ``memory_max``."""
+    a worker with ``distcomp_worker_memory_max`` set to ``memory_max`` and the other role
+    variables in ``settings``."""
     (tmp_path / "play.yml").write_text(
         "- hosts: localhost\n  connection: local\n  tasks:\n"
         "    - ansible.builtin.include_role:\n        name: distcomp\n"
@@ -133,7 +137,7 @@ def _worker_unit(tmp_path: Path, memory_max: str) -> subprocess.CompletedProcess
         f"        dest: {tmp_path}/distcomp-worker.service\n        mode: '0644'\n")
     extra = {"distcomp_worker_memory_max": memory_max, "distcomp_redis_host": "10.10.1.1",
              "distcomp_redis_password": "not-a-secret", "distcomp_worker_name": "node1",
-             "distcomp_results_dir": str(tmp_path), "distcomp_worker_cores": "2"}
+             "distcomp_results_dir": str(tmp_path), "distcomp_worker_cores": "2", **settings}
     return playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra))
 
 
@@ -155,3 +159,50 @@ def test_a_memory_ceiling_systemd_would_not_read_stops_the_run(tmp_path):
         assert f"distcomp_worker_memory_max ({value}) must be empty, bytes" in run.stdout, \
             run.stdout
         assert not (tmp_path / "distcomp-worker.service").exists()
+
+
+@pytest.mark.parametrize("variable, good, bad", [
+    ("distcomp_worker_memory_limit", ["1.5g", "512MiB"], ["lots", "-1G"]),
+    ("distcomp_worker_memory_reserve", ["256M"], ["5%"]),
+    ("distcomp_worker_evict_below", ["128m"], ["half"]),
+    ("distcomp_worker_overcommit", ["AUTO", "0.25", "4"], ["5", "x2"]),
+    ("distcomp_namespace", ["exp-1.b_2"], ["exp 1", ""]),
+])
+def test_worker_settings_the_runtime_would_refuse_stop_site_yml(tmp_path, variable, good, bad):
+    """The runtime refuses these at the worker's start, where systemd restarts it for ever and
+    site.yml had reported success: the role checks them first, with the runtime's rules."""
+    for value in good:
+        run = _worker_unit(tmp_path, **{variable: value})
+        assert run.returncode == 0, (value, run.stdout)
+    for value in bad:
+        run = _worker_unit(tmp_path, **{variable: value})
+        assert run.returncode != 0, (value, run.stdout)
+        assert f"{variable} ({value})" in run.stdout, run.stdout
+
+
+def test_following_the_queue_works_in_check_mode(redis_server, namespace, tmp_path):
+    """submit.yml --check -e wait=true read the queue with commands check mode skipped, and
+    parsed their empty output."""
+    (tmp_path / "wait.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n        tasks_from: wait\n")
+    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    extra = {"__distcomp_cli": cli, "distcomp_wait_interval": 0.05, "ansible_become": False}
+    run = playbook("-i", "localhost,", "--check", str(tmp_path / "wait.yml"), "-e",
+                   json.dumps(extra))
+    assert run.returncode == 0, run.stdout
+    assert "0/0 done, 0 failed, 0 running, 0 todo, 0 workers" in run.stdout, run.stdout
+
+
+def test_teardown_leaves_a_moosefs_it_was_told_not_to_manage(tmp_path):
+    """With moosefs_enabled false, site.yml installs and changes nothing of MooseFS; teardown.yml
+    unmounted it, stopped its daemons and with purge deleted its chunks. Run in check mode."""
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: moosefs\n"
+        "        tasks_from: teardown\n")
+    run = playbook("-i", "localhost,", "--check", str(tmp_path / "play.yml"), "-e",
+                   json.dumps({"moosefs_enabled": False, "moosefs_teardown_purge": True}))
+    assert run.returncode == 0, run.stdout
+    assert "TASK [moosefs : " not in run.stdout.replace(
+        "TASK [moosefs : Validating arguments", ""), run.stdout
