@@ -137,10 +137,11 @@ def _queued_so_far(args: argparse.Namespace, before: int, tasks: list[TaskSpec],
 
 # -- status, watch, wait -----------------------------------------------------------------------
 def _status_doc(queue: Queue) -> dict[str, int]:
-    """Counts, live workers, and how many queued tasks no live worker could ever take: they
-    would sit in todo for ever, and whoever watches the queue should hear why."""
+    """Counts, live workers, and what keeps tasks from moving that whoever watches the queue
+    should hear about: queued tasks no live worker could ever take, and running tasks of
+    workers no longer heard from (they wait for a live worker to be reaped back)."""
     doc = queue.counts()
-    doc["workers_alive"] = queue.workers_alive()
+    doc["workers_alive"], doc["stranded"] = queue.liveness()
     doc["unplaceable"] = queue.unplaceable() if doc["todo"] else 0
     return doc
 
@@ -175,6 +176,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if doc["unplaceable"]:
         print(f"note: {doc['unplaceable']} queued task(s) need more memory or cores than any "
               f"live worker offers; they wait for a bigger worker (or `distcomp cancel` them)")
+    if doc["stranded"]:
+        print(f"note: {doc['stranded']} running task(s) belong to workers no longer heard from "
+              f"(`distcomp workers`); they go back to the queue once a live worker is heard "
+              f"from (within one lease term)")
     for t in doc.get("tasks", []):
         extra = f" on {t['worker']}" if t["worker"] else ""
         why = f"  [{t['reason']}]" if t["reason"] and t["state"] != "finished" else ""
@@ -336,6 +341,9 @@ def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
                                    f"{args.cfg.redacted_url()}")
                 stuck = (f"; {doc['unplaceable']} of the todo need more memory or cores than "
                          f"any live worker offers") if doc["unplaceable"] else ""
+                if doc["stranded"]:
+                    stuck += (f"; {doc['stranded']} of the running belong to workers no longer "
+                              f"heard from, and go back to the queue once a live worker is")
                 raise CliError(f"timed out after {args.timeout:g}s with {doc['todo']} todo "
                                f"and {doc['running']} running{stuck}")
             # Checks every interval still run: they reap the tasks of dead workers.
@@ -542,6 +550,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    if not args.worker.strip():
+        raise CliError("--worker is empty: give a worker's name (see `distcomp workers`)",
+                       EXIT_BAD_INPUT)
     queue = _connect(args)
     n = queue.requeue_worker(args.worker, f"requeued by operator from worker {args.worker}")
     _emit(args, {"requeued": n}, f"{n} task(s) of {args.worker} back in the queue")

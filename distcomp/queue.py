@@ -1159,9 +1159,26 @@ class Queue:
             })
         return out
 
-    def workers_alive(self) -> int:
+    def liveness(self) -> tuple[int, int]:
+        """Workers heard from (their lease key lives, as ``workers`` says ``alive``), and the
+        running tasks of those whose lease is still in P:leases but whose key has expired:
+        dead or cut off, not reaped yet. While no worker at all is heard from, the reaper
+        cannot tell a dead worker from one cut off from Redis and leaves their leases be
+        (docs/design.md, Liveness): those tasks wait for the first worker to be back. Counting
+        P:leases alone showed such a worker as alive. Cost: two reads per lease holder."""
         seconds, micros = self.r.time()
-        return int(self.r.zcount(self.key("leases"), seconds * 1000 + micros // 1000, "+inf"))
+        held = self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")
+        pipe = self.r.pipeline()
+        for name in held:
+            pipe.pttl(self.key("lease", _str(name)))
+            pipe.scard(self.key("run", _str(name)))
+        rows = pipe.execute() if held else []
+        alive = sum(1 for pttl in rows[::2] if pttl > 0)
+        stranded = sum(n for pttl, n in zip(rows[::2], rows[1::2]) if pttl <= 0)
+        return alive, stranded
+
+    def workers_alive(self) -> int:
+        return self.liveness()[0]
 
     def unplaceable(self) -> int:
         """Todo tasks in resource classes that no live worker could ever take: they would wait

@@ -636,3 +636,30 @@ def test_wait_and_watch_say_when_queued_tasks_fit_no_live_worker(cli, queue, red
         proc.kill()
         proc.communicate()
     assert line.rstrip().endswith("workers 1  (1 need a bigger worker)"), line
+
+
+def test_status_and_wait_tell_a_lost_workers_tasks_from_a_live_ones(cli, queue, client):
+    """The only worker died: with no worker left to be heard from, its lease is kept (a dead
+    worker and one cut off from Redis look alike) and its task waits. status counted it as
+    alive, `workers` as lost, and wait ran into its timeout without a word why."""
+    cli("submit", "-", input=b"shell:0:0:1:sleep 1000\n", check=True)
+    assert queue.register("solo", "tok", 3000, {"host": "h", "room_mb": 1024, "cores": 2})[0]
+    assert len(queue.claim("solo", "tok", 1024, 2, 1)) == 1
+    assert queue.reap("/results", "h").requeued == 0  # its last reap: the cluster was heard
+    wait_for(lambda: not client.exists(queue.key("lease", "solo")), 30, "its lease to expire")
+    doc = json.loads(cli("status", "--json", check=True).stdout)
+    assert (doc["running"], doc["workers_alive"], doc["stranded"]) == (1, 0, 1), doc
+    human = cli("status", check=True).stdout.decode()
+    assert "workers alive 0" in human and "note: 1 running task(s) belong to workers no " \
+        "longer heard from" in human, human
+    waited = cli("wait", "--timeout", "0.2")
+    assert waited.returncode == 1 and waited.stderr.decode().endswith(
+        "with 0 todo and 1 running; 1 of the running belong to workers no longer heard from, "
+        "and go back to the queue once a live worker is\n"), waited.stderr
+
+
+def test_requeue_of_an_empty_worker_name_is_refused(cli):
+    """`requeue --worker "$W"` with W unset said '0 task(s) of  back in the queue', exit 0."""
+    proc = cli("requeue", "--worker", "")
+    assert proc.returncode == 2 and proc.stderr.decode() == (
+        "distcomp: error: --worker is empty: give a worker's name (see `distcomp workers`)\n")
