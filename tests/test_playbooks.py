@@ -206,3 +206,26 @@ def test_teardown_leaves_a_moosefs_it_was_told_not_to_manage(tmp_path):
     assert run.returncode == 0, run.stdout
     assert "TASK [moosefs : " not in run.stdout.replace(
         "TASK [moosefs : Validating arguments", ""), run.stdout
+
+
+def test_a_password_given_to_the_redis_role_is_the_workers_too(tmp_path):
+    """Two knobs held the one password: setting redis_requirepass (or redis_password_file) in
+    the inventory alone gave Redis one password and every worker another."""
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n"
+        "        tasks_from: preflight\n        public: true\n"
+        "    - ansible.builtin.template:\n"
+        f"        src: {REPO}/roles/distcomp/templates/distcomp.conf.j2\n"
+        f"        dest: {tmp_path}/distcomp.conf\n        mode: '0600'\n")
+    (tmp_path / "pw").write_text("from-the-file\n")
+    base = {"distcomp_redis_host": "10.10.1.1", "distcomp_worker_name": "node1",
+            "distcomp_results_dir": str(tmp_path), "distcomp_worker_cores": "2"}
+    for given, password in (({"redis_requirepass": "from-the-redis-role"}, "from-the-redis-role"),
+                            ({"redis_password_file": str(tmp_path / "pw")}, "from-the-file")):
+        run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
+                       json.dumps({**base, **given}))
+        assert run.returncode == 0, run.stdout
+        conf = (tmp_path / "distcomp.conf").read_text()
+        assert f"password = {password}\n" in conf
+        assert password not in run.stdout
