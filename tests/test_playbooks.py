@@ -229,3 +229,23 @@ def test_a_password_given_to_the_redis_role_is_the_workers_too(tmp_path):
         conf = (tmp_path / "distcomp.conf").read_text()
         assert f"password = {password}\n" in conf
         assert password not in run.stdout
+
+
+def test_one_moosefs_master_on_the_first_host_of_its_group(tmp_path):
+    """Every host of moosefs_master_group got a master, while chunkservers and clients were
+    pointed at the first one only."""
+    (tmp_path / "hosts.yml").write_text(
+        "manager:\n  hosts:\n    m1: {ansible_connection: local}\n"
+        "    m2: {ansible_connection: local}\n")
+    (tmp_path / "play.yml").write_text(
+        "- hosts: manager\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: moosefs\n"
+        "        tasks_from: preflight\n        public: true\n"
+        "    - ansible.builtin.debug:\n        msg: 'master on {{ inventory_hostname }}: "
+        "{{ __moosefs_is_master }}'\n")
+    extra = {"distcomp_node_address": "10.10.1.1", "distcomp_experiment_network": "10.10.1.0/24",
+             "ansible_python_interpreter": sys.executable}
+    run = playbook("-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml"), "-e",
+                   json.dumps(extra))
+    assert run.returncode == 0, run.stdout
+    assert "master on m1: True" in run.stdout and "master on m2: False" in run.stdout, run.stdout
