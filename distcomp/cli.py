@@ -141,8 +141,9 @@ def _status_doc(queue: Queue) -> dict[str, int]:
     should hear about: queued tasks no live worker could ever take, and running tasks of
     workers no longer heard from (they wait for a live worker to be reaped back)."""
     doc = queue.counts()
-    doc["workers_alive"], doc["stranded"] = queue.liveness()
-    doc["unplaceable"] = queue.unplaceable() if doc["todo"] else 0
+    live, doc["stranded"] = queue.liveness()
+    doc["workers_alive"] = len(live)
+    doc["unplaceable"] = queue.unplaceable(live) if doc["todo"] else 0
     return doc
 
 

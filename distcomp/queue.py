@@ -1159,37 +1159,39 @@ class Queue:
             })
         return out
 
-    def liveness(self) -> tuple[int, int]:
-        """Workers heard from (their lease key lives, as ``workers`` says ``alive``), and the
-        running tasks of those whose lease is still in P:leases but whose key has expired:
+    def liveness(self) -> tuple[list[str], int]:
+        """The workers heard from (their lease key lives, as ``workers`` says ``alive``), and
+        the running tasks of those whose lease is still in P:leases but whose key has expired:
         dead or cut off, not reaped yet. While no worker at all is heard from, the reaper
         cannot tell a dead worker from one cut off from Redis and leaves their leases be
         (docs/design.md, Liveness): those tasks wait for the first worker to be back. Counting
         P:leases alone showed such a worker as alive. Cost: two reads per lease holder."""
         seconds, micros = self.r.time()
-        held = self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")
+        held = [_str(n) for n in
+                self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")]
         pipe = self.r.pipeline()
         for name in held:
-            pipe.pttl(self.key("lease", _str(name)))
-            pipe.scard(self.key("run", _str(name)))
+            pipe.pttl(self.key("lease", name))
+            pipe.scard(self.key("run", name))
         rows = pipe.execute() if held else []
-        alive = sum(1 for pttl in rows[::2] if pttl > 0)
+        live = [name for name, pttl in zip(held, rows[::2]) if pttl > 0]
         stranded = sum(n for pttl, n in zip(rows[::2], rows[1::2]) if pttl <= 0)
-        return alive, stranded
+        return live, stranded
 
     def workers_alive(self) -> int:
-        return self.liveness()[0]
+        return len(self.liveness()[0])
 
-    def unplaceable(self) -> int:
-        """Todo tasks in resource classes that no live worker could ever take: they would wait
-        for a bigger node. Cost: one read per live worker and per resource class."""
-        seconds, micros = self.r.time()
-        live = self.r.zrangebyscore(self.key("leases"), seconds * 1000 + micros // 1000, "+inf")
+    def unplaceable(self, live: list[str] | None = None) -> int:
+        """Todo tasks in resource classes that no live worker (``live``, as ``liveness`` names
+        them) could ever take: they would wait for a bigger node. Cost: one read per live
+        worker and per resource class."""
+        if live is None:
+            live = self.liveness()[0]
         if not live:
             return 0
         pipe = self.r.pipeline()
         for name in live:
-            pipe.hmget(self.key("w", _str(name)), "room_mb", "cores")
+            pipe.hmget(self.key("w", name), "room_mb", "cores")
         rows = pipe.execute()
         room = max(float(r[0] or 0) for r in rows)
         cores = max(float(r[1] or 0) for r in rows)
