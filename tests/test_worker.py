@@ -137,8 +137,7 @@ def test_task_tree_is_killed_and_term_ignoring_tasks_die(queue, workers, tmp_pat
     workers("w1", "--kill-grace", "0.5")
     wait_for(lambda: state(queue, tid) == "failed", 30, "the timeout")
     child = int(pidfile.read_text())
-    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie",
-             10, "the forked child to be killed")
+    wait_for(lambda: _ended(child), 10, "the forked child to be killed")
 
 
 def test_retry_moves_to_another_worker(queue, workers, tmp_path):
@@ -390,7 +389,7 @@ def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers,
     task = queue.task(tid)
     assert task["worker"] == "w2" and task["attempt"] == "2"
     assert task["stdout_tail"] == "again\n"
-    assert not [p.pid for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p.pid for p in left if not _ended(p.pid)]
     assert f"killed {len(left)} orphan process(es) of task {tid}" in w2.output()
 
 
@@ -407,7 +406,7 @@ def test_restarted_worker_kills_its_orphans_and_requeues(queue, workers, tmp_pat
     # Same name, lease still alive for ~30 s: the new instance sees the old one is dead.
     workers("w1", "--heartbeat-ttl", "30")
     wait_for(lambda: state(queue, tid) == "finished", 30, "the task to rerun")
-    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie"
+    assert _ended(orphan)
     task = queue.task(tid)
     assert task["attempt"] == "2" and task["stdout_tail"] == "resumed\n"
 
@@ -494,9 +493,7 @@ def test_a_worker_that_owns_its_cgroup_kills_what_left_an_ended_tasks_session(
     w = workers("w1", "--own-cgroup", cgroup=worker_cgroup)
     wait_for(lambda: state(queue, tid) == "finished", 30, "the task to finish")
     pid = int(left.read_text())
-    wait_for(lambda: not psutil.pid_exists(pid) or
-             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
-             "the process that left the task's session to be killed")
+    wait_for(lambda: _ended(pid), 30, "the process that left the task's session to be killed")
     assert f"killed process {pid}, left running by task {tid} (attempt 1)" in w.output()
 
 
@@ -520,9 +517,7 @@ def test_a_worker_that_owns_its_cgroup_counts_what_left_a_running_tasks_session(
     wait_for(lambda: state(queue, tid) == "finished", 30, "the task to finish")
     task = queue.task(tid)
     assert int(task["peak_mem"]) > 200 << 20
-    wait_for(lambda: not psutil.pid_exists(pid) or
-             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
-             "the process that left the task's session to be killed")
+    wait_for(lambda: _ended(pid), 30, "the process that left the task's session to be killed")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
@@ -538,7 +533,7 @@ def test_a_stop_signal_requeues_running_tasks_promptly(queue, workers, tmp_path,
     task = queue.task(tid)
     assert task["state"] == "todo" and task["reason"] == "requeued: worker w1 was stopped"
     assert queue.counts()["running"] == 0
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert _ended(pid)
     assert not client.exists(queue.key("lease", "w1"))
 
 
@@ -998,8 +993,7 @@ def test_a_worker_rides_out_redis_refusing_writes(tmp_path, own_redis):
         gate.touch()
         # Its report may get through even so: Redis refuses a script only at a first write
         # that can take memory, and a finish starts by removing the task from sets.
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
-                 30, "the task to end")
+        wait_for(lambda: _ended(pid), 30, "the task to end")
         admin.config_set("maxmemory", 0)
         wait_for(lambda: state(q, tid) == "finished" or w.proc.poll() is not None, 30,
                  "the report to arrive")
