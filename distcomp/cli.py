@@ -490,7 +490,7 @@ def _replaced_whole(path: str | None) -> Iterator[TextIO]:
             yield out
     except OutputError as exc:
         code = EXIT_BAD_INPUT if exc.usage else EXIT_OPERATIONAL
-        raise CliError(f"-o: {exc}" if not path else str(exc), code) from None
+        raise CliError(str(exc), code) from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:

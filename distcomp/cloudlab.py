@@ -478,7 +478,6 @@ def _run_cloudlab(args: argparse.Namespace) -> int:
         with replaced_whole(args.output) as out:
             out.write(text)
     except OutputError as exc:
-        print(f"distcomp: error: {'-o: ' if not args.output else ''}{exc} (the inventory was "
-              f"not written)", file=sys.stderr)
+        print(f"distcomp: error: {exc} (the inventory was not written)", file=sys.stderr)
         return 2
     return 0

@@ -31,7 +31,7 @@ def replaced_whole(path: str) -> Iterator[TextIO]:
     file (a FIFO, a device) is written directly, as renaming over it would put a regular file
     in its place."""
     if not path:
-        raise OutputError("the file name is empty", usage=True)
+        raise OutputError("-o: the file name is empty", usage=True)  # both callers' option
     try:
         st: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
