@@ -249,3 +249,27 @@ def test_one_moosefs_master_on_the_first_host_of_its_group(tmp_path):
                    json.dumps(extra))
     assert run.returncode == 0, run.stdout
     assert "master on m1: True" in run.stdout and "master on m2: False" in run.stdout, run.stdout
+
+
+def test_every_role_default_is_documented_by_its_argument_spec():
+    """A role's defaults file and its argument spec both state each literal default; they had
+    drifted (the spec gave none for the wheel lists, and results.yml's variables had no spec at
+    all, so nothing typed or documented them). A templated default is the spec's to describe."""
+    import yaml
+
+    for role in sorted(p.name for p in (REPO / "roles").iterdir()):
+        defaults = yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())
+        specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml")
+                               .read_text())["argument_specs"]
+        specified = {}
+        for entry, spec in specs.items():
+            for name, option in (spec.get("options") or {}).items():
+                specified.setdefault(name, []).append((entry, option))
+        for name, value in defaults.items():
+            assert name in specified, f"{role}: {name} is in no entry point's argument spec"
+            if "{{" in json.dumps(value):
+                continue
+            for entry, option in specified[name]:
+                assert option.get("default") == value, (
+                    f"{role} {entry}: {name} defaults to {value!r}, its spec says "
+                    f"{option.get('default')!r}")
