@@ -205,15 +205,21 @@ local function recorded(tkey, id, worker, attempt, outcome)
   return reported(tkey, worker, attempt, outcome)
 end
 -- The ids of P:out:<worker> whose recorded outcome is still that worker's report, each with
--- the attempt whose files are to become the task's (a task retried since is left out).
+-- the attempt whose files are to become the task's. A task retried since leaves the set: its
+-- files are no longer the outcome's, and a later outcome of this worker adds it again.
 local function pending_outputs(worker)
-  local out, prefix = {}, worker .. '#'
-  for _, id in ipairs(redis.call('SMEMBERS', P .. ':out:' .. worker)) do
+  local out, prefix, okey = {}, worker .. '#', P .. ':out:' .. worker
+  for _, id in ipairs(redis.call('SMEMBERS', okey)) do
     local t = redis.call('HMGET', P .. ':t:' .. id, 'state', 'reported')
+    local attempt, outcome
     if (t[1] == 'finished' or t[1] == 'failed') and t[2] and
         string.sub(t[2], 1, #prefix) == prefix then
-      local attempt, outcome = string.match(string.sub(t[2], #prefix + 1), '^(%d+)#(%d+)$')
-      if outcome == '1' then out[#out + 1] = {id, tonumber(attempt)} end
+      attempt, outcome = string.match(string.sub(t[2], #prefix + 1), '^(%d+)#(%d+)$')
+    end
+    if outcome == '1' then
+      out[#out + 1] = {id, tonumber(attempt)}
+    else
+      redis.call('SREM', okey, id)
     end
   end
   return out
@@ -408,6 +414,13 @@ while #claimed < max_n do
   local tkey = P .. ':t:' .. best
   local attempt = redis.call('HINCRBY', tkey, 'attempt', 1)
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
+  -- What the last attempt recorded is not this one's: a running task showed the end, exit
+  -- code and peak of the run before it, and a reap before this attempt's annotation read the
+  -- old pid as its process. ``reason`` stays: it says why the task runs again.
+  if attempt > 1 then
+    redis.call('HDEL', tkey, 'ended', 'exit_code', 'wall_s', 'peak_mem', 'host', 'pid', 'pstart',
+      'stdout_tail', 'stderr_tail')
+  end
   redis.call('SADD', P .. ':run:' .. worker, best)
   redis.call('ZADD', P .. ':s:running', now, best)
   local f = best_f
@@ -615,7 +628,7 @@ return {n, keep, drop, orphans}
 """
 
 # ARGV: P, worker. The attempts whose outcome the worker reported and whose files it may not
-# have renamed yet: {{id, attempt}, ...}.
+# have renamed yet: {{id, attempt}, ...}. Drops the ids retried since (``pending_outputs``).
 _OUTPUTS = _LUA_COMMON + r"""
 return pending_outputs(ARGV[2])
 """

@@ -352,7 +352,7 @@ def test_a_cancel_is_not_undone_by_the_reaper(queue, client):
     held_in_step(queue, client)
 
 
-def test_recorded_outcomes_stay_listed_until_the_worker_says_it_renamed_their_files(queue):
+def test_recorded_outcomes_stay_listed_until_the_worker_says_it_renamed_their_files(queue, client):
     """A worker renames an attempt's files after the queue recorded the attempt as the task's
     outcome. Until it says it did, the queue lists the attempt under the worker, so that
     whoever takes over after a kill in between can rename them; an attempt that went back
@@ -371,11 +371,52 @@ def test_recorded_outcomes_stay_listed_until_the_worker_says_it_renamed_their_fi
     assert queue.retry([ids["retried"]]) == 1
     assert sorted(queue.outputs("w")) == sorted(
         (ids[n], 1) for n in ("finished", "failed", "over budget"))
+    # The retried task's id leaves the set: its files are no longer the outcome's.
+    assert ids["retried"].encode() not in client.smembers(queue.key("out", "w"))
     queue.outputs_kept("w", [ids["finished"], ids["failed"]])
     assert queue.outputs("w") == [(ids["over budget"], 1)]
     # A clean stop comes after every rename: nothing of the name is left to take over.
     assert queue.deregister("w", "tok-w", {}) == 0
     assert queue.outputs("w") == []
+
+
+def test_a_dead_workers_outcomes_retried_since_leave_nothing_behind(queue, client):
+    """The ids of a dead worker's outcomes that the user retried stayed in P:out:<worker>
+    for ever: the reap left them out of the files to keep but never deleted them."""
+    a = spec("a")
+    queue.submit([a])
+    ok, _ = queue.register("w", "tok-w", 100, {"host": "test", "pid": 1,
+                                               "results_dir": "/shared/results"})
+    assert ok
+    claim_one(queue, "w")
+    assert queue.fail(a.task_id, "w", 1, {"reason": "exit code 2"}, False) == 1
+    assert queue.retry([a.task_id]) == 1
+    wait_for(lambda: not client.exists(queue.key("lease", "w")), 5, "lease expiry")
+    assert queue.reap("/shared/results") == (0, [], [], [])
+    assert not client.exists(queue.key("out", "w"))
+
+
+def test_a_retried_task_shows_nothing_of_its_last_attempt_while_it_runs_again(queue):
+    """show and export printed a running retry with the end, exit code, run time and output
+    of the attempt before it, and a reap before the new attempt's annotation read the old
+    attempt's pid as the process to kill."""
+    task = spec("flaky", retries=3)
+    queue.submit([task])
+    register(queue, "w")
+    first = claim_one(queue, "w")
+    queue.annotate(task.task_id, "w", first.attempt, {"pid": 4242, "host": "h", "pstart": "9"})
+    assert queue.fail(task.task_id, "w", first.attempt,
+                      {"reason": "exit code 1", "exit_code": 1, "ended": "1.5", "wall_s": "0.5",
+                       "peak_mem": 1024, "host": "h", "stdout_tail": "out",
+                       "stderr_tail": "err"}, True) == 2
+    assert queue.task(task.task_id)["exit_code"] == "1"
+    second = claim_one(queue, "w")
+    assert second.attempt == 2
+    now = queue.task(task.task_id)
+    assert now["state"] == "running" and now["reason"] == "exit code 1"
+    for field in ("ended", "exit_code", "wall_s", "peak_mem", "host", "pid", "pstart",
+                  "stdout_tail", "stderr_tail"):
+        assert field not in now, field
 
 
 def test_the_reaper_hands_a_dead_workers_files_to_a_worker_of_its_results_dir(queue, client):
