@@ -22,6 +22,9 @@ DEFAULT_CONFIG = "/etc/distcomp/distcomp.conf"
 OVERCOMMIT_AUTO = "auto"  # overcommit derived from how much of their peak tasks hold
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SCHEMES = ("redis", "rediss", "unix")
+# A URL's scheme and host, then what follows the host's ':' up to the path, query or fragment.
+_AFTER_HOST = re.compile(r"(?P<head>(?:[A-Za-z][A-Za-z0-9+.-]*://)?(?:\[[^]]*\]|[^/?#:\[]*))"
+                         r"(?::(?P<port>[^/?#]*))?")
 # Where configparser's inline_comment_prefixes would cut a value: ';' or '#' at its start or
 # after a blank, on any of its lines.
 _INLINE_COMMENT = re.compile(r"(?:^|\s+)[;#].*$", re.MULTILINE)
@@ -88,13 +91,22 @@ class Config:
         there by urlsplit and would show, and in a URL mistyped without '://' urlsplit finds
         no user-info at all."""
         if "@" not in self.url:
-            return self.url
+            return _port_masked(self.url)
         head, host = self.url.rsplit("@", 1)
         scheme = _SCHEME.match(head)
         userinfo = head[scheme.end():] if scheme else head
         # ':***' says "a password, no user" without revealing anything more than '***' does
         mask = ":***" if userinfo.startswith(":") else "***"
         return f"{scheme.group() if scheme else ''}{mask}@{host}"
+
+
+def _port_masked(url: str) -> str:
+    """A URL without '@' with all after its host masked when what follows the host's ':' is
+    not a port: 'redis://:PASSWORD' and 'redis://user:PASSWORD' lack only their '@'."""
+    found = _AFTER_HOST.match(url)
+    if found is None or found.group("port") is None or found.group("port").isdigit():
+        return url
+    return f"{found.group('head')}:***"
 
 
 def _userinfo(url: str) -> str | None:
@@ -115,6 +127,14 @@ def _url_problem(url: str, exc: ValueError) -> str:
     if userinfo is not None and any(c in userinfo for c in "/?#"):
         return ("cannot tell the password from the host: write '/', '?' and '#' in the "
                 "password as %2F, %3F and %23")
+    # urllib's own messages quote the port or the whole network location, which is where a
+    # password sits when its '@' is missing or it holds characters NFKC changes.
+    if str(exc).startswith("Port could not be cast"):
+        return ("what follows the host's ':' is not a port (a password goes before an '@': "
+                "redis://:PASSWORD@HOST:PORT)")
+    if "NFKC" in str(exc):
+        return ("the host or password holds characters that Unicode normalization (NFKC) "
+                "changes: write them percent-encoded (%XX)")
     return str(exc)
 
 
@@ -242,6 +262,11 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
         if value is not None and not value.strip():
             raise ConfigError(f"{option} is empty: give a value, or leave the option out for "
                               f"the default")
+    if url is not None and ":" in (_userinfo(url) or ""):
+        raise ConfigError("--redis holds a password, which every user of the machine can read "
+                          "in the process list: put the URL in DISTCOMP_REDIS_URL or the config "
+                          "file, or give the password with --password-file or "
+                          "DISTCOMP_REDIS_PASSWORD")
     cfg.url = url or os.environ.get("DISTCOMP_REDIS_URL") or cfg.url
     if os.environ.get("DISTCOMP_REDIS_PASSWORD"):
         cfg.password = _utf8(os.environ["DISTCOMP_REDIS_PASSWORD"], "DISTCOMP_REDIS_PASSWORD")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -27,7 +28,7 @@ def one_line_error(proc, code: int = 2) -> str:
     "redis://alice:Sec/ret99@127.0.0.1:{port}/0",
 ])
 def test_a_password_with_a_slash_hash_or_question_mark_is_never_shown(cli, url):
-    proc = cli("--redis", url.format(port=free_port()), "status")
+    proc = cli("status", env={"DISTCOMP_REDIS_URL": url.format(port=free_port())})
     err = one_line_error(proc)
     assert "Sec" not in err and "ret99" not in err and "alice" not in err
     assert "write '/', '?' and '#' in the password as %2F, %3F and %23" in err
@@ -43,9 +44,41 @@ def test_a_password_with_a_slash_hash_or_question_mark_is_never_shown(cli, url):
     ("x//:pw://y@h", "***@h"),
     ("REDIS://:pw@h", "REDIS://:***@h"),
     ("redis://@h", "redis://***@h"),
+    # without its '@', a password is where the port goes: all after the host is masked
+    ("redis://:S3cr3tPW", "redis://:***"),
+    ("redis://default:S3c/r3t?x", "redis://default:***"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("redis://[::1]:6379", "redis://[::1]:6379"),
+    ("redis://[::1]", "redis://[::1]"),
 ])
 def test_the_redacted_url_masks_the_whole_user_info(url, shown):
     assert Config(url=url).redacted_url() == shown
+
+
+@pytest.mark.parametrize("url", ["redis://:S3cr3tPW", "redis://default:S3cr3tPW/0",
+                                 "redis://:S3cr\uff0fetPW@127.0.0.1:6379"])
+def test_a_password_without_its_at_or_with_characters_nfkc_changes_is_never_shown(
+        cli, tmp_path, url):
+    """urllib's messages quote the port, or the whole host part: where a password sits when
+    its '@' is left out, and all of it when it holds a character such as a fullwidth '/'."""
+    err = one_line_error(cli("status", env={"DISTCOMP_REDIS_URL": url}))
+    assert "S3cr" not in err and "etPW" not in err, err
+    assert "not a port" in err or "NFKC" in err, err
+    conf = tmp_path / "node.conf"
+    conf.write_text(f"[redis]\nurl = {url}\n")
+    err = one_line_error(cli("--config", str(conf), "status", env={"DISTCOMP_REDIS_URL": ""}))
+    assert "S3cr" not in err and "etPW" not in err, err
+
+
+def test_a_password_in_the_redis_option_is_refused_unshown(cli, redis_server):
+    """`ps` shows every process's arguments to every user of the machine; the CLI already
+    refused --password for that reason, while --redis redis://:PASSWORD@HOST was documented."""
+    url = redis_server.url.replace("redis://", "redis://:S3cr3tPW@")
+    err = one_line_error(cli("--redis", url, "submit", "-", input=b"shell:0:0:0:true\n"))
+    assert "--redis holds a password" in err and "DISTCOMP_REDIS_URL" in err, err
+    assert "S3cr3tPW" not in err
+    status = json.loads(cli("status", "--json", check=True).stdout)
+    assert status["total"] == 0
 
 
 def test_a_password_written_without_its_colon_is_masked_and_explained(cli):
@@ -79,7 +112,7 @@ def test_a_user_in_the_url_with_the_password_given_apart_still_works(cli, tmp_pa
 def test_urls_that_cannot_work_are_one_line_config_errors(cli, tmp_path, url, message):
     notpem = tmp_path / "not.pem"
     notpem.write_text("not a certificate\n")
-    err = one_line_error(cli("--redis", url.format(notpem=notpem), "status"))
+    err = one_line_error(cli("status", env={"DISTCOMP_REDIS_URL": url.format(notpem=notpem)}))
     assert message in err and "pw-xyz" not in err
 
 
@@ -155,7 +188,7 @@ def test_a_listener_that_never_answers_is_given_up_on_in_seconds(cli):
 def test_a_url_without_a_redis_scheme_is_refused_without_the_password(cli, url, shown):
     """Without '://' nothing was masked: 'redis:/:PW@h' failed later in int()'s words, which
     quoted the password, and 'redis//:PW@h:1' was shown whole in the scheme error."""
-    err = one_line_error(cli("--redis", url, "status"))
+    err = one_line_error(cli("status", env={"DISTCOMP_REDIS_URL": url}))
     assert err == (f"distcomp: error: Redis URL must start with redis://, rediss:// or unix://, "
                    f"got {shown!r}\n")
 
@@ -236,7 +269,8 @@ def test_the_configs_password_file_is_read_only_when_nothing_else_gives_one(
         given.write_text("s3cret-pw\n")
         for extra, env in ((["--password-file", str(given)], {}),
                            ([], {"DISTCOMP_REDIS_PASSWORD": "s3cret-pw"}),
-                           (["--redis", f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"], {})):
+                           ([], {"DISTCOMP_REDIS_URL":
+                                 f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"})):
             ok = cli("--config", str(conf), *extra, "status",
                      env={"DISTCOMP_REDIS_URL": "", **env})
             assert ok.returncode == 0, (extra, ok.stderr)

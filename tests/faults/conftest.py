@@ -308,9 +308,10 @@ class Cluster:
     # -- CLI --
     def cli(self, *args: str, url: str | None = None, stdin: bytes | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "distcomp", "--redis", url or self.server.url,
-                "--namespace", self.ns, *args]
-        return subprocess.run(argv, input=stdin, capture_output=True, env=self.env,
+        # In the environment: the CLI refuses a password in --redis (ps shows it to everyone).
+        argv = [sys.executable, "-m", "distcomp", "--namespace", self.ns, *args]
+        return subprocess.run(argv, input=stdin, capture_output=True,
+                              env={**self.env, "DISTCOMP_REDIS_URL": url or self.server.url},
                               timeout=timeout, check=False)
 
     def submit_lines(self, lines: list[str]) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Speak RESP to Redis with the standard library only: AUTH (password on stdin, if any), PING."""
+"""Speak RESP to Redis with the standard library only: AUTH (password on stdin, if any), PING,
+then CONFIG GET bind (which the redis role disables)."""
 
 import socket
 import sys
@@ -18,3 +19,4 @@ with socket.create_connection((host, port), timeout=5) as sock:
     if password:
         print(command(sock, "AUTH", password))
     print(command(sock, "PING"))
+    print(command(sock, "CONFIG", "GET", "bind"))
