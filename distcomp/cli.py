@@ -376,6 +376,10 @@ def cmd_workers(args: argparse.Namespace) -> int:
         mem = f"{w['mem_used'] / 2**30:.1f}/{w['mem_total'] / 2**30:.1f} GiB"
         print(f"{w['name']:<16} {_worker_state(w):<7} {age:>6} {w['running']:>4} "
               f"{w['cores_used']:>5g}/{w['cores']:<5g} {mem:>19} {w['done']:>7}")
+    for w in rows:
+        if w["alive"] and w["fault"]:
+            print(f"{w['name']} cannot start tasks: {w['fault']}; it claims none for a while, "
+                  f"and what it claimed is back in the queue")
     if any(_worker_state(w) == "lost" for w in rows):
         print("lost: the lease expired without a clean stop (crashed, killed or cut off from "
               "Redis); its tasks go back to the queue")

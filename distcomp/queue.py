@@ -1169,6 +1169,7 @@ class Queue:
                 "evicted": int(info.get("evicted", 0) or 0),
                 "started": float(info.get("started", 0) or 0),
                 "last_seen": float(info.get("hb", 0) or 0),
+                "fault": info.get("fault", ""),
             })
         return out
 

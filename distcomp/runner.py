@@ -169,6 +169,25 @@ class Runner:
             self.shard(task_id)
             return os.open(path, _OUTPUT_FLAGS, 0o666)
 
+    def unusable(self) -> str | None:
+        """Why this node cannot start any task now, or None: the results directory takes no
+        new file, or the default working directory cannot be entered (a MooseFS mount gone,
+        read-only or failing). Asked after a task could not start, to tell a fault of the node
+        from one of the task (its own directory, its program, one broken shard)."""
+        probe = f"{self.results}/.distcomp-probe-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            return f"results directory {self.results}: {exc.strerror}"
+        try:
+            os.chdir(self.workdir)
+        except OSError as exc:
+            return f"working directory {self.workdir}: {exc.strerror}"
+        finally:
+            os.chdir("/")
+        return None
+
     def final_paths(self, task_id: str) -> tuple[str, str]:
         d = f"{self.results}/{task_id[:2]}"
         return f"{d}/{task_id}.out", f"{d}/{task_id}.err"

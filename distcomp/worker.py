@@ -64,6 +64,9 @@ log = logging.getLogger("distcomp.worker")
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
+# Seconds without claims after a task could not start for a fault of the node (``node_fault``):
+# the first pause, doubled at each fault in a row up to the last.
+FAULT_PAUSES = (2.0, 60.0)
 PEAK_CLASSES = 64  # declared sizes whose real use is remembered (least recently seen dropped)
 OVERCOMMIT_RANGE = (0.25, 4.0)  # what ``overcommit`` may be
 AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
@@ -126,7 +129,7 @@ class Worker:
                              {"DISTCOMP_WORKER": self.name}, withheld_from_tasks(cfg))
         self.ttl_ms = int(wc.heartbeat_ttl * 1000)
         self.running: dict[str, RunningTask] = {}
-        self.by_fd: dict[int, str] = {}
+        self.by_fd: dict[int, RunningTask] = {}  # every started process not reaped yet
         self.ops: list[tuple[str, RunningTask | None, Any]] = []
         # Claimed while memory ran short during the claim's call: never started, they go back
         # to the queue with the next exchange (``exchange``).
@@ -163,7 +166,10 @@ class Worker:
         self.redis_down_since: float | None = None
         self.freed = False             # capacity came back since the last claim
         self.lease_expired = False     # a claim found the lease gone: renew before claiming
-        self._ready_ids: set[str] = set()
+        self.fault_pause = 0.0         # the last pause for a fault of the node, 0 once one starts
+        self.fault_until = 0.0         # no claims before this (monotonic), see ``node_fault``
+        self.fault = ""                # why tasks cannot start here, "" once one does
+        self._ready_fds: set[int] = set()
         self.poller = select.poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, select.POLLIN)
@@ -636,19 +642,38 @@ class Worker:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
         free_mem, free_cpu, slots = self.free()
         return slots > 0 and free_mem >= 0 and free_cpu >= 0 and not self.evicting and \
-            not self.held
+            not self.held and time.monotonic() >= self.fault_until
 
     def start(self, claims: list[Claim]) -> None:
         for claim in claims:
+            old = self.running.get(claim.task_id)
+            if old is not None:
+                self.supersede(old, claim.attempt)
             task = self.runner.start(claim)
             task.extra["oom0"] = self.oom_count
             self.running[claim.task_id] = task
             if task.spawn_error is not None:
                 self.completed(task)
                 continue
-            self.by_fd[task.pidfd] = claim.task_id
+            if self.fault:
+                log.info("tasks start again on %s", self.name)
+                self.fault, self.fault_pause = "", 0.0
+            self.by_fd[task.pidfd] = task
             self.poller.register(task.pidfd, select.POLLIN)
             log.debug("started %s attempt %d: %s", claim.task_id, claim.attempt, claim.params)
+
+    def supersede(self, old: RunningTask, attempt: int) -> None:
+        """The queue took a task away from this worker and gave it back as a new attempt
+        before a heartbeat had said so (a requeue of this worker, a lease that expired while
+        it was paused): the old run is killed now and leaves ``running``, so that it neither
+        runs beside the new one nor is taken for it; its process is reaped when its pidfd says
+        it has exited, and its files go then."""
+        log.warning("task %s was taken away from this worker and claimed again as attempt %d; "
+                    "killing attempt %d", old.task_id, attempt, old.claim.attempt)
+        self.runner.kill(old, "lost", 0)
+        self.runner.escalate(old)
+        del self.running[old.task_id]
+        self.evicting.discard(old.task_id)
 
     def strays(self, inside: dict[int, tuple[int, int]], rss: dict[int, int]) -> None:
         """Processes of the worker's own cgroup (``inside``: pid -> session, rss) in no running
@@ -751,6 +776,12 @@ class Worker:
             self.ops.append(("fail", task, (res, False)))
             return
         if task.spawn_error is not None:
+            fault = self.runner.unusable()
+            if fault is not None:
+                self.node_fault(fault)
+                self.ops.append(("requeue", task,
+                                 f"requeued: {self.name} cannot start tasks: {fault}"))
+                return
             res["reason"] = task.spawn_error
             res["stderr_tail"] = task.spawn_error
             self.ops.append(("fail", task, (res, True)))
@@ -765,6 +796,19 @@ class Worker:
             return
         res["reason"] = f"killed by {signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
         self.ops.append(("fail", task, (res, True)))
+
+    def node_fault(self, fault: str) -> None:
+        """A task could not start because of this node, not of the task (``Runner.unusable``):
+        a failure would use up its retries, and every task this worker claims would fail alike,
+        the whole queue in minutes. The task goes back to the queue uncounted and the worker
+        claims nothing for a while, longer at each fault in a row."""
+        if time.monotonic() < self.fault_until:
+            return
+        self.fault = fault
+        self.fault_pause = min(FAULT_PAUSES[1], max(FAULT_PAUSES[0], self.fault_pause * 2))
+        self.fault_until = time.monotonic() + self.fault_pause
+        log.error("cannot start tasks: %s; what was claimed goes back to the queue, and nothing "
+                  "is claimed for %gs", fault, self.fault_pause)
 
     def exchange(self, claim: bool) -> int:
         """Send every pending report and annotation, and with ``claim`` a claim for what is
@@ -796,6 +840,8 @@ class Worker:
             elif kind == "fail":
                 res, retryable = payload
                 self.q.fail(c.task_id, self.name, c.attempt, res, retryable, client=pipe)
+            elif kind == "requeue":
+                self.q.requeue(c.task_id, self.name, c.attempt, payload, client=pipe)
             elif kind == "evict":
                 peak, res = payload
                 self.q.evict(
@@ -852,7 +898,7 @@ class Worker:
     # -- heartbeat --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {
-            "hb": repr(time.time()), "running": len(self.running),
+            "hb": repr(time.time()), "running": len(self.running), "fault": self.fault,
             "cores_used": sum(t.claim.cpu for t in self.running.values()),
             "mem_used": max(0, self.capacity - self.available), "mem_avail": self.available,
             "tasks_rss": self.tasks_rss, "done": self.done, "evicted": self.evicted,
@@ -960,16 +1006,17 @@ class Worker:
 
     def reap_children(self) -> None:
         """Collect the tasks whose pidfds said they exited during the last poll."""
-        ready, self._ready_ids = self._ready_ids, set()
-        for tid in ready:
-            task = self.running.get(tid)
-            if task is None:
+        ready, self._ready_fds = self._ready_fds, set()
+        for fd in ready:
+            task = self.by_fd.get(fd)
+            if task is None or not self.runner.try_reap(task):
                 continue
-            fd = task.pidfd
-            if self.runner.try_reap(task):
-                self.poller.unregister(fd)
-                self.by_fd.pop(fd, None)
+            self.poller.unregister(fd)
+            del self.by_fd[fd]
+            if self.running.get(task.task_id) is task:
                 self.completed(task)
+            else:
+                self.runner.discard(task)  # superseded (``supersede``): reported by nobody
 
     def run(self) -> int:
         self.register()
@@ -1091,7 +1138,7 @@ class Worker:
                 _drain(self._notice_r)
                 self.noticed = True
             elif fd in self.by_fd:
-                self._ready_ids.add(self.by_fd[fd])
+                self._ready_fds.add(fd)
 
     def _empty(self) -> bool:
         counts = self.q.counts()

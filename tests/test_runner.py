@@ -234,3 +234,21 @@ def test_a_shard_removed_while_the_worker_runs_is_made_again(runner: Runner, pla
     assert task.returncode == 0
     assert Path(task.out_part).read_text() == "again\n"
     runner.discard(task)
+
+
+def test_a_node_that_cannot_start_tasks_says_why(tmp_path, monkeypatch):
+    """What tells a fault of the node (no new file in the results directory, no way into the
+    working directory) from one of a task, once a task could not start."""
+    monkeypatch.chdir(tmp_path)  # the probe leaves the process in "/", as a worker is
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    work.mkdir()
+    runner = Runner(str(results), str(work), "python3", 4096, {})
+    assert runner.unusable() is None
+    assert os.getcwd() == "/"
+    assert list(results.iterdir()) == []  # the probe leaves nothing
+    work.rmdir()
+    assert runner.unusable() == f"working directory {work}: No such file or directory"
+    results.rmdir()
+    results.write_text("")
+    assert runner.unusable() == f"results directory {results}: Not a directory"

@@ -1174,3 +1174,50 @@ def test_workers_tell_a_clean_stop_from_a_lost_worker(queue, client, workers, cl
     assert states == {"clean": "stopped", "lost": "lost"}
     assert table[3].startswith("lost: the lease expired without a clean stop")
     assert all(state(queue, i) == "finished" for i in ids)
+
+
+def test_a_task_claimed_back_while_its_old_run_lives_replaces_it(queue, workers):
+    """`requeue --worker W` wakes W, which can claim the task back before a heartbeat tells it
+    the task was taken away. The old run was then left running beside the new attempt, never
+    reaped (a zombie whose ready pidfd spun the loop) and its files never removed."""
+    (tid,) = submit(queue, ["shell:0:0:1:echo $DISTCOMP_ATTEMPT; exec sleep 600"])
+    w = workers("w1", "--cores", "2", "--heartbeat-ttl", "600")
+    wait_for(lambda: queue.task(tid).get("pstart"), 30, "the task to start and be annotated")
+    first = int(queue.task(tid)["pid"])
+    assert queue.requeue_worker("w1", "requeued by hand") == 1
+    wait_for(lambda: queue.task(tid).get("attempt") == "2" and queue.task(tid).get("pstart"),
+             30, "the task to be claimed again and annotated")
+    second = int(queue.task(tid)["pid"])
+    assert second != first
+    wait_for(lambda: not psutil.pid_exists(first), 30, "the old run to be killed and reaped")
+    assert psutil.Process(second).status() != psutil.STATUS_ZOMBIE
+    wait_for(lambda: not list(workers.results.glob(f"*/{tid}.a1.*")), 30,
+             "the old attempt's files to go")
+    assert f"task {tid} was taken away from this worker and claimed again as attempt 2" in \
+        w.output()
+    assert w.proc.poll() is None
+
+
+def test_a_results_directory_gone_bad_benches_the_worker_not_the_tasks(queue, workers, cli):
+    """A MooseFS mount that disappears or turns read-only made every task the worker claimed
+    fail "cannot start" at once, retries included: one bad node failed the whole queue within
+    minutes. Here the results directory becomes a file under a running worker."""
+    w = workers("w1", "--cores", "2")
+    wait_for(lambda: queue.workers() and queue.workers()[0]["alive"], 30, "the worker")
+    aside = workers.results.with_name("results-aside")
+    workers.results.rename(aside)
+    workers.results.write_text("not a directory\n")
+    ids = submit(queue, ["shell:0:0:1:echo one", "shell:0:0:1:echo two"])
+    wait_for(lambda: "cannot start tasks: results directory" in w.output(), 30,
+             "the worker to find its results directory unusable")
+    wait_for(lambda: queue.workers()[0]["fault"], 30, "the fault in the worker's record")
+    assert "w1 cannot start tasks: results directory" in cli("workers", check=True).stdout.decode()
+    for tid in ids:
+        task = queue.task(tid)
+        assert task["state"] != "failed" and task.get("failures", "0") == "0", task
+    workers.results.unlink()
+    aside.rename(workers.results)
+    wait_for(lambda: drained(queue), 60, "the queue to drain once the directory is back")
+    assert all(state(queue, tid) == "finished" for tid in ids)
+    assert "tasks start again on w1" in w.output()
+    wait_for(lambda: not queue.workers()[0]["fault"], 30, "the fault to leave the record")
