@@ -105,11 +105,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except RedisError as exc:
         raise CliError(f"{_describe_redis_error(args.cfg, exc).rstrip('.')}; "
                        f"{_queued_so_far(args, before, parsed.tasks, name)}") from None
-    existing += duplicates
-    doc = {"added": added, "existing": existing, "invalid": len(parsed.errors)}
-    human = f"{name}: added {added} task(s), {existing} already queued"
+    doc = {"added": added, "existing": existing + duplicates, "duplicates": duplicates,
+           "invalid": len(parsed.errors)}
+    human = f"{name}: added {added} task(s), {existing + duplicates} already queued"
     if duplicates:
-        human += f" ({duplicates} duplicate line(s) in the file)"
+        human += (f" ({duplicates} line(s) repeating an earlier line of the file: one task "
+                  f"each, run once)")
     if parsed.errors:
         human += f", skipped {len(parsed.errors)} invalid line(s)"
     if not args.wait:

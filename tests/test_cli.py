@@ -33,9 +33,9 @@ def test_submit_json_and_idempotent_resubmission(cli, tmp_path):
     f.write_text("# sweep\nshell:4:2:2:./cachesim --trace /mnt/mfs/t1.bin --size 0.1:0.5\n"
                  "python:1:0.5:1:sim.py --seed 3\n\n")
     first = cli("submit", "--json", str(f), check=True)
-    assert json.loads(first.stdout) == {"added": 2, "existing": 0, "invalid": 0}
+    assert json.loads(first.stdout) == {"added": 2, "existing": 0, "duplicates": 0, "invalid": 0}
     second = cli("submit", "--json", str(f), check=True)
-    assert json.loads(second.stdout) == {"added": 0, "existing": 2, "invalid": 0}
+    assert json.loads(second.stdout) == {"added": 0, "existing": 2, "duplicates": 0, "invalid": 0}
     status = json.loads(cli("status", "--json", check=True).stdout)
     assert (status["todo"], status["running"], status["finished"], status["failed"]) == \
         (2, 0, 0, 0)
@@ -63,7 +63,7 @@ def test_skip_invalid_submits_the_good_lines(cli, tmp_path):
     f.write_text("shell:1:0:1:echo ok\nnonsense\nshell:2:0:1:echo ok2\n")
     proc = cli("submit", "--skip-invalid", "--json", str(f))
     assert proc.returncode == 0
-    assert json.loads(proc.stdout) == {"added": 2, "existing": 0, "invalid": 1}
+    assert json.loads(proc.stdout) == {"added": 2, "existing": 0, "duplicates": 0, "invalid": 1}
     assert proc.stderr.decode().startswith(f"{f}:2: expected type:priority")
 
 
@@ -510,7 +510,7 @@ def test_ctrl_c_during_submit_says_what_was_queued_and_a_rerun_queues_the_rest(
         f"before it stopped; submitting the same file again queues only the rest (tasks "
         f"already queued are skipped)\n")
     again = cli("submit", "--json", str(f), check=True)
-    assert json.loads(again.stdout) == {"added": n - queued, "existing": queued, "invalid": 0}
+    assert json.loads(again.stdout) == {"added": n - queued, "existing": queued, "duplicates": 0, "invalid": 0}
 
 
 def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, queue, tmp_path):

@@ -273,3 +273,75 @@ def test_every_role_default_is_documented_by_its_argument_spec():
                 assert option.get("default") == value, (
                     f"{role} {entry}: {name} defaults to {value!r}, its spec says "
                     f"{option.get('default')!r}")
+
+
+def _submit_inventory(tmp_path: Path, redis_server, namespace: str) -> tuple[Path, dict]:
+    """This machine as the manager, its distcomp the test's: what submit.yml needs."""
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("manager:\n  hosts:\n    localhost:\n      ansible_connection: local\n"
+                     f"      ansible_python_interpreter: {sys.executable}\n")
+    (tmp_path / "spool").mkdir()
+    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+             "distcomp_spool_dir": str(tmp_path / "spool"), "distcomp_user": "root",
+             "distcomp_group": "root", "ansible_become": False}
+    return hosts, extra
+
+
+def test_submits_at_once_of_files_with_one_name_each_queue_their_own(redis_server, namespace,
+                                                                     tmp_path):
+    """The manager's copy was named after the file alone: exp1/tasks.txt and exp2/tasks.txt
+    submitted together copied over each other, and one run queued the other's tasks and said
+    "0 tasks added" with success. The copies stayed on the manager for ever, too."""
+    hosts, extra = _submit_inventory(tmp_path, redis_server, namespace)
+    runs = []
+    for exp in ("exp1", "exp2"):
+        (tmp_path / exp).mkdir()
+        (tmp_path / exp / "tasks.txt").write_text(
+            "".join(f"shell:0:0:1:echo {exp} {i}\n" for i in range(2000)))
+        env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+        runs.append(subprocess.Popen(
+            [str(PLAYBOOK), "-i", str(hosts), "submit.yml", "-e", json.dumps(extra), "-e",
+             f"taskfile={tmp_path / exp / 'tasks.txt'}"], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for run in runs:
+        out = run.communicate(timeout=300)[0]
+        assert run.returncode == 0, out
+        assert "2000 tasks added, 0 already in the queue" in out, out
+    assert Queue(Redis(redis_server.url), namespace).counts()["todo"] == 4000
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_submit_says_what_it_did_not_queue_and_why(redis_server, namespace, tmp_path):
+    hosts, extra = _submit_inventory(tmp_path, redis_server, namespace)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("shell:0:0:1:echo a\nshell:0:0:1:echo a\nshell:0:0:1:echo b\n")
+    run = playbook("-i", str(hosts), "submit.yml", "-e", json.dumps(extra), "-e",
+                   f"taskfile={tasks}")
+    assert run.returncode == 0, run.stdout
+    assert ("2 tasks added, 0 already in the queue, 1 lines repeating an earlier line: the same "
+            "task, run once") in " ".join(run.stdout.split()), run.stdout
+    tasks.write_text("shell:0:0:1:echo a\nshell:0:0:1:echo c\n")
+    run = playbook("-i", str(hosts), "submit.yml", "-e", json.dumps(extra), "-e",
+                   f"taskfile={tasks}")
+    assert ("1 tasks added, 1 already in the queue (left as they are: a failed one stays failed "
+            "until `distcomp retry`)") in " ".join(run.stdout.split()), run.stdout
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"wait": "ture"}, "wait=ture is not true or false"),
+    ({"wait": "true", "distcomp_wait_interval": "0"},
+     "distcomp_wait_interval=0 is not a number of seconds above 0"),
+    ({"wait": "true", "distcomp_wait_timeout": "1h"},
+     "distcomp_wait_timeout=1h is not a number of seconds (0: no limit)"),
+])
+def test_a_bad_way_to_wait_stops_submit_before_anything_is_queued(redis_server, namespace,
+                                                                  tmp_path, given, message):
+    hosts, extra = _submit_inventory(tmp_path, redis_server, namespace)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("shell:0:0:1:echo a\n")
+    run = playbook("-i", str(hosts), "submit.yml", "-e", json.dumps(extra), "-e",
+                   f"taskfile={tasks}", *[a for k, v in given.items() for a in ("-e", f"{k}={v}")])
+    assert run.returncode != 0, run.stdout
+    assert message in run.stdout, run.stdout
+    assert Queue(Redis(redis_server.url), namespace).counts()["total"] == 0

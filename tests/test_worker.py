@@ -1149,7 +1149,7 @@ def test_submit_wait_queues_then_returns_when_the_queue_drains(workers, cli, que
     assert queue.counts()["finished"] == 1
     proc = cli("submit", "-", "--wait", "--json", input=b"shell:0:0:1:true again\n")
     assert proc.returncode == 1, proc.stderr.decode()  # the queue still holds the failed task
-    assert json.loads(proc.stdout) == {"added": 1, "existing": 0, "invalid": 0,
+    assert json.loads(proc.stdout) == {"added": 1, "existing": 0, "duplicates": 0, "invalid": 0,
                                        "finished": 2, "failed": 1}
 
 

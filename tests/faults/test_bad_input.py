@@ -138,7 +138,8 @@ def test_duplicate_lines_are_accepted_once(seeded, tmp_path):
                           b'{"type":"shell","params":"echo dup","min_cpu":0}\n'
                           b"shell:0:0:0:echo one\n", "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"added": 1, "existing": 4, "invalid": 0}
+    assert json.loads(out.stdout) == {"added": 1, "existing": 4, "duplicates": 4,
+                                       "invalid": 0}
     assert seeded.r.hget("distcomp:counts", "todo") == b"3"
 
 
@@ -146,7 +147,7 @@ def test_windows_line_endings_are_accepted(seeded, tmp_path):
     out, _ = submit_bytes(seeded, tmp_path, "crlf",
                           b"shell:0:0:0:echo a\r\nshell:0:0:0:echo b\r\n\r\n", "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"added": 2, "existing": 0, "invalid": 0}
+    assert json.loads(out.stdout) == {"added": 2, "existing": 0, "duplicates": 0, "invalid": 0}
     params = {seeded.r.hget(k, "params") for k in seeded.r.scan_iter(match="distcomp:t:*")}
     assert params == {b"echo one", b"echo two", b"echo a", b"echo b"}
 
