@@ -345,3 +345,22 @@ def test_a_bad_way_to_wait_stops_submit_before_anything_is_queued(redis_server, 
     assert run.returncode != 0, run.stdout
     assert message in run.stdout, run.stdout
     assert Queue(Redis(redis_server.url), namespace).counts()["total"] == 0
+
+
+def test_queue_counts_say_when_no_worker_is_alive(redis_server, namespace, tmp_path):
+    """status.yml and each round of submit.yml -e wait=true said "2 todo, 0 workers" and, with a
+    timeout, that the tasks keep running, where `distcomp status` said that nothing runs them."""
+    q = Queue(Redis(redis_server.url), namespace)
+    q.submit([parse_line(b"shell:0:0:1:sleep 1000"), parse_line(b"shell:0:0:1:true")])
+    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+             "distcomp_wait_interval": 0.05, "__distcomp_wait_max_rounds": 1,
+             "ansible_become": False}
+    for tasks_from in ("status", "wait"):
+        (tmp_path / "play.yml").write_text(
+            "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+            "    - ansible.builtin.include_role:\n        name: distcomp\n"
+            f"        tasks_from: {tasks_from}\n")
+        out = " ".join(playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
+                                json.dumps(extra)).stdout.split())
+        assert "no live worker: queued tasks wait until one starts" in out, out
