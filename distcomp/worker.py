@@ -911,6 +911,11 @@ class Worker:
         if beat.status == 2:
             log.warning("lease of %s had expired (paused or cut off from Redis?); renewed",
                         self.name)
+            # The lease can be gone with everything else of the name (a purge, a Redis that came
+            # back empty): the record says how big this node is (evictions judge by it) and
+            # what to clean up if it dies, and the registration restores the outage guard.
+            self.q.register(self.name, self.token, self.ttl_ms,
+                            {**self.info(), **self.stats()}, force=True)
         if beat.stop_time > self.started and not self.stop_requested:
             log.info("stop requested: finishing running tasks, then exiting")
             self.stop_requested = self.stopping = True

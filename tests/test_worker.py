@@ -1221,3 +1221,18 @@ def test_a_results_directory_gone_bad_benches_the_worker_not_the_tasks(queue, wo
     assert all(state(queue, tid) == "finished" for tid in ids)
     assert "tasks start again on w1" in w.output()
     wait_for(lambda: not queue.workers()[0]["fault"], 30, "the fault to leave the record")
+
+
+def test_a_worker_registers_again_after_its_namespace_was_purged(queue, workers, cli):
+    """`distcomp purge --yes` under running workers (or a Redis back without its data) took
+    their records: the next heartbeat renewed the lease and wrote only the load, so `workers`
+    listed none, and an eviction judged every live worker's room as 0 and failed the task."""
+    workers("w1", "--cores", "2", "--heartbeat-ttl", "2")
+    assert queue.purge() > 0
+    wait_for(lambda: [w["name"] for w in queue.workers()] == ["w1"], 30,
+             "the worker to register again")
+    (row,) = queue.workers()
+    assert row["alive"] and row["host"] and row["mem_total"] > 0
+    assert "w1" in cli("workers", check=True).stdout.decode()
+    (tid,) = submit(queue, ["shell:0:0:1:echo after"])
+    wait_for(lambda: state(queue, tid) == "finished", 30, "a task to run")
