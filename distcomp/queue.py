@@ -536,7 +536,8 @@ _REAP = _LUA_COMMON + r"""
 local n, now = 0, now_ms()
 -- Leases run down only while workers are heard from. Every live worker reaps at each heartbeat
 -- (a quarter of its lease term) and P:beat keeps the time (a worker's reap writes it once it is
--- over a second old, so most reaps of a large cluster write nothing). No worker's reap for
+-- over a second, or a quarter of P:quiet, old, so most reaps of a large cluster write nothing,
+-- while a lone worker's reaps, half of P:quiet apart, each write it). No worker's reap for
 -- longer than P:quiet (half the longest lease term, at least 2 s) means that no worker could
 -- reach Redis: it was down and restarted from disk (Redis keeps absolute expiry times), frozen,
 -- or cut off from every worker; or that every worker is gone. The first reap after such a
@@ -555,7 +556,7 @@ if last and quiet and now - last > quiet then
     redis.call('PEXPIRE', P .. ':lease:' .. w, deadline - now)
   end
   redis.call('SET', P .. ':beat', now)
-elseif ARGV[3] ~= '' and (not last or now - last > 1000) then
+elseif ARGV[3] ~= '' and (not last or now - last > math.min(1000, (quiet or 0) / 4)) then
   redis.call('SET', P .. ':beat', now)
 end
 -- Redis does not undo a script that fails half-way: a dead worker leaves P:leases last, once its

@@ -821,3 +821,17 @@ def notice_counter(queue, client, channel: str):
         return n
 
     return sent
+
+
+def test_a_lone_workers_reaps_keep_the_cluster_heard_from_at_a_short_lease(queue, client):
+    """With a lease term of 4 s a worker reaps every second and the silence that gives leases
+    their time back is 2 s. Its reaps wrote the time they were heard only once it was over a
+    second old, so about every 2 s: each such gap counted as a silence, and every lease, a
+    dead worker's too, got 2 s more, again and again. A reap now writes it once it is a
+    quarter of that silence old."""
+    register(queue, "w", ttl_ms=4000)
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    client.set(queue.key("beat"), now_ms - 700)
+    queue.reap("/results", "h")
+    assert int(client.get(queue.key("beat"))) >= now_ms
