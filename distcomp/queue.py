@@ -343,11 +343,14 @@ local function others_alive(failed_on)
   end
   return false
 end
+-- The failure's time is Redis's (``_FAIL``), so workers' clocks need not agree on it.
+local clock = nil
 local function avoided(failed_on, last_fail)
   if not failed_on or not string.find(failed_on, ',' .. worker .. ',', 1, true) then
     return false
   end
-  if now - tonumber(last_fail) >= avoid_window then return false end
+  clock = clock or now_ms()
+  if clock - tonumber(last_fail) >= avoid_window * 1000 then return false end
   return others_alive(failed_on)
 end
 -- A retried task keeps its place, at the head of its bucket: the tasks this worker failed in the
@@ -461,7 +464,7 @@ if ARGV[6] == '1' and failures <= tonumber(redis.call('HGET', tkey, 'max_retries
   if not string.find(failed_on, ',' .. worker .. ',', 1, true) then
     redis.call('HSET', tkey, 'failed_on', failed_on .. worker .. ',')
   end
-  redis.call('HSET', tkey, 'last_fail', now)
+  redis.call('HSET', tkey, 'last_fail', now_ms())
   return recorded(tkey, id, worker, attempt, unrun(id, tkey, cancelled, nil, now))
 end
 to_failed(id, tkey, now)
@@ -1056,8 +1059,15 @@ class Queue:
         return sum(int(self._run("retry", uuid.uuid4().hex, *chunk))
                    for chunk in _chunks(ids, 1000))
 
+    def now(self) -> float:
+        """Redis's clock, in seconds: the one clock every node's requests agree on."""
+        seconds, micros = self.r.time()
+        return seconds + micros / 1e6
+
     def stop_workers(self) -> None:
-        self.r.set(self.key("stop"), repr(time.time()))
+        """Every worker registered before now drains and exits; now is Redis's time, which
+        workers compare with Redis's time at their registration, not with their own clocks."""
+        self.r.set(self.key("stop"), repr(self.now()))
 
     # -- reads ------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -162,6 +162,7 @@ class Worker:
         self.fast_stop = False         # requeue and kill what runs
         self.stop_requested = False    # stop-workers: drain, then exit 10
         self.started = time.time()
+        self.registered = 0.0  # Redis's time when registration began (``register``)
         self.done = self.evicted = 0
         self.redis_down_since: float | None = None
         self.freed = False             # capacity came back since the last claim
@@ -196,6 +197,7 @@ class Worker:
 
     def register(self) -> None:
         """Take the worker's name; clean up what a previous instance of this name left."""
+        self.registered = self.q.now()  # a stop-workers after this is for this worker
         waited = 0.0
         force = False
         while True:
@@ -916,7 +918,7 @@ class Worker:
             # what to clean up if it dies, and the registration restores the outage guard.
             self.q.register(self.name, self.token, self.ttl_ms,
                             {**self.info(), **self.stats()}, force=True)
-        if beat.stop_time > self.started and not self.stop_requested:
+        if beat.stop_time > self.registered and not self.stop_requested:
             log.info("stop requested: finishing running tasks, then exiting")
             self.stop_requested = self.stopping = True
         for tid in beat.cancel:

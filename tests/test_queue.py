@@ -184,6 +184,22 @@ def test_failure_retries_prefer_another_live_worker(queue):
     assert c2.task_id == s.task_id and c2.attempt == 2
 
 
+def test_a_retry_is_left_to_another_worker_whatever_the_workers_clocks_say(queue,
+                                                                           monkeypatch):
+    """The failure was stamped with the failing worker's clock and compared with the claiming
+    worker's: one whose clock ran a minute ahead took its own failure straight back. Both are
+    Redis's clock now. Here the worker's clock is two minutes ahead when it claims again."""
+    s = spec("flaky", retries=3)
+    queue.submit([s])
+    register(queue, "w1")
+    register(queue, "w2")
+    c = claim_one(queue, "w1")
+    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    ahead = time.time() + 120
+    monkeypatch.setattr("distcomp.queue.time.time", lambda: ahead)
+    assert claim_one(queue, "w1") is None, "w1 must leave the retry to w2"
+
+
 def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queue, client):
     """A retried task goes back to the head of its bucket; a claim looks 16 tasks deep. The 16
     tasks w1 just failed, which it leaves to w2 for a while, once used up all of it, and w1
@@ -835,3 +851,14 @@ def test_a_lone_workers_reaps_keep_the_cluster_heard_from_at_a_short_lease(queue
     client.set(queue.key("beat"), now_ms - 700)
     queue.reap("/results", "h")
     assert int(client.get(queue.key("beat"))) >= now_ms
+
+
+def test_a_stop_request_is_stamped_with_redis_time_not_the_callers(queue, client, monkeypatch):
+    """Workers compare the stop request with when they registered: stamped by the clock of
+    whoever ran `stop-workers`, a clock ahead of a worker's stopped it again as soon as it
+    was redeployed (and exit 10 kept it down), one behind was ignored."""
+    monkeypatch.setattr("distcomp.queue.time.time", lambda: 4_000_000_000.0)
+    before = queue.now()
+    queue.stop_workers()
+    after = queue.now()
+    assert before <= float(client.get(queue.key("stop"))) <= after
