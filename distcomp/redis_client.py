@@ -228,6 +228,10 @@ class Connection:
             self.pos = 0
         try:
             chunk = self.sock.recv(1 << 16)
+        except TimeoutError:
+            # Which wait ran out says what to raise: --connect-timeout or the command timeout.
+            raise ConnectError(f"reading from Redis failed: no reply within "
+                               f"{self.sock.gettimeout():g}s") from None
         except OSError as exc:
             raise ConnectError(f"reading from Redis failed: {_reason(exc)}") from None
         if not chunk:

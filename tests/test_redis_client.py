@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +100,7 @@ def test_an_unreachable_redis_is_a_connect_error_after_the_retries():
 
 def test_a_reply_that_does_not_come_in_time_is_a_connect_error(redis_server, namespace):
     slow = Redis(redis_server.url, timeout=0.2, retries=0)
-    with pytest.raises(ConnectError, match="timed out"):
+    with pytest.raises(ConnectError, match="no reply within 0.2s"):
         slow.execute("BLPOP", f"{namespace}:never", 5)
 
 
@@ -306,10 +305,8 @@ def test_the_first_reply_waits_the_connect_timeout_and_later_ones_the_timeout(re
     try:
         mute = Redis(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout=30,
                      connect_timeout=0.3, retries=0)
-        started = time.monotonic()
-        with pytest.raises(ConnectError, match="timed out"):
+        with pytest.raises(ConnectError, match="no reply within 0.3s"):
             mute.ping()
-        assert time.monotonic() - started < 5
     finally:
         silent.close()
     patient = Redis(redis_server.url, timeout=5, connect_timeout=0.3, retries=0)
