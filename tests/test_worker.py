@@ -326,6 +326,8 @@ def test_a_tasks_life_is_measured_on_the_clock_of_its_memory_trace(queue, tmp_pa
     (tid,) = submit(queue, [f"shell:0:0:1:while [ ! -e {gate} ]; do sleep 0.01; done"])
     assert w.exchange(True) == 1
     task = w.running[tid]
+    # Samples count a task's session: under load they could all come before the child's setsid.
+    wait_for(lambda: os.getsid(task.pid) == task.pid, 30, "the task's own session")
     for _ in range(FILL_SAMPLES):
         w.sample()
     gate.touch()
