@@ -172,32 +172,22 @@ def test_a_late_report_is_rejected_when_another_workers_name_extends_the_reporte
     assert queue.task(s.task_id)["reported"] == "a#1#2#1"
 
 
-def test_failure_retries_prefer_another_live_worker(queue):
+@pytest.mark.parametrize("ahead_s", [0, 120])
+def test_failure_retries_prefer_another_live_worker(queue, monkeypatch, ahead_s):
+    """Whatever the workers' clocks say: the failure was stamped with the failing worker's
+    clock and compared with the claiming worker's, so one whose clock ran a minute ahead took
+    its own failure straight back. Both are Redis's clock now."""
     s = spec("flaky", retries=3)
     queue.submit([s])
     register(queue, "w1")
     register(queue, "w2")
     c = claim_one(queue, "w1")
     assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    ahead = time.time() + ahead_s
+    monkeypatch.setattr("distcomp.queue.time.time", lambda: ahead)
     assert claim_one(queue, "w1") is None, "w1 must leave the retry to w2"
     c2 = claim_one(queue, "w2")
     assert c2.task_id == s.task_id and c2.attempt == 2
-
-
-def test_a_retry_is_left_to_another_worker_whatever_the_workers_clocks_say(queue,
-                                                                           monkeypatch):
-    """The failure was stamped with the failing worker's clock and compared with the claiming
-    worker's: one whose clock ran a minute ahead took its own failure straight back. Both are
-    Redis's clock now. Here the worker's clock is two minutes ahead when it claims again."""
-    s = spec("flaky", retries=3)
-    queue.submit([s])
-    register(queue, "w1")
-    register(queue, "w2")
-    c = claim_one(queue, "w1")
-    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
-    ahead = time.time() + 120
-    monkeypatch.setattr("distcomp.queue.time.time", lambda: ahead)
-    assert claim_one(queue, "w1") is None, "w1 must leave the retry to w2"
 
 
 def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queue, client):
