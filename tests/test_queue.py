@@ -852,3 +852,63 @@ def test_a_stop_request_is_stamped_with_redis_time_not_the_callers(queue, client
     queue.stop_workers()
     after = queue.now()
     assert before <= float(client.get(queue.key("stop"))) <= after
+
+
+def test_the_best_priority_wins_across_resource_classes(queue):
+    """Each resource class has its own queue; a claim compares their heads. Found by breaking
+    the comparison: every test then still passed, each with one class or one task fitting."""
+    hi = spec("hi", priority=9)
+    queue.submit([*(spec(f"o{i}", mem_gb=2 ** i) for i in range(6)), hi])
+    register(queue, "w")
+    assert claim_one(queue, "w").task_id == hi.task_id
+
+
+def test_a_late_report_of_an_earlier_attempt_under_the_same_name_is_rejected(queue, client):
+    """A restarted worker takes its old name: the report of the attempt its previous instance
+    ran must not settle the attempt the new one runs. Fencing is by name and attempt."""
+    s, first, second = taken_over(queue, client, "w", "w")
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert queue.finish(s.task_id, "w", 1, {"exit_code": 0}) == 0
+    assert queue.task(s.task_id)["state"] == "running"
+
+
+def test_a_heartbeat_of_an_instance_whose_name_was_taken_over_is_refused(queue):
+    """Status 0 is what makes the old instance stop (LeaseLost) instead of taking the lease
+    back from the new one."""
+    register(queue, "w")
+    ok, _ = queue.register("w", "tok-new", 60_000, {"host": "test", "pid": 2}, True)
+    assert ok
+    assert queue.heartbeat("w", "tok-w", 60_000, {}).status == 0
+    assert queue.heartbeat("w", "tok-new", 60_000, {}).status == 1
+
+
+def test_retry_gives_a_failed_task_its_budgets_again(queue):
+    s = spec("flaky", retries=1)
+    queue.submit([s])
+    register(queue, "w")
+    for outcome in (2, 1):
+        c = claim_one(queue, "w")
+        assert queue.fail(c.task_id, "w", c.attempt, {"reason": "exit 1"}, True) == outcome
+    assert queue.retry([s.task_id]) == 1
+    c = claim_one(queue, "w")
+    assert queue.fail(c.task_id, "w", c.attempt, {"reason": "exit 1"}, True) == 2
+
+
+def test_a_worker_takes_its_own_failure_back_once_the_avoid_window_is_over(queue):
+    s = spec("flaky", retries=3)
+    queue.submit([s])
+    register(queue, "w1")
+    register(queue, "w2")
+    c = claim_one(queue, "w1")
+    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    assert queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=60) == []
+    assert [x.task_id for x in queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=0)] == \
+        [s.task_id]
+
+
+def test_a_cancelled_queued_task_is_never_claimed(queue):
+    a, b = spec("a"), spec("b")
+    queue.submit([a, b])
+    register(queue, "w")
+    assert queue.cancel([a.task_id, b.task_id]) == (2, 0)
+    assert claim_one(queue, "w") is None

@@ -44,6 +44,15 @@ def test_v2_limits_take_the_tightest_level(tmp_path):
     # 300 MiB used of which 100 MiB is reclaimable cache: 312 MiB still available.
     assert memory_available(levels) == (512 - 200) << 20
     assert cgroup_cpu_limit(tmp_path, proc) == 1.5
+    # A tighter quota on a parent is the one that holds.
+    write(tmp_path / "system.slice/cpu.max", "50000 100000")
+    assert cgroup_cpu_limit(tmp_path, proc) == 0.5
+
+
+def test_a_v1_cpu_quota_limits_the_cores(tmp_path):
+    write(tmp_path / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "200000")
+    write(tmp_path / "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000")
+    assert cgroup_cpu_limit(tmp_path, "3:cpu,cpuacct:/docker/abc\n") == 2.0
 
 
 def test_v1_limits(tmp_path):

@@ -173,6 +173,7 @@ SURROGATE = ("holds \\ud800, a lone UTF-16 surrogate that is not a character (wr
     (b"shell:0:1_0:1:x", "min_dram_gb must be a number, got '1_0'"),
     ("shell:0:1:\u0663:x".encode(), "min_cpu must be a number, got '\u0663'"),
     ("shell:0:\uff11:1:x".encode(), "min_dram_gb must be a number, got '\uff11'"),
+    (b'{"type":"shell","params":"x","timeout_s":0}', "timeout_s must be > 0 (omit it for no timeout)"),
 ])
 def test_values_that_crashed_the_submit_or_slipped_through_are_one_line_errors(line, reason):
     """A lone surrogate passed parsing, then failed hashing the id after earlier chunks were

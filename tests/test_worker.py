@@ -1238,3 +1238,29 @@ def test_a_worker_registers_again_after_its_namespace_was_purged(queue, workers,
     assert "w1" in cli("workers", check=True).stdout.decode()
     (tid,) = submit(queue, ["shell:0:0:1:echo after"])
     wait_for(lambda: state(queue, tid) == "finished", 30, "a task to run")
+
+
+def test_tasks_without_a_time_limit_get_the_workers_default(queue, workers):
+    (tid,) = submit(queue, [json.dumps({"type": "shell", "params": "sleep 60",
+                                        "max_retries": 0})])
+    workers("w1", "--default-timeout", "0.5")
+    wait_for(lambda: state(queue, tid) == "failed", 30, "the default time limit")
+    assert queue.task(tid)["reason"] == "timed out after 0.5s (killed)"
+
+
+def test_a_task_taken_away_is_killed_at_the_next_heartbeat(queue, tmp_path):
+    """The queue gave the task back (a requeue of this worker, a lease that expired while it
+    was paused): the heartbeat that says so must end the run here, or it would go on beside
+    the attempt another worker runs."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="robbed",
+                                          kill_grace=1)), queue)
+    w.register()
+    (tid,) = submit(queue, ["shell:0:0:1:sleep 300"])
+    assert w.exchange(True) == 1
+    task = w.running[tid]
+    assert queue.requeue_worker("robbed", "taken away") == 1
+    w.heartbeat()
+    assert task.kill_reason == "lost"
+    wait_for(lambda: _ended(task.pid), 30, "the task to be killed")
