@@ -334,6 +334,11 @@ def parse_taskfile(data: bytes) -> ParseResult:
     as often as they appear; ``Queue.submit`` stores each once."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # PowerShell's `>` and Notepad's "Unicode": every line would be "a NUL byte".
+        reason = ("the file is UTF-16 text: save it as UTF-8 (iconv -f UTF-16 -t UTF-8 FILE > "
+                  "NEW, or your editor's encoding menu)")
+        return ParseResult([], [(1, reason)])
     # A file that is valid UTF-8 without NUL bytes (nearly every file) is decoded once instead
     # of line by line; any other file goes line by line so each error names its line.
     text = None

@@ -232,3 +232,16 @@ def test_python_params_must_split_like_a_shell():
     with pytest.raises(SpecError, match="python params cannot be split into arguments"):
         parse_line(b'python:0:0:1:script.py "unbalanced')
     assert parse_line(b'shell:0:0:1:echo "unbalanced').params == 'echo "unbalanced'
+
+
+def test_a_utf16_file_is_one_error_saying_how_to_save_it():
+    """PowerShell's `>` writes UTF-16: every line was refused as holding a NUL byte, with
+    nothing saying why. A UTF-8 byte-order mark is fine: it is dropped."""
+    text = "shell:0:0:1:echo a\nshell:0:0:1:echo b\n"
+    for encoded in (text.encode("utf-16"), text.encode("utf-16-be").join([b"\xfe\xff", b""])):
+        parsed = parse_taskfile(encoded)
+        assert parsed.tasks == []
+        assert parsed.errors == [(1, ("the file is UTF-16 text: save it as UTF-8 (iconv -f "
+                                      "UTF-16 -t UTF-8 FILE > NEW, or your editor's encoding "
+                                      "menu)"))]
+    assert len(parse_taskfile(b"\xef\xbb\xbf" + text.encode()).tasks) == 2
