@@ -172,17 +172,23 @@ def test_a_late_report_is_rejected_when_another_workers_name_extends_the_reporte
     assert queue.task(s.task_id)["reported"] == "a#1#2#1"
 
 
-@pytest.mark.parametrize("ahead_s", [0, 120])
-def test_failure_retries_prefer_another_live_worker(queue, monkeypatch, ahead_s):
-    """Whatever the workers' clocks say: the failure was stamped with the failing worker's
-    clock and compared with the claiming worker's, so one whose clock ran a minute ahead took
-    its own failure straight back. Both are Redis's clock now."""
+def failed_on_w1(queue) -> TaskSpec:
+    """A task that worker w1 failed once, retryable, with w2 alive beside it."""
     s = spec("flaky", retries=3)
     queue.submit([s])
     register(queue, "w1")
     register(queue, "w2")
     c = claim_one(queue, "w1")
     assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    return s
+
+
+@pytest.mark.parametrize("ahead_s", [0, 120])
+def test_failure_retries_prefer_another_live_worker(queue, monkeypatch, ahead_s):
+    """Whatever the workers' clocks say: the failure was stamped with the failing worker's
+    clock and compared with the claiming worker's, so one whose clock ran a minute ahead took
+    its own failure straight back. Both are Redis's clock now."""
+    s = failed_on_w1(queue)
     ahead = time.time() + ahead_s
     monkeypatch.setattr("distcomp.queue.time.time", lambda: ahead)
     assert claim_one(queue, "w1") is None, "w1 must leave the retry to w2"
@@ -895,12 +901,7 @@ def test_retry_gives_a_failed_task_its_budgets_again(queue):
 
 
 def test_a_worker_takes_its_own_failure_back_once_the_avoid_window_is_over(queue):
-    s = spec("flaky", retries=3)
-    queue.submit([s])
-    register(queue, "w1")
-    register(queue, "w2")
-    c = claim_one(queue, "w1")
-    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    s = failed_on_w1(queue)
     assert queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=60) == []
     assert [x.task_id for x in queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=0)] == \
         [s.task_id]
