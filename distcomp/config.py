@@ -23,7 +23,7 @@ OVERCOMMIT_AUTO = "auto"  # overcommit derived from how much of their peak tasks
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SCHEMES = ("redis", "rediss", "unix")
 # A URL's scheme and host, then what follows the host's ':' up to the path, query or fragment.
-_AFTER_HOST = re.compile(r"(?P<head>(?:[A-Za-z][A-Za-z0-9+.-]*://)?(?:\[[^]]*\]|[^/?#:\[]*))"
+_AFTER_HOST = re.compile(rf"(?P<head>(?:{_SCHEME.pattern})?(?:\[[^]]*\]|[^/?#:\[]*))"
                          r"(?::(?P<port>[^/?#]*))?")
 # Where configparser's inline_comment_prefixes would cut a value: ';' or '#' at its start or
 # after a blank, on any of its lines.

@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 
+# The prefix whose bin/distcomp the roles' runtime check finds: this test run's virtualenv.
+VENV = str(Path(sys.executable).parent.parent)
+
+
+def distcomp_cli(redis_server, namespace: str) -> list[str]:
+    """The command line the roles run as ``__distcomp_cli``, pointed at the test's Redis."""
+    return [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace",
+            namespace]
+
+
 def playbook(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
@@ -38,7 +48,7 @@ def test_waiting_stops_at_its_last_round_with_what_to_do_next(redis_server, name
     (tmp_path / "wait.yml").write_text(
         "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
         "    - ansible.builtin.include_role:\n        name: distcomp\n        tasks_from: wait\n")
-    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    cli = distcomp_cli(redis_server, namespace)
     extra = {"__distcomp_cli": cli, "distcomp_wait_interval": 0.05,
              "__distcomp_wait_max_rounds": 3, "ansible_become": False}
     run = playbook("-i", "localhost,", str(tmp_path / "wait.yml"), "-e", json.dumps(extra))
@@ -57,8 +67,8 @@ def test_queue_counts_say_when_queued_tasks_fit_no_live_worker(redis_server, nam
     q = Queue(Redis(redis_server.url), namespace)
     q.submit([parse_line(b"shell:0:0:64:true big"), parse_line(b"shell:0:0:1:sleep 1000")])
     assert q.register("w", "tok", 3_600_000, {"host": "h", "room_mb": 1024, "cores": 2})[0]
-    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
-    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+    cli = distcomp_cli(redis_server, namespace)
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": VENV,
              "distcomp_wait_interval": 0.05, "__distcomp_wait_max_rounds": 1,
              "ansible_become": False}
     note = "1 queued need more memory or cores than any live worker offers"
@@ -186,7 +196,7 @@ def test_following_the_queue_works_in_check_mode(redis_server, namespace, tmp_pa
     (tmp_path / "wait.yml").write_text(
         "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
         "    - ansible.builtin.include_role:\n        name: distcomp\n        tasks_from: wait\n")
-    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
+    cli = distcomp_cli(redis_server, namespace)
     extra = {"__distcomp_cli": cli, "distcomp_wait_interval": 0.05, "ansible_become": False}
     run = playbook("-i", "localhost,", "--check", str(tmp_path / "wait.yml"), "-e",
                    json.dumps(extra))
@@ -281,8 +291,8 @@ def _submit_inventory(tmp_path: Path, redis_server, namespace: str) -> tuple[Pat
     hosts.write_text("manager:\n  hosts:\n    localhost:\n      ansible_connection: local\n"
                      f"      ansible_python_interpreter: {sys.executable}\n")
     (tmp_path / "spool").mkdir()
-    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
-    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+    cli = distcomp_cli(redis_server, namespace)
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": VENV,
              "distcomp_spool_dir": str(tmp_path / "spool"), "distcomp_user": "root",
              "distcomp_group": "root", "ansible_become": False}
     return hosts, extra
@@ -352,8 +362,8 @@ def test_queue_counts_say_when_no_worker_is_alive(redis_server, namespace, tmp_p
     timeout, that the tasks keep running, where `distcomp status` said that nothing runs them."""
     q = Queue(Redis(redis_server.url), namespace)
     q.submit([parse_line(b"shell:0:0:1:sleep 1000"), parse_line(b"shell:0:0:1:true")])
-    cli = [sys.executable, "-m", "distcomp", "--redis", redis_server.url, "--namespace", namespace]
-    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": str(Path(sys.executable).parent.parent),
+    cli = distcomp_cli(redis_server, namespace)
+    extra = {"__distcomp_cli": cli, "distcomp_venv_dir": VENV,
              "distcomp_wait_interval": 0.05, "__distcomp_wait_max_rounds": 1,
              "ansible_become": False}
     for tasks_from in ("status", "wait"):
