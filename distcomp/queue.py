@@ -979,6 +979,13 @@ class Queue:
             return client.command(*args)
         return self.r.execute(*args)
 
+    def reason(self, task_id: str, client: Any = None) -> Any:
+        """The reason recorded for a task's last failure or requeue, "" for none."""
+        args = ("HGET", self.key("t", task_id), "reason")
+        if client is not None:
+            return client.command(*args, shape=_str)
+        return _str(self.r.execute(*args))
+
     def requeue_worker(self, worker: str, reason: str) -> int:
         return int(self._run("requeue_worker", uuid.uuid4().hex, worker, reason))
 

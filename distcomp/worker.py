@@ -64,6 +64,8 @@ log = logging.getLogger("distcomp.worker")
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
+# Reports whose reply is followed by the reason the queue recorded, for the worker's log.
+REASONED = ("fail", "evict", "requeue")
 # Seconds without claims after a task could not start for a fault of the node (``node_fault``):
 # the first pause, doubled at each fault in a row up to the last.
 FAULT_PAUSES = (2.0, 60.0)
@@ -852,6 +854,10 @@ class Worker:
                     f"evicted {self.wc.eviction_budget + 1} times (eviction budget "
                     f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
                     res, client=pipe)
+            if kind in REASONED:
+                # What the queue recorded may not be what this worker said: a task cancelled
+                # meanwhile fails as cancelled, an eviction past its budget fails with that.
+                self.q.reason(c.task_id, client=pipe)
         if claim:
             outlook = self.outlook()
             free_mem, free_cpu, slots = self.free(outlook)
@@ -859,11 +865,13 @@ class Worker:
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
                          client=pipe)
         try:
-            replies = pipe.execute()[(1 if kept else 0) + len(unstarted):]
+            replies = iter(pipe.execute()[(1 if kept else 0) + len(unstarted):])
         except BaseException:
             self.ops[:0], self.kept[:0], self.unstarted[:0] = ops, kept, unstarted
             raise
-        for (kind, task, payload), outcome in zip(ops, replies):
+        for kind, task, _ in ops:
+            outcome = next(replies)
+            recorded = next(replies) if kind in REASONED else ""
             if kind == "annotate" or task is None:
                 continue
             if outcome == 0:
@@ -875,15 +883,15 @@ class Worker:
                 # also land after another worker ran the next attempt and kept its files.
                 self.runner.discard(task)
                 if kind == "fail":
-                    log.info("task %s requeued: %s", task.task_id, _reason(payload))
+                    log.info("task %s requeued: %s", task.task_id, recorded)
             else:
                 self.runner.keep(task)
                 self.kept.append(task.task_id)
                 if kind != "finish":
-                    log.info("task %s failed: %s", task.task_id, _reason(payload))
+                    log.info("task %s failed: %s", task.task_id, recorded)
         if not claim:
             return 0
-        claims = self.q.claims(replies[-1])
+        claims = self.q.claims(next(replies))
         if claims is None:
             self.lease_expired = True
             return 0
@@ -1218,14 +1226,6 @@ def _poke(fd: int) -> None:
         os.write(fd, b"!")
     except BlockingIOError:
         pass  # the pipe is full: the loop has a wake-up waiting already
-
-
-def _reason(payload: Any) -> str:
-    if isinstance(payload, tuple):
-        for item in payload:
-            if isinstance(item, dict):
-                return str(item.get("reason", ""))
-    return ""
 
 
 def _alive(info: dict[str, str]) -> bool:

@@ -170,6 +170,19 @@ def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
     assert int(tasks["old"]["peak_mem"]) >= 250 << 20
 
 
+def test_the_log_gives_the_reason_the_queue_recorded(queue, workers):
+    """A task evicted past its eviction budget fails with the budget's reason, which only the
+    queue writes: the worker's log said "failed: " and nothing more."""
+    lines = [f"python:{p}:0:1:{GROW} 250 0.02 1.5" for p in (3, 2, 1)]
+    *_, young = submit(queue, lines)
+    w = workers("w1", "--cores", "4", "--memory-limit", "600M", "--memory-reserve", "100M",
+                "--evict-below", "60M", "--eviction-budget", "0")
+    wait_for(lambda: drained(queue), 180, "the queue to drain")
+    task = queue.task(young)
+    assert task["state"] == "failed" and task["reason"].startswith("evicted 1 times"), task
+    assert f"task {young} failed: {task['reason']}\n" in w.output()
+
+
 def test_an_eviction_holds_new_tasks_while_the_rest_still_outgrow_their_charge(queue, workers):
     """Six tasks that declare nothing start at once on a node with 768 MiB for tasks and each
     grow to 300 MB. The youngest are evicted; had the worker claimed the memory they gave back
