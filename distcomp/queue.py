@@ -979,12 +979,12 @@ class Queue:
             return client.command(*args)
         return self.r.execute(*args)
 
-    def reason(self, task_id: str, client: Any = None) -> Any:
-        """The reason recorded for a task's last failure or requeue, "" for none."""
-        args = ("HGET", self.key("t", task_id), "reason")
-        if client is not None:
-            return client.command(*args, shape=_str)
-        return _str(self.r.execute(*args))
+    def reasons(self, ids: Sequence[str]) -> list[str]:
+        """The reason recorded for each task's last failure or requeue, "" for none."""
+        pipe = self.r.pipeline()
+        for task_id in ids:
+            pipe.command("HGET", self.key("t", task_id), "reason", shape=_str)
+        return pipe.execute()
 
     def requeue_worker(self, worker: str, reason: str) -> int:
         return int(self._run("requeue_worker", uuid.uuid4().hex, worker, reason))

@@ -64,8 +64,6 @@ log = logging.getLogger("distcomp.worker")
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
-# Reports whose reply is followed by the reason the queue recorded, for the worker's log.
-REASONED = ("fail", "evict", "requeue")
 # Seconds without claims after a task could not start for a fault of the node (``node_fault``):
 # the first pause, doubled at each fault in a row up to the last.
 FAULT_PAUSES = (2.0, 60.0)
@@ -854,10 +852,6 @@ class Worker:
                     f"evicted {self.wc.eviction_budget + 1} times (eviction budget "
                     f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
                     res, client=pipe)
-            if kind in REASONED:
-                # What the queue recorded may not be what this worker said: a task cancelled
-                # meanwhile fails as cancelled, an eviction past its budget fails with that.
-                self.q.reason(c.task_id, client=pipe)
         if claim:
             outlook = self.outlook()
             free_mem, free_cpu, slots = self.free(outlook)
@@ -865,13 +859,12 @@ class Worker:
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
                          client=pipe)
         try:
-            replies = iter(pipe.execute()[(1 if kept else 0) + len(unstarted):])
+            replies = pipe.execute()[(1 if kept else 0) + len(unstarted):]
         except BaseException:
             self.ops[:0], self.kept[:0], self.unstarted[:0] = ops, kept, unstarted
             raise
-        for kind, task, _ in ops:
-            outcome = next(replies)
-            recorded = next(replies) if kind in REASONED else ""
+        failed: list[str] = []
+        for (kind, task, payload), outcome in zip(ops, replies):
             if kind == "annotate" or task is None:
                 continue
             if outcome == 0:
@@ -883,15 +876,25 @@ class Worker:
                 # also land after another worker ran the next attempt and kept its files.
                 self.runner.discard(task)
                 if kind == "fail":
-                    log.info("task %s requeued: %s", task.task_id, recorded)
+                    log.info("task %s requeued: %s", task.task_id, payload[0].get("reason", ""))
             else:
                 self.runner.keep(task)
                 self.kept.append(task.task_id)
                 if kind != "finish":
-                    log.info("task %s failed: %s", task.task_id, recorded)
-        if not claim:
-            return 0
-        claims = self.q.claims(next(replies))
+                    failed.append(task.task_id)
+        started = self.take(replies[-1]) if claim else 0
+        if failed:
+            # Read back, after the claimed tasks started: a task cancelled meanwhile fails as
+            # cancelled, an eviction past its budget with the budget's reason, which only the
+            # queue writes. (Pipelined behind the reports, the read would come back from before
+            # them whenever Redis had to be sent a script again.)
+            for task_id, reason in zip(failed, self.q.reasons(failed)):
+                log.info("task %s failed: %s", task_id, reason)
+        return started
+
+    def take(self, reply: Any) -> int:
+        """Start the tasks of a claim's reply; returns how many were started."""
+        claims = self.q.claims(reply)
         if claims is None:
             self.lease_expired = True
             return 0

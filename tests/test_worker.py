@@ -170,13 +170,15 @@ def test_eviction_kills_the_youngest_task_and_requeues_it(queue, workers):
     assert int(tasks["old"]["peak_mem"]) >= 250 << 20
 
 
-def test_the_log_gives_the_reason_the_queue_recorded(queue, workers):
+def test_the_log_gives_the_reason_the_queue_recorded(queue, workers, client):
     """A task evicted past its eviction budget fails with the budget's reason, which only the
-    queue writes: the worker's log said "failed: " and nothing more."""
+    queue writes: the worker's log said "failed: " and nothing more. Redis forgets its scripts
+    first, as after a restart: a read pipelined behind the report came back from before it."""
     lines = [f"python:{p}:0:1:{GROW} 250 0.02 1.5" for p in (3, 2, 1)]
     *_, young = submit(queue, lines)
     w = workers("w1", "--cores", "4", "--memory-limit", "600M", "--memory-reserve", "100M",
                 "--evict-below", "60M", "--eviction-budget", "0")
+    client.script_flush()
     wait_for(lambda: drained(queue), 180, "the queue to drain")
     task = queue.task(young)
     assert task["state"] == "failed" and task["reason"].startswith("evicted 1 times"), task
@@ -754,6 +756,32 @@ def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
     assert reason.startswith("needs "), reason
     assert w.proc.poll() is None, "the worker survives"
     assert int(client.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
+
+
+def test_a_task_the_kernel_kills_for_memory_is_requeued_as_an_eviction(
+        queue, client, workers, memory_cgroup, tmp_path):
+    """The worker is frozen (SIGSTOP) while its task grows past the cgroup's 300 MiB, so that
+    the kernel's OOM killer acts and not the worker. Thawed, the worker must take the kill for
+    what it is, an eviction with the task's peak, not a failure of the task, and survive it."""
+    cue = tmp_path / "grow-now"
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 600 0.001 5 after={cue}"])
+    group = memory_cgroup(300)
+    w = workers("cg", "--memory-reserve", "60M", "--evict-below", "40M", cgroup=group)
+    wait_for(lambda: client.hget(queue.key("t", tid), "pstart"), 30,
+             "the task to start and be annotated")
+    task_pid = int(client.hget(queue.key("t", tid), "pid"))
+    w.signal(signal.SIGSTOP)
+    try:
+        cue.touch()
+        wait_for(lambda: _ended(task_pid), 30, "the kernel to kill the task")
+        assert _oom_kills(group) == 1, w.output()
+    finally:
+        w.signal(signal.SIGCONT)
+    wait_for(lambda: state(queue, tid) == "failed", 60, "the outcome to be recorded")
+    task = queue.task(tid)
+    assert int(task["evictions"]) >= 1 and task["reason"].startswith("needs "), task
+    assert f"task {tid} was killed by the kernel OOM killer" in w.output()
+    assert w.proc.poll() is None, "the worker survives"
 
 
 def _waiting_for_a_reply(port: int) -> bool:
