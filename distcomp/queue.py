@@ -471,7 +471,8 @@ to_failed(id, tkey, now)
 return recorded(tkey, id, worker, attempt, 1)
 """
 
-# ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, record.
+# ARGV: P, id, worker, attempt, now, peak_mb, budget, reason_requeue, reason_budget, record,
+# reason_no_room ('' for the one written here).
 # A task requeued with a peak no live worker has room for would wait forever: it fails instead,
 # with a reason naming the largest room on offer (each worker registers its ``room_mb``).
 _EVICT = _LUA_COMMON + r"""
@@ -496,8 +497,13 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')
 end
 local need = tonumber(redis.call('HGET', tkey, 'req_mem'))
 if need > room then
-  redis.call('HSET', tkey, 'reason', 'needs ' .. need .. ' MiB (peak seen when evicted from ' ..
-    worker .. '), more than any live worker has room for (largest: ' .. room .. ' MiB)')
+  if ARGV[11] ~= '' then
+    redis.call('HSET', tkey, 'reason', ARGV[11] .. '; no live worker has room for more (largest: ' ..
+      room .. ' MiB)')
+  else
+    redis.call('HSET', tkey, 'reason', 'needs ' .. need .. ' MiB (peak seen when evicted from ' ..
+      worker .. '), more than any live worker has room for (largest: ' .. room .. ' MiB)')
+  end
   to_failed(id, tkey, now)
   return recorded(tkey, id, worker, attempt, 1)
 end
@@ -1027,9 +1033,11 @@ class Queue:
 
     def evict(self, task_id: str, worker: str, attempt: int, peak_mb: int, budget: int,
               reason: str, budget_reason: str, result: dict[str, Any],
-              client: Any = None) -> Any:
+              client: Any = None, no_room_reason: str = "") -> Any:
+        """Back to todo needing at least ``peak_mb``, or failed when no live worker has that
+        much room (with ``no_room_reason`` when given) or past the eviction ``budget``."""
         return self._run("evict", task_id, worker, attempt, repr(time.time()), peak_mb, budget,
-                         reason, budget_reason, _record(result), client=client)
+                         reason, budget_reason, _record(result), no_room_reason, client=client)
 
     def requeue(self, task_id: str, worker: str, attempt: int, reason: str,
                 client: Any = None) -> Any:

@@ -760,13 +760,16 @@ class Worker:
             self.evicted += 1
             peak = mib(task.peak_rss)
             if task.extra.get("alone") and task.peak_rss >= self.capacity - self.reserve:
-                res["reason"] = (
+                # It can never fit this node, but a larger one may have room: the queue asks
+                # for more than this node's room and fails the task only if no live worker
+                # has it.
+                room = (self.capacity - self.reserve) >> 20
+                self.ops.append(("evict", task, (max(peak, room + 1), res, (
                     f"needs more memory than node {self.name} has: peak {peak} MiB while "
                     f"running alone, node capacity {self.capacity >> 20} MiB "
-                    f"(reserve {self.reserve >> 20} MiB)")
-                self.ops.append(("fail", task, (res, False)))
+                    f"(reserve {self.reserve >> 20} MiB)"))))
                 return
-            self.ops.append(("evict", task, (peak, res)))
+            self.ops.append(("evict", task, (peak, res, "")))
             return
         if reason == "timeout":
             limit = task.extra["timeout"]
@@ -845,13 +848,13 @@ class Worker:
             elif kind == "requeue":
                 self.q.requeue(c.task_id, self.name, c.attempt, payload, client=pipe)
             elif kind == "evict":
-                peak, res = payload
+                peak, res, no_room = payload
                 self.q.evict(
                     c.task_id, self.name, c.attempt, peak, self.wc.eviction_budget,
                     f"evicted from {self.name}: memory short, task peak {peak} MiB",
                     f"evicted {self.wc.eviction_budget + 1} times (eviction budget "
                     f"{self.wc.eviction_budget}); last peak {peak} MiB on {self.name}",
-                    res, client=pipe)
+                    res, client=pipe, no_room_reason=no_room)
         if claim:
             outlook = self.outlook()
             free_mem, free_cpu, slots = self.free(outlook)

@@ -377,13 +377,30 @@ def test_a_task_whose_output_cannot_be_set_up_fails_and_the_worker_goes_on(queue
     assert f"task {blocked}: cannot rename the output of attempt 2" in w.output()
 
 
+def test_a_task_too_big_for_its_node_moves_to_a_larger_one(queue, workers, client):
+    """Workers differ in size. A task that declares nothing and outgrows the small node while
+    running alone there cannot ever fit it, but the large node has room: it must run there,
+    not fail. The large worker starts only once the small one runs the task."""
+    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 0.2"])
+    small = workers("small", "--memory-limit", "300M", "--memory-reserve", "60M",
+                    "--evict-below", "40M")
+    wait_for(lambda: client.hget(queue.key("t", tid), "pstart"), 30, "the task to start")
+    workers("large", "--memory-limit", "2G")
+    wait_for(lambda: state(queue, tid) in ("finished", "failed"), 60, "the task to end")
+    task = queue.task(tid)
+    assert (task["state"], task["worker"], task.get("evictions")) == ("finished", "large", "1"), \
+        (task, small.output())
+    assert int(task["req_mem"]) > 240, "requeued needing more than the small node has room for"
+
+
 def test_task_too_big_for_the_node_fails_with_reason(queue, workers):
     (tid,) = submit(queue, [f"python:0:0:1:{GROW} 500 0.01 5"])
     workers("w1", "--memory-limit", "300M", "--memory-reserve", "60M", "--evict-below", "40M")
     wait_for(lambda: state(queue, tid) == "failed", 60, "the task to fail")
     reason = queue.task(tid)["reason"]
     assert reason.startswith("needs more memory than node w1 has: peak ")
-    assert "node capacity 300 MiB" in reason
+    assert reason.endswith("node capacity 300 MiB (reserve 60 MiB); no live worker has room "
+                           "for more (largest: 240 MiB)"), reason
 
 
 def test_kill_9_worker_lease_expires_and_another_worker_finishes(queue, workers, tmp_path):
