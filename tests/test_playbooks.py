@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis
 from distcomp.spec import parse_line
+from tests.conftest import _pings
+from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -374,3 +377,61 @@ def test_queue_counts_say_when_no_worker_is_alive(redis_server, namespace, tmp_p
         out = " ".join(playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
                                 json.dumps(extra)).stdout.split())
         assert "no live worker: queued tasks wait until one starts" in out, out
+
+
+def _redis_conf(tmp_path: Path, version: str | None, port: int = 6379) -> Path:
+    """redis.conf as the redis role writes it, into ``tmp_path``, on a node whose
+    ``redis-server --version`` prints ``version`` (None: this machine's redis-server)."""
+    path = os.environ["PATH"]
+    if version is not None:
+        stub = tmp_path / "bin" / "redis-server"
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=00000000:0 bits=64'\n")
+        stub.chmod(0o755)
+        path = f"{stub.parent}:{path}"
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n"
+        f"  environment:\n    PATH: {path}\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: redis\n"
+        "        tasks_from: disabled_commands\n        public: true\n"
+        "    - ansible.builtin.template:\n"
+        f"        src: {REPO}/roles/redis/templates/redis.conf.j2\n"
+        f"        dest: {tmp_path}/redis.conf\n        mode: '0600'\n")
+    extra = {"redis_bind_addresses": ["127.0.0.1"], "redis_port": port, "redis_dir": str(tmp_path),
+             "redis_requirepass": "not-a-secret", "__redis_pidfile": str(tmp_path / "redis.pid"),
+             "__redis_logfile": str(tmp_path / "redis.log")}
+    run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra))
+    assert run.returncode == 0, run.stdout
+    return tmp_path / "redis.conf"
+
+
+@pytest.mark.parametrize(("version", "kept"), [
+    ("7.0.15", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"}),
+    ("6.0.16", {"CONFIG", "ACL", "SHUTDOWN"}),  # Ubuntu 22.04: no FAILOVER before 6.2
+    ("5.0.7", {"CONFIG", "SHUTDOWN"}),
+    ("unknown", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"}),
+])
+def test_redis_is_started_without_only_the_commands_its_release_has(tmp_path, version, kept):
+    """rename-command of a command the server does not have stops Redis from starting: the
+    role disables FAILOVER only from 6.2 and ACL from 6.0. Output it cannot read keeps all."""
+    conf = _redis_conf(tmp_path, version).read_text()
+    renamed = {line.split()[1] for line in conf.splitlines() if line.startswith("rename-command")}
+    assert renamed & {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"} == kept, conf
+
+
+def test_redis_starts_from_the_roles_configuration_without_config(tmp_path):
+    """This machine's Redis started from what the role writes: it answers, and refuses CONFIG
+    to a client that holds the password."""
+    port = free_port()
+    conf = _redis_conf(tmp_path, None, port)
+    server = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        client = redis.Redis(port=port, password="not-a-secret")
+        wait_for(lambda: server.poll() is not None or _pings(client), 30, "Redis to answer")
+        assert server.poll() is None, server.communicate()[0]
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.config_get("bind")
+    finally:
+        server.kill()
+        server.wait(10)
