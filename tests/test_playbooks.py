@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -435,3 +436,29 @@ def test_redis_starts_from_the_roles_configuration_without_config(tmp_path):
     finally:
         server.kill()
         server.wait(10)
+
+
+def _runtime_wheel(source: Path, out: Path) -> bytes:
+    """The runtime wheel built as the distcomp role builds it (wheelhouse.yml)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"}, timeout=300)
+    (wheel,) = out.glob("distcomp-*.whl")
+    return wheel.read_bytes()
+
+
+def test_a_change_to_the_docs_leaves_the_runtime_wheel_as_it_was(tmp_path):
+    """A new wheel reinstalls the runtime and restarts every worker, which kills and requeues
+    the running tasks: a checkout that differs only in its docs (README.md was the wheel's long
+    description) must build the same bytes."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout.split("\0")
+    for name in ("a", "b"):
+        for rel in filter(None, tracked):
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / name / rel)
+    for doc in ("README.md", "docs/design.md"):
+        with open(tmp_path / "b" / doc, "a") as f:
+            f.write("\nA line a teammate added.\n")
+    assert _runtime_wheel(tmp_path / "a", tmp_path / "wa") == \
+        _runtime_wheel(tmp_path / "b", tmp_path / "wb")
