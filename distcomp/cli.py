@@ -549,7 +549,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     _check_ids(args)
     queue = _connect(args)
-    done, flagged = queue.cancel(_ids(queue, args, "todo", "running"))
+    done, flagged = queue.cancel(queue.active_ids() if args.all else _ids(queue, args))
     _emit(args, {"cancelled": done + flagged, "queued": done, "running": flagged},
           f"cancelled {done} queued task(s); {flagged} running task(s) will be killed")
     return 0

@@ -157,6 +157,50 @@ def test_ids_with_all_are_refused_before_connecting(cli, queue, command):
     assert queue.counts()["todo"] == 2
 
 
+def test_cancel_all_misses_no_task_moving_between_running_and_todo(
+        cli, queue, redis_server, namespace):
+    """`cancel --all` listed the todo tasks and then the running ones in another read: a task
+    that went from running back to todo in between (a retryable failure, an eviction, a reap)
+    was in neither list, ran again and could finish. Ten workers evict tasks back to the queue
+    as fast as they can claim them while the cancel runs; no task may come out of it alive."""
+    cli("submit", "-", input="".join(f"shell:{9 if i < 10 else 0}:0:1:echo {i}\n"
+                                     for i in range(20_000)).encode(), check=True)
+    cancelled, bounced = threading.Event(), threading.Barrier(11)
+
+    def bounce(name: str) -> None:
+        q = Queue(Redis(redis_server.url), namespace)
+        assert q.register(name, f"tok-{name}", 60_000, {"host": "test", "pid": 1,
+                                                         "room_mb": 8192})[0]
+        after = 0  # bounces since the cancel ended: a task it missed would bounce for ever
+        waited = False
+        while after < 2_000:
+            claims = q.claim(name, f"tok-{name}", 1e9, 1e9, 1, avoid_window_s=0)
+            if not claims:
+                if cancelled.is_set():
+                    return
+                continue
+            c = claims[0]
+            q.evict(c.task_id, name, c.attempt, 1, 10**9, "bounced", "budget", {})
+            if not waited:
+                bounced.wait(30)
+                waited = True
+            after += cancelled.is_set()
+
+    threads = [threading.Thread(target=bounce, args=(f"b{i}",)) for i in range(10)]
+    for t in threads:
+        t.start()
+    bounced.wait(30)
+    try:
+        out = json.loads(cli("cancel", "--all", "--json", check=True).stdout)
+    finally:
+        cancelled.set()
+        for t in threads:
+            t.join(120)
+    counts = queue.counts()
+    assert (counts["todo"], counts["running"], counts["failed"]) == (0, 0, 20_000), counts
+    assert out["cancelled"] == 20_000, out
+
+
 def test_cancel_by_id_cancels_that_task_only(cli, queue):
     cli("submit", "-", input=b"shell:0:0:1:echo a\nshell:0:0:1:echo b\n", check=True)
     tid = queue.ids_in_state("todo")[0]
