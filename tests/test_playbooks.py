@@ -462,3 +462,43 @@ def test_a_change_to_the_docs_leaves_the_runtime_wheel_as_it_was(tmp_path):
             f.write("\nA line a teammate added.\n")
     assert _runtime_wheel(tmp_path / "a", tmp_path / "wa") == \
         _runtime_wheel(tmp_path / "b", tmp_path / "wb")
+
+
+def _disk_run(tmp_path: Path, **settings: object) -> subprocess.CompletedProcess:
+    """The common role's disk tasks on this machine, with the extra disk at ``tmp_path/mydata``
+    (never mounted here), a stand-in mkextrafs.pl that logs its calls to ``tmp_path/calls``,
+    and the file system table ``tmp_path/fstab``."""
+    stub = tmp_path / "mkextrafs.pl"
+    if not stub.exists():
+        stub.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path / 'calls'}\n")
+        stub.chmod(0o755)
+        (tmp_path / "fstab").touch()
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: common\n        tasks_from: disk\n")
+    extra = {"common_extra_disk_mount": str(tmp_path / "mydata"), "common_mkextrafs_path": str(stub),
+             "common_mkextrafs_marker": str(tmp_path / "made"), "__common_fstab": str(tmp_path / "fstab"),
+             "common_user": "root", "common_group": "root",
+             "common_scratch_fallback_dir": str(tmp_path / "scratch"), **settings}
+    return playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra))
+
+
+def test_an_extra_disk_made_before_is_never_made_again(tmp_path):
+    """mkextrafs.pl -f makes a new file system: run again on a disk that failed to mount at
+    boot, it erased the MooseFS chunks and scratch data on it. The role makes the disk once;
+    found unmounted after that, or listed in /etc/fstab, it stops the run and says what to do."""
+    first = _disk_run(tmp_path)
+    assert first.returncode == 0, first.stdout
+    assert (tmp_path / "calls").read_text() == f"-f {tmp_path / 'mydata'}\n"
+    again = _disk_run(tmp_path)
+    assert again.returncode != 0
+    assert f"{tmp_path / 'mydata'} is not mounted, but was made by mkextrafs.pl in an earlier " \
+        f"run ({tmp_path / 'made'}): making it again would erase" in again.stdout, again.stdout
+    assert "set common_extra_disk_enabled=false to go on without it" in again.stdout
+    (tmp_path / "made").unlink()
+    (tmp_path / "fstab").write_text(f"/dev/sdb4 {tmp_path / 'mydata'} ext4 defaults 0 0\n")
+    listed = _disk_run(tmp_path)
+    assert f"is not mounted, but is listed in {tmp_path / 'fstab'}" in listed.stdout, listed.stdout
+    without = _disk_run(tmp_path, common_extra_disk_enabled=False)
+    assert without.returncode == 0, without.stdout
+    assert (tmp_path / "calls").read_text().count("\n") == 1, "mkextrafs.pl ran again"
