@@ -803,6 +803,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.stdout is None:
+        # Started with its standard output closed (`1>&-`): what a command prints would be lost
+        # after the work is done. The worker prints nothing there and runs on.
+        if args.command != "worker":
+            print("distcomp: error: standard output is closed: run it with an open one (> "
+                  "/dev/null to throw the output away)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open as long as the process
     try:
         if args.command != "inventory":
             args.cfg = load(args.config, args.redis, args.password_file, args.namespace)

@@ -262,6 +262,10 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
         if value is not None and not value.strip():
             raise ConfigError(f"{option} is empty: give a value, or leave the option out for "
                               f"the default")
+    for variable, option in (("DISTCOMP_REDIS_URL", url), ("DISTCOMP_NAMESPACE", namespace)):
+        if option is None and variable in os.environ and not os.environ[variable].strip():
+            raise ConfigError(f"{variable} is set but empty: give it a value, or unset it for "
+                              f"the default")
     if url is not None and ":" in (_userinfo(url) or ""):
         raise ConfigError("--redis holds a password, which every user of the machine can read "
                           "in the process list: put the URL in DISTCOMP_REDIS_URL or the config "

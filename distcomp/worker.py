@@ -64,6 +64,8 @@ log = logging.getLogger("distcomp.worker")
 EXIT_STOPPED = 10
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
+# A smaller memory_limit is a size given without its unit (bytes): no task runs in it.
+MIN_MEMORY_LIMIT = 16 << 20
 # Seconds without claims after a task could not start for a fault of the node (``node_fault``):
 # the first pause, doubled at each fault in a row up to the last.
 FAULT_PAUSES = (2.0, 60.0)
@@ -99,6 +101,11 @@ class Worker:
             except ValueError as exc:
                 raise ConfigError(f"own_cgroup: {exc}; run the worker in a cgroup of its own "
                                   f"(its systemd unit) or leave own_cgroup off") from None
+        if 0 < wc.memory_limit < MIN_MEMORY_LIMIT:
+            raise ConfigError(
+                f"memory_limit is {wc.memory_limit} bytes, too little to run a task in (a number "
+                f"without a unit is bytes): give a unit, e.g. {wc.memory_limit}M or "
+                f"{wc.memory_limit}G")
         physical = memory_capacity(self.cgroups)
         self.capacity = min(physical, wc.memory_limit) if wc.memory_limit else physical
         default_reserve = min(max(self.capacity // 20, 256 << 20), 2 << 30, self.capacity // 4)
@@ -127,6 +134,11 @@ class Worker:
         workdir = wc.workdir or str(Path(wc.results_dir).resolve().parent)
         self.runner = Runner(wc.results_dir, workdir, wc.python, wc.tail_bytes,
                              {"DISTCOMP_WORKER": self.name}, withheld_from_tasks(cfg))
+        # Checked now: a python task that cannot start counts a failure, and every one would
+        # use up its retries here.
+        if not (os.path.isfile(self.runner.python) and os.access(self.runner.python, os.X_OK)):
+            raise ConfigError(f"python interpreter {wc.python!r} is not an executable file: "
+                              f"set [worker] python or --python to one")
         self.ttl_ms = int(wc.heartbeat_ttl * 1000)
         self.running: dict[str, RunningTask] = {}
         self.by_fd: dict[int, RunningTask] = {}  # every started process not reaped yet

@@ -116,7 +116,11 @@ def cli(redis_server: RedisServer, namespace: str, tmp_path: Path):
                     "DISTCOMP_NAMESPACE": namespace, "DISTCOMP_CONFIG": str(tmp_path / "none.conf")}
         full_env.pop("DISTCOMP_REDIS_PASSWORD", None)
         (tmp_path / "none.conf").touch()
-        full_env.update(env or {})
+        for name, value in (env or {}).items():  # None: not set at all
+            if value is None:
+                full_env.pop(name, None)
+            else:
+                full_env[name] = value
         proc = subprocess.run([sys.executable, "-m", "distcomp", *args], input=input,
                               capture_output=True, env=full_env, cwd=tmp_path, timeout=120,
                               check=False)

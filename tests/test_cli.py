@@ -201,6 +201,22 @@ def test_cancel_all_misses_no_task_moving_between_running_and_todo(
     assert out["cancelled"] == 20_000, out
 
 
+def test_a_closed_standard_output_is_refused_before_anything_is_done(
+        redis_server, namespace, queue, tmp_path):
+    """`distcomp submit f 1>&-` queued the tasks and then died with a traceback on its
+    summary; `status` and `export` gave tracebacks too."""
+    for args in (["submit", "-"], ["status"], ["export"]):
+        proc = subprocess.run(["sh", "-c", 'exec "$0" -m distcomp "$@" 1>&-', sys.executable,
+                               *args], input=b"shell:0:0:1:true\n", stderr=subprocess.PIPE,
+                              env=_env(redis_server.url, namespace, tmp_path), timeout=60,
+                              check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and err == (
+            "distcomp: error: standard output is closed: run it with an open one (> /dev/null "
+            "to throw the output away)\n"), (args, err)
+    assert queue.counts()["total"] == 0
+
+
 def test_cancel_by_id_cancels_that_task_only(cli, queue):
     cli("submit", "-", input=b"shell:0:0:1:echo a\nshell:0:0:1:echo b\n", check=True)
     tid = queue.ids_in_state("todo")[0]

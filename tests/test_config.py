@@ -235,7 +235,7 @@ def test_inline_comments_are_still_cut_everywhere_else(cli, tmp_path):
                         f"namespace = ns1 # mine\n"
                         f"[worker]\nmax_tasks = 3 ; at most\n")
         proc = cli("--config", str(conf), "status", "--json",
-                   env={"DISTCOMP_REDIS_URL": "", "DISTCOMP_NAMESPACE": ""})
+                   env={"DISTCOMP_REDIS_URL": None, "DISTCOMP_NAMESPACE": None})
         assert proc.returncode == 0, proc.stderr.decode()
     finally:
         server.stop()
@@ -248,6 +248,16 @@ def test_an_option_given_empty_is_refused_not_taken_for_the_default(cli, option)
     cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
     err = one_line_error(cli(option, "", "purge", "--yes"))
     assert f"{option} is empty" in err
+    assert b'"todo": 1' in cli("status", "--json", check=True).stdout
+
+
+@pytest.mark.parametrize("variable", ["DISTCOMP_NAMESPACE", "DISTCOMP_REDIS_URL"])
+def test_a_variable_set_empty_is_refused_not_taken_for_the_default(cli, variable):
+    """`DISTCOMP_NAMESPACE="$EXP"` with EXP unset named the default namespace, and `purge
+    --yes` emptied another experiment's queue, as an empty --namespace did."""
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    err = one_line_error(cli("purge", "--yes", env={variable: ""}))
+    assert f"{variable} is set but empty" in err
     assert b'"todo": 1' in cli("status", "--json", check=True).stdout
 
 

@@ -974,6 +974,11 @@ def test_idle_worker_claims_announced_tasks_at_once_also_after_redis_restarts(tm
     (["--eviction-budget", "-1"], "eviction_budget"), (["--name", ""], "worker name"),
     (["--name", "a,b"], "worker name"), (["--name", "a#1"], "worker name"),
     (["--name", "a b"], "worker name"), (["--name", "a\tb"], "worker name"),
+    # Meant as 4096 MB: 4096 bytes failed every task it claimed, for lack of room.
+    (["--memory-limit", "4096"], "memory_limit is 4096 bytes, too little to run a task in"),
+    (["--memory-limit", "4096"], "(a number without a unit is bytes): give a unit, e.g. 4096M"),
+    # Every python task it claimed failed to start, until its retries ran out.
+    (["--python", "/nonexistent/python3"], "python interpreter '/nonexistent/python3' is not"),
 ])
 def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, queue, tmp_path,
                                                       args, named):
