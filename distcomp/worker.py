@@ -42,7 +42,7 @@ from . import __version__
 from .config import OVERCOMMIT_AUTO, Config, ConfigError, WorkerConfig
 from .forecast import Outlook, Profile, profile, shape
 from .queue import Claim, LeaseLost, Queue, Reaped
-from .redis_client import ConnectError, RefusedError, ResponseError
+from .redis_client import AuthError, ConnectError, RefusedError, ResponseError
 from .resources import (
     cgroup_members,
     gib,
@@ -1148,12 +1148,15 @@ class Worker:
                               " or forecast memory frees up")
                     if self.exit_when_empty and not self.running and self._empty():
                         break
-            except (ConnectError, RefusedError) as exc:
+            except (ConnectError, RefusedError, AuthError) as exc:
+                # A Redis restarted with another password is waited out like one away: the
+                # running tasks are worth more than the time to set the passwords right again.
                 if self.redis_down_since is None:
                     self.redis_down_since = mono
                     log.warning("%s (%s); tasks keep running, reports wait",
                                 "Redis refuses writes" if isinstance(exc, RefusedError)
-                                else "cannot reach Redis", exc)
+                                else "Redis refuses this worker's password"
+                                if isinstance(exc, AuthError) else "cannot reach Redis", exc)
                 next_hb = next_claim = mono + 1.0
             if self.stopping and not self.running and not self.ops and not self.unstarted:
                 break

@@ -859,6 +859,34 @@ def test_a_worker_waiting_on_a_frozen_redis_still_evicts_before_the_kernel_kills
         w.kill_everything()
 
 
+def test_a_worker_waits_out_redis_refusing_its_password(tmp_path, own_redis, monkeypatch):
+    """Redis comes back with another password (restarted by hand, a rotated secret not yet
+    rolled out): the worker killed its running tasks and exited. It waits, as for a Redis that
+    is away; its task runs on and is recorded once the passwords agree again."""
+    server = own_redis("pw-one")
+    admin = redis.Redis(port=server.port, password="pw-one")
+    monkeypatch.setenv("DISTCOMP_REDIS_PASSWORD", "pw-one")
+    queue = Queue(Redis(server.url, password="pw-one"), f"pw{uuid.uuid4().hex[:6]}")
+    cue = tmp_path / "end-now"
+    (tid,) = submit(queue, [f"shell:0:0:1:while [ ! -e {cue} ]; do sleep 0.05; done"])
+    w = WorkerProcess(server, queue.ns, "pw", tmp_path / "results", [])
+    try:
+        wait_for(lambda: admin.hget(queue.key("t", tid), "pstart"), 30, "the task to start")
+        task_pid = int(admin.hget(queue.key("t", tid), "pid"))
+        admin.config_set("requirepass", "pw-two")  # this connection stays signed in
+        admin.client_kill_filter(_type="normal", skipme=True)
+        wait_for(lambda: "Redis refuses this worker's password" in w.output(), 30,
+                 "the worker to meet the new password")
+        assert w.proc.poll() is None and not _ended(task_pid), w.output()
+        admin.config_set("requirepass", "pw-one")
+        cue.touch()
+        wait_for(lambda: admin.hget(queue.key("t", tid), "state") == b"finished", 30,
+                 "the task to be recorded")
+        assert w.proc.poll() is None, w.output()
+    finally:
+        w.kill_everything()
+
+
 def test_a_worker_waiting_on_a_frozen_redis_still_enforces_time_limits(tmp_path, own_redis):
     """The guard also kills a task at its time limit while the loop waits on Redis. Redis is
     frozen and a second task ends, so that the loop's report of it waits (5 s and a retry, with
