@@ -468,7 +468,7 @@ def _run_cloudlab(args: argparse.Namespace) -> int:
         print(f"distcomp: warning: {args.manifest}: left out node {name} (no address on LAN "
               f"{inventory.lan})", file=sys.stderr)
     text = to_yaml(inventory, Path(args.manifest).name)
-    if args.output is None:
+    if args.output in (None, "-"):
         sys.stdout.write(text)
         return 0
     # Imported here: inventory/cloudlab/cloudlab.py loads this file alone, outside the package.
@@ -478,6 +478,7 @@ def _run_cloudlab(args: argparse.Namespace) -> int:
         with replaced_whole(args.output) as out:
             out.write(text)
     except OutputError as exc:
+        # Exit statuses as `export -o`: 2 for a name that is no file, 1 for a failed write.
         print(f"distcomp: error: {exc} (the inventory was not written)", file=sys.stderr)
-        return 2
+        return 2 if exc.usage else 1
     return 0
