@@ -166,6 +166,18 @@ def test_a_memory_ceiling_lands_in_the_worker_unit_only_when_set(tmp_path):
             ([line] if line else []), unit
 
 
+def test_the_workers_tmpdir_is_the_nodes_scratch_directory(tmp_path):
+    """Tasks wrote their temporary files to the root file system (a few GB on CloudLab) while
+    the common role's scratch directory on the extra disk went unused."""
+    for fact, line in (("/mydata/distcomp-scratch", "Environment=TMPDIR=/mydata/distcomp-scratch"),
+                       (None, None)):
+        run = _worker_unit(tmp_path, **({"common_scratch_dir": fact} if fact else {}))
+        assert run.returncode == 0, run.stdout
+        unit = (tmp_path / "distcomp-worker.service").read_text()
+        assert [x for x in unit.splitlines() if "TMPDIR" in x and not x.startswith("#")] == \
+            ([line] if line else []), unit
+
+
 def test_a_memory_ceiling_systemd_would_not_read_stops_the_run(tmp_path):
     for value in ("768MB", "0.5G", "150%", "lots"):
         run = _worker_unit(tmp_path, value)
