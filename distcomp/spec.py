@@ -230,11 +230,24 @@ def parse_colon_line(line: str) -> TaskSpec:
     return spec if ttype == "shell" else _check_python_params(spec)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose key repeats is refused: json.loads keeps the last one silently, and
+    `{"type": "shell", ..., "type": "python"}` queued a python task."""
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise SpecError(f"field {key!r} given twice")
+        doc[key] = value
+    return doc
+
+
 def parse_json_line(line: str) -> TaskSpec:
     try:
-        doc = json.loads(line)
+        doc = json.loads(line, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise SpecError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except SpecError:
+        raise
     except ValueError:  # what json.loads raises besides: an integer over Python's digit limit
         raise SpecError("invalid JSON: a number has too many digits") from None
     except RecursionError:
@@ -324,7 +337,7 @@ def _parse_decoded(line: str) -> TaskSpec | None:
     line = line.strip()
     if not line or line.startswith("#"):
         return None
-    if line.startswith("{"):
+    if line.startswith(("{", "[")):
         return parse_json_line(line)
     return parse_colon_line(line)
 

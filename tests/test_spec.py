@@ -123,6 +123,11 @@ def test_a_file_that_is_not_clean_utf8_parses_line_by_line_alike(bad):
     (b'{"type": "shell", "params": "x", "colour": 1}', "unknown field(s): 'colour'"),
     (b'{"type": "shell"}', "missing field 'params'"),
     (b'{"type": "shell", "params": "x"', "invalid JSON"),
+    # json.loads keeps the last of a repeated key: this queued a python task.
+    (b'{"type": "shell", "params": "x", "type": "python"}', "field 'type' given twice"),
+    (b'{"type": "shell", "params": "x", "env": {"A": "1", "A": "2"}}', "field 'A' given twice"),
+    # Was "expected type:priority:min_dram_gb:min_cpu:params, found 1 field(s)".
+    (b'["shell", "echo x"]', "a JSON task must be an object"),
     (b"shell:1:0:1:echo \xff\xfe", "not valid UTF-8 (byte 0xff at column 18)"),
     (b"shell:1:0:1:echo \x00", "line contains a NUL byte"),
 ])
