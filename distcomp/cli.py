@@ -541,17 +541,25 @@ def _ids(queue: Queue, args: argparse.Namespace, *states: str) -> list[str]:
 def cmd_retry(args: argparse.Namespace) -> int:
     _check_ids(args)
     queue = _connect(args)
-    n = queue.retry(_ids(queue, args, "failed"))
-    _emit(args, {"retried": n}, f"{n} failed task(s) back in the queue")
+    ids = _ids(queue, args, "failed")
+    n = queue.retry(ids)
+    others = len(set(ids)) - n
+    _emit(args, {"retried": n}, f"{n} failed task(s) back in the queue" + (
+        f"; {others} named were not failed (todo, running or finished), left as they were"
+        if others else ""))
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     _check_ids(args)
     queue = _connect(args)
-    done, flagged = queue.cancel(queue.active_ids() if args.all else _ids(queue, args))
+    ids = queue.active_ids() if args.all else _ids(queue, args)
+    done, flagged = queue.cancel(ids)
+    ended = len(set(ids)) - done - flagged
     _emit(args, {"cancelled": done + flagged, "queued": done, "running": flagged},
-          f"cancelled {done} queued task(s); {flagged} running task(s) will be killed")
+          f"cancelled {done} queued task(s); {flagged} running task(s) will be killed" + (
+              f"; {ended} named had already ended (finished, failed or cancelled before)"
+              if ended else ""))
     return 0
 
 

@@ -223,6 +223,14 @@ def test_cancel_by_id_cancels_that_task_only(cli, queue):
     out = json.loads(cli("cancel", tid[:8], "--json", check=True).stdout)
     assert out == {"cancelled": 1, "queued": 1, "running": 0}
     assert queue.ids_in_state("failed") == [tid] and queue.counts()["todo"] == 1
+    # Said 0 and 0 with no hint why: the task had ended (here cancelled by the first call).
+    assert cli("cancel", tid, check=True).stdout.decode() == (
+        "cancelled 0 queued task(s); 0 running task(s) will be killed; 1 named had already "
+        "ended (finished, failed or cancelled before)\n")
+    other = queue.ids_in_state("todo")[0]
+    assert cli("retry", other, tid, check=True).stdout.decode() == (
+        "1 failed task(s) back in the queue; 1 named were not failed (todo, running or "
+        "finished), left as they were\n")
 
 
 def test_purge_needs_confirmation_and_keeps_foreign_keys(cli, client, namespace):
