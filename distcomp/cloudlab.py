@@ -457,6 +457,13 @@ def add_inventory_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_cloudlab(args: argparse.Namespace) -> int:
     """Write the YAML inventory; on bad input print one `distcomp: error:` line and return 2."""
+    for option, value in (("--manager", args.manager), ("--lan", args.lan),
+                          ("--user", args.user)):
+        # `--user "$ME"` with ME unset is a mistake, not the default (another member's login).
+        if value is not None and not value.strip():
+            print(f"distcomp: error: {option} is empty: give a value, or leave the option out "
+                  f"for the default", file=sys.stderr)
+            return 2
     try:
         inventory = inventory_from_file(
             args.manifest, args.manager, args.lan, args.user, args.skip_off_lan
