@@ -118,7 +118,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         print(human, flush=True)
-    doc.update(_wait_drained(args, queue))
+    try:
+        doc.update(_wait_drained(args, queue))
+    except KeyboardInterrupt:
+        if args.json:
+            # The tasks are queued whatever the wait does: what was added is still said, as
+            # the human line said it before the wait.
+            print(json.dumps({**doc, "interrupted": True}, sort_keys=True), flush=True)
+        raise
     return _report_drained(args, doc)
 
 

@@ -595,6 +595,27 @@ def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, qu
     assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
 
 
+def test_ctrl_c_during_submit_wait_json_still_says_what_was_added(
+        redis_server, namespace, client, queue, tmp_path):
+    """The JSON of `submit --wait --json` came only after the wait: Ctrl-C lost how many tasks
+    had been added, though they were queued."""
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("shell:0:0:1:true\nshell:0:0:1:true 2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "submit", "--wait", "--json",
+                             str(taskfile)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(redis_server.url, namespace, tmp_path))
+    try:
+        wait_for(lambda: client.pubsub_numsub(queue.key("drained"))[0][1], 30,
+                 "the wait to subscribe")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+    doc = json.loads(out)
+    assert (doc["added"], doc["interrupted"]) == (2, True), doc
+
+
 def test_redis_refusing_part_way_says_what_was_queued(cli, tmp_path, namespace, own_redis):
     server = own_redis()
     Redis(server.url).execute("CONFIG", "SET", "maxmemory", "20mb")
