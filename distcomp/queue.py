@@ -333,25 +333,41 @@ local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
-local live = nil
-local function others_alive(failed_on)
+local live, sizes = nil, {}
+-- Whether worker w could ever run a task of mem MiB and cpu cores (what it registered; a
+-- worker that registered no size could).
+local function could_run(w, mem, cpu)
+  local size = sizes[w]
+  if size == nil then
+    local h = redis.call('HMGET', P .. ':w:' .. w, 'room_mb', 'cores')
+    size = {tonumber(h[1]) or math.huge, tonumber(h[2]) or math.huge}
+    sizes[w] = size
+  end
+  return mem <= size[1] and cpu <= size[2] + 1e-9
+end
+-- Another live worker that has not failed the task and could run it: only then is the task
+-- left to it for the avoid window. One too small would leave the task waiting the whole window.
+local function others_alive(failed_on, mem, cpu)
   if live == nil then
     live = redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')
   end
   for _, w in ipairs(live) do
-    if w ~= worker and not string.find(failed_on, ',' .. w .. ',', 1, true) then return true end
+    if w ~= worker and not string.find(failed_on, ',' .. w .. ',', 1, true)
+        and could_run(w, mem, cpu) then
+      return true
+    end
   end
   return false
 end
 -- The failure's time is Redis's (``_FAIL``), so workers' clocks need not agree on it.
 local clock = nil
-local function avoided(failed_on, last_fail)
+local function avoided(failed_on, last_fail, mem, cpu)
   if not failed_on or not string.find(failed_on, ',' .. worker .. ',', 1, true) then
     return false
   end
   clock = clock or now_ms()
   if clock - tonumber(last_fail) >= avoid_window * 1000 then return false end
-  return others_alive(failed_on)
+  return others_alive(failed_on, mem, cpu)
 end
 -- A retried task keeps its place, at the head of its bucket: the tasks this worker failed in the
 -- avoid window do not count toward the look-ahead, or a few of them would hide every other task
@@ -371,7 +387,7 @@ local function best_of(b, than)
       -- Everything the reply needs too, in the same read.
       local f = redis.call('HMGET', P .. ':t:' .. page[i], 'req_mem', 'cpu', 'failed_on',
         'last_fail', 'type', 'params', 'cwd', 'env', 'timeout', 'dram_gb')
-      local avoid = avoided(f[3], f[4])
+      local avoid = avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2]))
       if avoid and (passed[b] or 0) < avoid_budget then
         passed[b] = (passed[b] or 0) + 1
         if head_run then skip[b] = start + (i + 1) / 2 end

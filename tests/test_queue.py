@@ -196,6 +196,23 @@ def test_failure_retries_prefer_another_live_worker(queue, monkeypatch, ahead_s)
     assert c2.task_id == s.task_id and c2.attempt == 2
 
 
+@pytest.mark.parametrize(("room_mb", "cores", "left_to_w2"), [
+    (8192, 64, True), (1024, 64, False), (8192, 1, False)])
+def test_a_retry_is_left_only_to_a_worker_that_could_run_it(queue, room_mb, cores, left_to_w2):
+    """w1 failed a task of 2 GiB and 2 cores; the only other live worker, w2, is too small for
+    it. w1 left the retry to w2 for the whole avoid window all the same, and it waited a
+    minute."""
+    s = TaskSpec("shell", 0, 2, 2, "flaky", max_retries=3)
+    queue.submit([s])
+    register(queue, "w1")
+    queue.register("w2", "tok-w2", 60_000, {"host": "test", "pid": 1, "room_mb": room_mb,
+                                            "cores": cores})
+    c = claim_one(queue, "w1")
+    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    again = claim_one(queue, "w1")
+    assert (again is None) == left_to_w2, again
+
+
 def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queue, client):
     """A retried task goes back to the head of its bucket; a claim looks 16 tasks deep. The 16
     tasks w1 just failed, which it leaves to w2 for a while, once used up all of it, and w1
@@ -212,7 +229,7 @@ def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queu
     again = queue.claim("w1", "tok-w1", 1e6, 16, 16)
     reads = client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0) - before
     assert [c.task_id for c in again] == [s.task_id for s in specs[16:32]]
-    assert reads == 16 + 16
+    assert reads == 16 + 16 + 1  # and w2's size, once: whether it could run them
     assert [c.task_id for c in queue.claim("w2", "tok-w2", 1e6, 16, 16)] == [
         c.task_id for c in first]
 
