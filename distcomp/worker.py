@@ -751,8 +751,14 @@ class Worker:
         if reason in ("shutdown", "lost"):
             self.runner.discard(task)
             return
+        # The kernel got there first: the task needs more memory than it had, which is an
+        # eviction (requeue with its peak), not a failure of the task. The process it killed
+        # may be one the task started (a program under `sh -c "... && ..."`, a pipeline, a
+        # pool's worker): then the task ends with the status it makes of that, not SIGKILL.
+        oom = reason is None and rc not in (None, 0) and \
+            oom_kills(self.cgroups) > task.extra.get("oom0", 0)
         if task.peak_rss and task.spawn_error is None and reason is None and \
-                rc is not None and rc != -signal.SIGKILL:
+                rc is not None and rc != -signal.SIGKILL and not oom:
             # Only a task that ended on its own reached its real peak: one killed early would
             # make its class look smaller than it is.
             filled = fill(task)
@@ -760,14 +766,17 @@ class Worker:
             held = shape(task.trace, life, task.peak_rss) if filled is not None else None
             self.learn(task.claim.declared, task.peak_rss, filled,
                        None if held is None else (life, held))
-        if reason is None and rc == -signal.SIGKILL and oom_kills(self.cgroups) > \
-                task.extra.get("oom0", 0):
-            # The kernel got there first: the task needs more memory than it had, which is an
-            # eviction (requeue with its peak), not a failure of the task.
-            log.warning("task %s was killed by the kernel OOM killer (peak %s); requeueing",
-                        task.task_id, gib(task.peak_rss))
+        if oom:
+            if rc == -signal.SIGKILL:
+                log.warning("task %s was killed by the kernel OOM killer (peak %s); requeueing",
+                            task.task_id, gib(task.peak_rss))
+                res["reason"] = "killed by the kernel OOM killer"
+            else:
+                log.warning("task %s ended (%s) after the kernel OOM killer killed a process of "
+                            "it (peak %s); requeueing", task.task_id, _status(rc),
+                            gib(task.peak_rss))
+                res["reason"] = "a process of it was killed by the kernel OOM killer"
             reason = "evict"
-            res["reason"] = "killed by the kernel OOM killer"
         if reason == "evict":
             self.evicted += 1
             peak = mib(task.peak_rss)
@@ -811,7 +820,7 @@ class Worker:
             res["reason"] = "exit status lost: the task's process was reaped outside the worker"
             self.ops.append(("fail", task, (res, True)))
             return
-        res["reason"] = f"killed by {signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
+        res["reason"] = _status(rc)
         self.ops.append(("fail", task, (res, True)))
 
     def node_fault(self, fault: str) -> None:
@@ -1247,6 +1256,11 @@ def _poke(fd: int) -> None:
         os.write(fd, b"!")
     except BlockingIOError:
         pass  # the pipe is full: the loop has a wake-up waiting already
+
+
+def _status(rc: int) -> str:
+    """How a task's process ended, as its record says it."""
+    return f"killed by {signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
 
 
 def _alive(info: dict[str, str]) -> bool:

@@ -775,13 +775,19 @@ def test_worker_in_a_memory_cgroup_never_leaves_a_task_to_the_oom_killer(
     assert int(client.hget(queue.key("w", "cg"), "mem_total")) == 300 << 20
 
 
+@pytest.mark.parametrize("shape", ["the task's process", "a process the task started"])
 def test_a_task_the_kernel_kills_for_memory_is_requeued_as_an_eviction(
-        queue, client, workers, memory_cgroup, tmp_path):
+        queue, client, workers, memory_cgroup, tmp_path, shape):
     """The worker is frozen (SIGSTOP) while its task grows past the cgroup's 300 MiB, so that
     the kernel's OOM killer acts and not the worker. Thawed, the worker must take the kill for
-    what it is, an eviction with the task's peak, not a failure of the task, and survive it."""
+    what it is, an eviction with the task's peak, not a failure of the task, and survive it.
+    The kernel kills the largest process: under `sh -c "prog && next"` that is the program,
+    and the task ends with exit code 137, which was taken for a failure of the task and
+    retried at the size that had just been too small."""
     cue = tmp_path / "grow-now"
-    (tid,) = submit(queue, [f"python:0:0:1:{GROW} 600 0.001 5 after={cue}"])
+    grow = f"{GROW} 600 0.001 5 after={cue}"
+    (tid,) = submit(queue, [f"python:0:0:1:{grow}" if shape == "the task's process" else
+                            f"shell:0:0:1:{sys.executable} {grow} && echo grown"])
     group = memory_cgroup(300)
     w = workers("cg", "--memory-reserve", "60M", "--evict-below", "40M", cgroup=group)
     wait_for(lambda: client.hget(queue.key("t", tid), "pstart"), 30,
@@ -797,7 +803,10 @@ def test_a_task_the_kernel_kills_for_memory_is_requeued_as_an_eviction(
     wait_for(lambda: state(queue, tid) == "failed", 60, "the outcome to be recorded")
     task = queue.task(tid)
     assert int(task["evictions"]) >= 1 and task["reason"].startswith("needs "), task
-    assert f"task {tid} was killed by the kernel OOM killer" in w.output()
+    assert "failures" not in task, task
+    assert (f"task {tid} was killed by the kernel OOM killer" if shape == "the task's process"
+            else f"task {tid} ended (exit code 137) after the kernel OOM killer killed a "
+                 f"process of it") in w.output()
     assert w.proc.poll() is None, "the worker survives"
 
 
