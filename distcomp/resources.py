@@ -30,7 +30,7 @@ class CgroupMemory:
     limit_file: Path
     usage_file: Path
     stat_file: Path
-    inactive_key: str
+    file_keys: tuple[str, str, str]  # memory.stat's inactive, active and mapped page cache
     events_file: Path
 
     def oom_kills(self) -> int:
@@ -49,14 +49,19 @@ class CgroupMemory:
         return int(text)
 
     def usage(self) -> int:
-        """Memory in use, minus inactive page cache the kernel can drop before it OOM-kills."""
+        """Memory in use, minus the page cache the kernel drops before it OOM-kills: the
+        inactive list, and the active one too except what processes have mapped (their
+        programs and libraries). The active list is reclaimed under a limit as well: counted as
+        used, a task's input read twice left the worker evicting tasks for memory the kernel
+        would have given back, and never did, since the worker kept the pressure away."""
         used = int(_read(self.usage_file) or 0)
-        stat = _read(self.stat_file) or ""
-        for line in stat.splitlines():
+        pages = dict.fromkeys(self.file_keys, 0)
+        for line in (_read(self.stat_file) or "").splitlines():
             key, _, value = line.partition(" ")
-            if key == self.inactive_key:
-                return max(0, used - int(value))
-        return used
+            if key in pages:
+                pages[key] = int(value)
+        inactive, active, mapped = (pages[k] for k in self.file_keys)
+        return max(0, used - inactive - max(0, active - mapped))
 
 
 def _read(path: Path) -> str | None:
@@ -94,14 +99,16 @@ def memory_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> 
             if (d / "memory.limit_in_bytes").exists():
                 levels.append(CgroupMemory(d / "memory.limit_in_bytes",
                                            d / "memory.usage_in_bytes", d / "memory.stat",
-                                           "total_inactive_file", d / "memory.oom_control"))
+                                           ("total_inactive_file", "total_active_file",
+                                            "total_mapped_file"), d / "memory.oom_control"))
     elif v2 is not None and (root / "cgroup.controllers").exists():
         path = Path(v2)
         for ancestor in [path, *path.parents]:
             d = root / str(ancestor).lstrip("/")
             if (d / "memory.max").exists():
                 levels.append(CgroupMemory(d / "memory.max", d / "memory.current",
-                                           d / "memory.stat", "inactive_file",
+                                           d / "memory.stat",
+                                           ("inactive_file", "active_file", "file_mapped"),
                                            d / "memory.events"))
     return levels
 

@@ -35,13 +35,15 @@ def test_v2_limits_take_the_tightest_level(tmp_path):
     unit = tmp_path / "system.slice/distcomp-worker.service"
     write(unit / "memory.max", str(512 << 20))
     write(unit / "memory.current", str(300 << 20))
-    write(unit / "memory.stat", f"anon 1\ninactive_file {100 << 20}\n")
+    write(unit / "memory.stat", f"anon 1\ninactive_file {60 << 20}\nactive_file {70 << 20}\n"
+                                f"file_mapped {30 << 20}\n")
     write(unit / "cpu.max", "150000 100000")
     proc = "0::/system.slice/distcomp-worker.service\n"
     levels = memory_cgroups(tmp_path, proc)
     assert levels[0].limit() == 512 << 20
     assert memory_capacity(levels) == 512 << 20
-    # 300 MiB used of which 100 MiB is reclaimable cache: 312 MiB still available.
+    # 300 MiB used of which 100 MiB is cache the kernel reclaims before an OOM kill: 60 MiB
+    # inactive, and 40 of the 70 MiB active that no process maps. 312 MiB still available.
     assert memory_available(levels) == (512 - 200) << 20
     assert cgroup_cpu_limit(tmp_path, proc) == 1.5
     # A tighter quota on a parent is the one that holds.
@@ -96,6 +98,45 @@ def test_a_real_cgroup_limit_caps_the_capacity():
         assert int(out.stdout) == 300 << 20
     finally:
         child.rmdir()
+
+
+@pytest.mark.skipif(not os.access(V1_MEMORY, os.W_OK), reason="no writable cgroup v1 memory")
+def test_page_cache_the_kernel_would_reclaim_counts_as_available(tmp_path):
+    """In a real 600 MiB cgroup, a 300 MiB file read three times sits on the active list. It
+    counted as used (about 290 MiB available), yet the kernel hands it back: the process then
+    allocates 450 MiB with no OOM kill."""
+    parent = _own_v1_memory_cgroup()
+    if parent is None or not os.access(parent, os.W_OK):
+        pytest.skip("own memory cgroup is not writable")
+    child = parent / f"distcomp-test-{uuid.uuid4().hex[:8]}"
+    child.mkdir()
+    data = tmp_path / "input.bin"
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from distcomp.resources import memory_available, memory_cgroups
+with open({str(data)!r}, "wb") as f:
+    for _ in range(300):
+        f.write(b"x" * (1 << 20))
+for _ in range(3):
+    with open({str(data)!r}, "rb") as f:
+        while f.read(1 << 20):
+            pass
+print(memory_available(memory_cgroups()) >> 20)
+grown = bytearray(450 << 20)
+grown[::4096] = b"y" * len(grown[::4096])
+"""
+    try:
+        (child / "memory.limit_in_bytes").write_text(str(600 << 20))
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$0" -c "$1"',
+             sys.executable, code], capture_output=True, text=True, timeout=120, check=False)
+        oom = dict(line.split() for line in (child / "memory.oom_control").read_text()
+                   .splitlines())["oom_kill"]
+        assert (out.returncode, oom) == (0, "0"), out.stderr
+        assert int(out.stdout) >= 450, out.stdout
+    finally:
+        child.rmdir()  # the process has ended: run() waited for it
 
 
 def test_session_rss_sees_this_process():
