@@ -37,7 +37,12 @@ from .resources import session_pids
 
 log = logging.getLogger("distcomp.runner")
 
-_OUTPUT_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+# O_APPEND: a task that opens /dev/stdout or /dev/stderr by name (`echo msg > /dev/stderr`)
+# truncates the file, while its own descriptor 1 or 2 wrote on at its old offset and left a hole
+# of NUL bytes before its next line. Appending, every write lands at the end.
+_OUTPUT_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+# Less free space than this in the results directory is a full one (``Runner.full``).
+_FULL_BELOW = 1 << 20
 # Python ignores SIGPIPE and SIGXFSZ for itself; a task must start with the defaults, as
 # subprocess's restore_signals gives them.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -143,9 +148,10 @@ class Runner:
         self.base_env = {k: v for k, v in os.environ.items() if k not in withheld}
         self.base_env.update(extra_env)
         search = self.base_env.get("PATH", os.defpath)
-        # Resolved once: a task's own PATH does not change which interpreter runs it.
-        self.bash = shutil.which("bash", path=search) or "bash"
-        self.python = shutil.which(python, path=search) or python
+        # Resolved once, and absolute: a task's own PATH does not change which interpreter runs
+        # it, and a relative one would be looked up from each task's working directory.
+        self.bash = os.path.abspath(shutil.which("bash", path=search) or "/bin/bash")
+        self.python = os.path.abspath(shutil.which(python, path=search) or python)
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._made: set[str] = set()
         self._plain_env = not _needs_bash(self.base_env)
@@ -186,6 +192,21 @@ class Runner:
             return f"working directory {self.workdir}: {exc.strerror}"
         finally:
             os.chdir("/")
+        return None
+
+    def full(self) -> str | None:
+        """Why the results directory cannot take a task's output now (no space or no inode
+        left), or None. Asked when a task fails: on a full disk every task fails writing its
+        output, with nothing in its tails to say so."""
+        try:
+            st = os.statvfs(self.results)
+        except OSError as exc:
+            return f"results directory {self.results}: {exc.strerror}"
+        if st.f_bavail * st.f_frsize < _FULL_BELOW:
+            return (f"results directory {self.results}: no space left "
+                    f"({st.f_bavail * st.f_frsize} bytes free)")
+        if st.f_files and st.f_favail == 0:
+            return f"results directory {self.results}: no inode left"
         return None
 
     def final_paths(self, task_id: str) -> tuple[str, str]:
@@ -449,8 +470,8 @@ def _shell_level(value: str | None) -> str | None:
 def find_program(name: str, search: str | None) -> str | None:
     """The path bash's PATH search finds for ``name`` (an empty entry is the current
     directory), or None."""
-    if search is None:
-        return None
+    if search is None or "~" in search:
+        return None  # bash expands a tilde in PATH; left to bash, so is the search
     for directory in search.split(":"):
         path = f"{directory or '.'}/{name}"
         if os.access(path, os.X_OK) and not os.path.isdir(path):

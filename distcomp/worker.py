@@ -820,6 +820,13 @@ class Worker:
             res["reason"] = "exit status lost: the task's process was reaped outside the worker"
             self.ops.append(("fail", task, (res, True)))
             return
+        fault = self.runner.full()
+        if fault is not None:
+            # Every task would fail writing its output, the whole queue in minutes: a fault of
+            # the node, as one that cannot start tasks (``node_fault``).
+            self.node_fault(fault)
+            self.ops.append(("requeue", task, f"requeued: {self.name}: {fault}"))
+            return
         res["reason"] = _status(rc)
         self.ops.append(("fail", task, (res, True)))
 

@@ -3,12 +3,15 @@ must be what ``bash -c`` would have given it, byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import resource
 import select
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +255,56 @@ def test_a_node_that_cannot_start_tasks_says_why(tmp_path, monkeypatch):
     results.rmdir()
     results.write_text("")
     assert runner.unusable() == f"results directory {results}: Not a directory"
+
+
+def test_a_relative_python_runs_from_every_working_directory(place, monkeypatch):
+    """`--python venv/bin/python` passed the worker's start-up check from its launch directory,
+    then every python task failed: the spawn happens in the task's working directory."""
+    (place / "venv/bin").mkdir(parents=True)
+    (place / "venv/bin/python").symlink_to(sys.executable)
+    monkeypatch.chdir(place)
+    runner = Runner(str(place / "results"), str(place / "adir"), "venv/bin/python", 4096, {})
+    monkeypatch.chdir("/")
+    task = run(runner, dataclasses.replace(claim("-c 'print(42)'"), type="python"))
+    assert (task.spawn_error, task.returncode) == (None, 0), task.spawn_error
+
+
+def test_writing_to_dev_stderr_by_name_leaves_no_hole_in_the_output(runner):
+    """`echo msg > /dev/stderr` opens the output file again and truncates it, while the
+    task's descriptor 2 wrote on at its old offset: the file held NUL bytes before the next
+    line. Appending, it holds what came after the truncation, in order."""
+    task = runner.start(claim("echo first >&2; echo warning > /dev/stderr; echo done >&2"))
+    select.select([task.pidfd], [], [])
+    assert runner.try_reap(task)
+    assert Path(task.err_part).read_bytes() == b"warning\ndone\n"
+    runner.discard(task)
+
+
+def test_a_tilde_in_path_is_left_to_bash_to_expand(runner, place, monkeypatch):
+    """bash finds a command in a PATH entry written `~/bin`; the worker's own search, used for
+    commands of plain words, did not and ran another program of the same name."""
+    (place / "home/bin").mkdir(parents=True)
+    (place / "home/bin/onpath").write_text('#!/bin/sh\necho home\n')
+    (place / "home/bin/onpath").chmod(0o755)
+    c = claim("onpath", env={"HOME": str(place / "home"), "PATH": f"~/bin:{place}/bin:/usr/bin"})
+    assert runner.direct_argv(c, {**runner.base_env, **c.env}) is None
+    assert under_bash(runner, c)[1] == "home\n"
+
+
+def test_a_full_results_directory_is_named_as_the_fault(tmp_path):
+    """On a full disk every task failed writing its output, with empty tails, and nothing
+    said why; the worker asks ``full`` when a task fails."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        runner = Runner(str(mount), str(tmp_path), "python3", 4096, {})
+        assert runner.full() is None
+        with open(mount / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 65536)
+        assert runner.full().startswith(f"results directory {mount}: no space left (")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

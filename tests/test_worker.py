@@ -1329,6 +1329,37 @@ def test_a_results_directory_gone_bad_benches_the_worker_not_the_tasks(queue, wo
     wait_for(lambda: not queue.workers()[0]["fault"], 30, "the fault to leave the record")
 
 
+def test_a_full_results_directory_benches_the_worker_not_the_tasks(queue, workers):
+    """On a full disk every task failed writing its output (exit 1, empty tails) and used up its
+    retries: the whole queue failed in milliseconds, with nothing saying why. Here the results
+    directory is a full 2 MiB tmpfs; the tasks must wait for room, then finish."""
+    res = workers.results
+    res.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(res)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    w = None
+    try:
+        with open(res / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 65536)
+        w = workers("w1", "--cores", "2")
+        ids = submit(queue, ["shell:0:0:1:echo one", "shell:0:0:1:echo two"])
+        wait_for(lambda: f"results directory {res}: no space left" in w.output(), 30,
+                 "the worker to find its results directory full")
+        wait_for(lambda: queue.workers()[0]["fault"], 30, "the fault in the worker's record")
+        for tid in ids:
+            task = queue.task(tid)
+            assert task["state"] != "failed" and task.get("failures", "0") == "0", task
+        (res / "filler").unlink()
+        wait_for(lambda: drained(queue), 90, "the queue to drain once there is room")
+        assert all(state(queue, tid) == "finished" for tid in ids)
+    finally:
+        if w is not None:
+            w.kill_everything()
+        subprocess.run(["umount", "--lazy", str(res)], check=True)
+
+
 def test_a_worker_registers_again_after_its_namespace_was_purged(queue, workers, cli):
     """`distcomp purge --yes` under running workers (or a Redis back without its data) took
     their records: the next heartbeat renewed the lease and wrote only the load, so `workers`
