@@ -65,7 +65,7 @@ def test_a_password_without_its_at_or_with_characters_nfkc_changes_is_never_show
     assert "not a port" in err or "NFKC" in err, err
     conf = tmp_path / "node.conf"
     conf.write_text(f"[redis]\nurl = {url}\n")
-    err = one_line_error(cli("--config", str(conf), "status", env={"DISTCOMP_REDIS_URL": ""}))
+    err = one_line_error(cli("--config", str(conf), "status", env={"DISTCOMP_REDIS_URL": None}))
     assert "S3cr" not in err and "etPW" not in err, err
 
 
@@ -278,10 +278,10 @@ def test_the_configs_password_file_is_read_only_when_nothing_else_gives_one(
                            ([], {"DISTCOMP_REDIS_URL":
                                  f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"})):
             ok = cli("--config", str(conf), *extra, "status",
-                     env={"DISTCOMP_REDIS_URL": "", **env})
+                     env={"DISTCOMP_REDIS_URL": None, **env})
             assert ok.returncode == 0, (extra, ok.stderr)
         err = one_line_error(cli("--config", str(conf), "status",
-                                 env={"DISTCOMP_REDIS_URL": ""}))
+                                 env={"DISTCOMP_REDIS_URL": None}))
         assert "cannot read password file /nonexistent/redis.pass: no such file" in err
     finally:
         server.stop()
@@ -297,7 +297,7 @@ def test_a_byte_order_mark_is_not_part_of_a_config_or_password_file(cli, tmp_pat
         conf = tmp_path / "bom.conf"
         conf.write_bytes(f"\ufeff[redis]\nurl = redis://127.0.0.1:{server.port}/0\n"
                          f"password_file = {pw}\n".encode())
-        proc = cli("--config", str(conf), "status", "--json", env={"DISTCOMP_REDIS_URL": ""})
+        proc = cli("--config", str(conf), "status", "--json", env={"DISTCOMP_REDIS_URL": None})
         assert proc.returncode == 0, proc.stderr
     finally:
         server.stop()

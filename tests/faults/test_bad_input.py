@@ -103,7 +103,7 @@ CASES = [
      "{f}:7: max_retries must be an integer from 0 to 1000\n"
      "{f}:8: unknown field(s): 'colour'\n"
      "{f}:9: invalid JSON: Expecting ',' delimiter at column 16\n"
-     "{f}:10: expected type:priority:min_dram_gb:min_cpu:params, found 1 field(s)\n")
+     "{f}:10: a JSON task must be an object\n")
      + NOTHING.replace("{n}", "10")),
     ("one-bad-among-good", b"shell:0:0:0:echo a\nshell:0:0:0:echo b\nshell:x:0:0:echo c\n",
      "{f}:3: priority must be an integer, got 'x'\n" + NOTHING.replace("{n}", "1")),
