@@ -335,11 +335,13 @@ class Runner:
             return True  # reaped by someone else: it has ended (see ``try_reap``)
 
     def kill(self, task: RunningTask, reason: str, grace: float) -> None:
-        """TERM now, KILL once the grace period is over (see ``escalate``)."""
+        """TERM now, KILL once the grace period is over (see ``escalate``). The TERM reaches
+        the processes the task moved to groups of their own too (a script's `set -m` jobs):
+        they got only the KILL, without their grace period to save their work."""
         if task.kill_reason is None:
             task.kill_reason = reason
         if task.kill_deadline is None:
-            self.signal_tree(task, signal.SIGTERM)
+            self.signal_tree(task, signal.SIGTERM, sweep=True)
             task.kill_deadline = time.monotonic() + grace
 
     def escalate(self, task: RunningTask) -> None:

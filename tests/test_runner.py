@@ -18,6 +18,7 @@ import pytest
 
 from distcomp.queue import Claim
 from distcomp.runner import _BASH_VARIABLES, Runner, RunningTask
+from tests.helpers import wait_for
 
 SCRIPT = '#!/bin/sh\necho "$0|$*|$PWD|$(pwd -P)"\n'
 
@@ -308,3 +309,23 @@ def test_a_full_results_directory_is_named_as_the_fault(tmp_path):
         assert runner.full().startswith(f"results directory {mount}: no space left (")
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_kill_gives_the_tasks_other_process_groups_their_term_too(runner, place):
+    """A timeout, eviction or cancel sent TERM to the task's process group only: a process the
+    task had moved to a group of its own got no grace period, only the KILL after it."""
+    marker = place / "termed"
+    code = ("import os, signal, sys, time; os.setpgid(0, 0); "
+            "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').close(), "
+            "os._exit(0))); print('ready', flush=True); time.sleep(60)")
+    task = runner.start(claim(f"{sys.executable} -c \"{code}\" {marker} & wait"))
+    try:
+        wait_for(lambda: b"ready" in Path(task.out_part).read_bytes(), 30,
+                 "the child to take its own group")
+        runner.kill(task, "timeout", 30)
+        wait_for(marker.exists, 30, "the other group's TERM")
+    finally:
+        runner.escalate(task)
+        select.select([task.pidfd], [], [], 30)
+        runner.try_reap(task)
+        runner.discard(task)
