@@ -369,6 +369,13 @@ class Worker:
             task.rss = rss.get(task.pid, 0)
             task.peak_rss = max(task.peak_rss, task.rss)
             total += task.rss
+            if not task.rss and task.samples:
+                # Nothing of it holds memory: it has exited and waits to be reaped, which takes
+                # as long as the loop waits on Redis (the guard samples meanwhile). Its life
+                # ends here, not at the reap, and what it held is not traced on as 0: an 8 s
+                # Redis stall made 2 s tasks look 9 s long and a quarter full.
+                task.extra.setdefault("exited", now)
+                continue
             if task.kill_reason is None:
                 # What a task holds at its first sample is its program starting up (a Python
                 # task: 25 MB in 50 ms), not growth to project: several tasks starting together
@@ -762,7 +769,9 @@ class Worker:
             # Only a task that ended on its own reached its real peak: one killed early would
             # make its class look smaller than it is.
             filled = fill(task)
-            life = task.ended_mono - task.started_mono  # the clock of its trace's ages
+            # The clock of its trace's ages, to the first sample that found it over.
+            life = min(task.ended_mono, float(task.extra.get("exited", task.ended_mono))) - \
+                task.started_mono
             held = shape(task.trace, life, task.peak_rss) if filled is not None else None
             self.learn(task.claim.declared, task.peak_rss, filled,
                        None if held is None else (life, held))
