@@ -676,7 +676,9 @@ class Worker:
             if task.spawn_error is not None:
                 self.completed(task)
                 continue
-            if self.fault:
+            # A full results directory lets tasks start and fails them after: only once it has
+            # room again is the fault over, or its pause would never grow past the first.
+            if self.fault and self.runner.full() is None:
                 log.info("tasks start again on %s", self.name)
                 self.fault, self.fault_pause = "", 0.0
             self.by_fd[task.pidfd] = task

@@ -1384,6 +1384,10 @@ def test_a_full_results_directory_benches_the_worker_not_the_tasks(queue, worker
         wait_for(lambda: f"results directory {res}: no space left" in w.output(), 30,
                  "the worker to find its results directory full")
         wait_for(lambda: queue.workers()[0]["fault"], 30, "the fault in the worker's record")
+        # Claimed twice more after pauses: the fault lasts, and its pause grows.
+        wait_for(lambda: max(int(queue.task(t)["attempt"]) for t in ids) >= 3, 60,
+                 "the tasks to be claimed again")
+        assert "tasks start again" not in w.output() and queue.workers()[0]["fault"]
         for tid in ids:
             task = queue.task(tid)
             assert task["state"] != "failed" and task.get("failures", "0") == "0", task
