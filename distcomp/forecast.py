@@ -7,9 +7,10 @@ over time. So the worker records each task's memory over its life (a ``trace``),
 that ended on their own into shapes (share of the peak held at each sixteenth of the life), and
 once a class has enough of them forecasts a running task of it from its age and what it holds:
 
-* its own peak is what it holds scaled by how much of the class's peak a task of its age has
-  usually reached (until that is a fair share, the class's expected peak);
-* it holds that peak times the class's share at each later age, never less than it holds now;
+* its own peak is what it holds scaled by the least share of its peak a recent task of the
+  class had reached by that age (until that is a fair share, the class's expected peak);
+* it holds that peak times the most share of its peak a recent task held at each later age,
+  never less than it holds now;
 * it is gone at the class's usual end (a late quantile of recent lives); a task older than that
   is charged its peak until it ends, as without a forecast.
 
@@ -20,6 +21,7 @@ When the forecast is wrong, eviction still settles it, as it does for a wrong de
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +30,6 @@ SHAPE_TASKS = 4  # shaped tasks of a class before it is forecast
 TRACE_POINTS = 128  # samples kept of a running task; older ones are merged past that
 LIFE_QUANTILE = 0.75  # where in the recent lives of a class its tasks are expected to end
 TRUSTED_SHARE = 0.25  # share of the class's peak a task must reach before it is scaled by it
-HORIZON_POINTS = 32  # instants a forecast is checked at, up to the last expected end
 
 
 @dataclass
@@ -70,77 +71,106 @@ def shape(trace: Trace, life: float, peak: int) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class Profile:
-    """How tasks of a class use memory over their life, from their recent shapes."""
+    """How tasks of a class use memory over their life, from their recent shapes. A class is
+    whatever tasks declared one size, so its tasks need not grow alike: it is described by the
+    most any of them held at each point and the least any had reached, so that a task of it
+    is forecast no smaller than the recent ones were."""
 
     life: float  # seconds by which most of them (``LIFE_QUANTILE``) have ended
-    share: tuple[float, ...]  # mean share of the peak at each point of the life, max 1
-    reached: tuple[float, ...]  # the largest share up to each point
+    share: tuple[float, ...]  # the largest share of its peak one held at each point of the life
+    reached: tuple[float, ...]  # the smallest share of its peak one had reached by each point
 
     def point(self, age: float) -> int:
         return min(SHAPE_POINTS - 1, int(age / self.life * SHAPE_POINTS))
 
     def peak_of(self, age: float, peak_so_far: float, expected: float) -> float:
-        """The peak a task of this class with ``peak_so_far`` at ``age`` is heading for."""
-        reached = self.reached[self.point(age)]
-        if reached < TRUSTED_SHARE:
+        """The peak a task of this class with ``peak_so_far`` at ``age`` is heading for. A
+        point of a shape holds the most of its span, which a growing task reaches at the span's
+        end: a task inside a span is measured by the share reached between the span's start
+        (the point before) and its end, as far into it as it is. It is trusted once the class
+        had reached a fair share by the span's start."""
+        point = self.point(age)
+        start = self.reached[point - 1] if point else 0.0
+        if start < TRUSTED_SHARE:
             return max(expected, peak_so_far)
-        return max(peak_so_far, peak_so_far / reached)
+        into = min(1.0, age / self.life * SHAPE_POINTS - point)
+        return max(peak_so_far, peak_so_far / (start + (self.reached[point] - start) * into))
+
+    def peaked(self) -> float:
+        """The share of the life by which every recent task had reached the most it ever held."""
+        return (self.reached.index(max(self.reached)) + 1) / SHAPE_POINTS
+
+
+def _late(values: Iterable[float], quantile: float = LIFE_QUANTILE) -> float:
+    """The value ``quantile`` of the way up ``values``; 1 - ``quantile`` for an early one."""
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, int(quantile * len(ranked)))]
 
 
 def profile(records: Iterable[tuple[float, Sequence[float]]]) -> Profile | None:
     """A class's profile from its recent (life, shape), or None with fewer than
-    ``SHAPE_TASKS`` of them."""
+    ``SHAPE_TASKS`` of them. Each point is taken as late in the recent tasks as their life:
+    a class's tasks need not grow alike, and the few that did not grow like most of them are
+    left to eviction."""
     recs = list(records)
     if len(recs) < SHAPE_TASKS:
         return None
-    lives = sorted(life for life, _ in recs)
-    life = lives[min(len(lives) - 1, int(LIFE_QUANTILE * len(lives)))]
-    mean = [sum(s[i] for _, s in recs) / len(recs) for i in range(SHAPE_POINTS)]
-    top = max(mean)
-    if life <= 0 or top <= 0:
+    life = _late(life for life, _ in recs)
+    if life <= 0 or not any(max(s) > 0 for _, s in recs):
         return None
-    share = tuple(m / top for m in mean)
-    reached, high = [], 0.0
-    for s in share:
-        high = max(high, s)
-        reached.append(high)
-    return Profile(life, share, tuple(reached))
+    early = len(recs) - 1 - int(LIFE_QUANTILE * len(recs))
+    share = tuple(_late(s[i] for _, s in recs) for i in range(SHAPE_POINTS))
+    reached = tuple(sorted(max(s[:i + 1]) for _, s in recs)[max(0, early)]
+                    for i in range(SHAPE_POINTS))
+    return Profile(life, share, reached)
 
 
 @dataclass
 class Outlook:
-    """The running tasks' memory (MiB) at each of ``HORIZON_POINTS + 1`` instants ``step``
-    seconds apart from now, up to the last expected end of a forecast task: what they will have
-    committed and how much more than now they will hold."""
+    """The running tasks' memory (MiB) from now on: from ``at[i]`` seconds from now until
+    ``at[i + 1]`` (the last for good), what they will have committed and how much more than
+    now they will hold. A forecast holds one share over each sixteenth of a task's life and
+    ends at the class's usual end, so these instants, where any of that changes, are all the
+    instants that matter, for a class that lives seconds beside one that lives hours alike."""
 
+    at: list[float]
     committed: list[float]
     growth: list[float]
-    step: float = 0.0
 
     @classmethod
     def of(cls, shaped: Sequence[tuple[Profile, float, float, float, float]],
            committed: float, growth: float) -> Outlook:
         """``shaped``: (profile, age, MiB held, peak MiB so far, expected peak MiB) of the
         forecast tasks; ``committed`` and ``growth``: the other tasks' constant share."""
-        if not shaped:
-            return cls([committed], [growth])
-        n = HORIZON_POINTS + 1
-        step = max(p.life - age for p, age, _, _, _ in shaped) / HORIZON_POINTS
-        com, gro = [committed] * n, [growth] * n
+        changes: dict[float, float] = {}
         for prof, age, rss, peak, expected in shaped:
             top = prof.peak_of(age, peak, expected)
-            for m in range(n):
-                at = age + m * step
-                if at >= prof.life:
-                    gro[m] -= rss  # gone: what it holds now is given back
-                    continue
-                will = max(rss, top * prof.share[prof.point(at)])
-                com[m] += will
-                gro[m] += will - rss
-        return cls(com, gro, step)
+            first = prof.point(age)
+            held = max(rss, top * prof.share[first])
+            committed += held
+            growth += held - rss
+            for point in range(first + 1, SHAPE_POINTS):
+                will = max(rss, top * prof.share[point])
+                at = max(0.0, point * prof.life / SHAPE_POINTS - age)
+                changes[at] = changes.get(at, 0.0) + will - held
+                held = will
+            # Gone: what it holds now is given back, and so is what it would have grown by.
+            end = max(0.0, prof.life - age)
+            changes[end] = changes.get(end, 0.0) - held
+        at, com, gro = [0.0], [committed], [growth]
+        for when in sorted(changes):
+            at.append(when)
+            com.append(com[-1] + changes[when])
+            gro.append(gro[-1] + changes[when])
+        return cls(at, com, gro)
+
+    @property
+    def varies(self) -> bool:
+        """Whether a forecast task's memory changes from now on."""
+        return len(self.at) > 1
 
     def left(self, room: float, available: float) -> list[float]:
-        """What is left at each instant of ``room`` for the tasks' commitments (capacity minus
+        """What is left from each instant of ``room`` for the tasks' commitments (capacity minus
         reserve) and of ``available`` memory above the reserve now."""
         return [min(room - c, available - g) for c, g in zip(self.committed, self.growth)]
 
@@ -154,11 +184,10 @@ class Outlook:
         running ones peak. After the last forecast end it is held at its peak."""
         left = self.left(room, available)
         out = left[-1]
-        for m, r in enumerate(left):
-            at = m * self.step
-            if at >= prof.life:
-                break
-            share = prof.share[prof.point(at)]
-            if share > 0:
-                out = min(out, r / share)
+        for point, share in enumerate(prof.share):
+            if share <= 0:
+                continue
+            start = bisect_right(self.at, point * prof.life / SHAPE_POINTS) - 1
+            end = bisect_left(self.at, (point + 1) * prof.life / SHAPE_POINTS)
+            out = min(out, min(left[start:end]) / share)
         return out

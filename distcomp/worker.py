@@ -543,7 +543,7 @@ class Worker:
             if declared not in self.profiles:
                 log.info("tasks declaring %s GB: forecasting their memory over their run "
                          "(usually over by %.1f s, at their peak by %.0f%% of it)", declared or "0",
-                         prof.life, 100 * (prof.reached.index(1.0) + 1) / len(prof.reached))
+                         prof.life, 100 * prof.peaked())
             self.profiles[declared] = prof
         factor = self.overcommit(declared, window)
         mean_mb = sum(p for p, _, _ in window) / len(window) / 2**20 / factor
@@ -617,7 +617,7 @@ class Worker:
         is charged its expected peak scaled by ``free_mem`` / its ``Outlook.fit``: the claim
         compares it with ``free_mem``, so such a task is taken exactly when its growth fits
         the forecast."""
-        if not outlook.step or free_mem <= 0:
+        if not outlook.varies or free_mem <= 0:
             return self.charges
         out = dict(self.charges)
         for declared, expected in self.charges.items():
@@ -639,7 +639,7 @@ class Worker:
         grows as the running tasks near their expected end even while nothing ends."""
         outlook = self.outlook()
         free_mem = self.free(outlook)[0]
-        if not outlook.step:
+        if not outlook.varies:
             return free_mem
         rooms = self.rooms()
         return max(free_mem, *(outlook.fit(prof, *rooms) for prof in self.profiles.values()))

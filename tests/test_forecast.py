@@ -8,7 +8,6 @@ import pytest
 
 from distcomp.config import Config, WorkerConfig
 from distcomp.forecast import (
-    HORIZON_POINTS,
     SHAPE_POINTS,
     SHAPE_TASKS,
     TRACE_POINTS,
@@ -56,18 +55,16 @@ def test_a_profile_needs_enough_tasks_and_expects_a_late_end():
     prof = profile([*recs, (8.0, half)])
     assert prof is not None and SHAPE_TASKS == 4
     assert prof.life == 8.0  # the 75th percentile of 3, 4, 5, 8
-    assert max(prof.share) == 1.0 and prof.share == tuple(sorted(prof.share))
-    assert prof.reached == prof.share  # rising, so the share reached is the share
+    assert prof.share == RAMP  # the most a task held at each point
+    assert prof.reached == half  # the least a task had reached: one never showed its peak
     assert prof.point(0) == 0 and prof.point(100) == SHAPE_POINTS - 1
 
 
 def test_a_running_task_is_scaled_by_its_own_size_once_it_shows_it():
     prof = profile([(4.0, RAMP)] * 4)
     assert prof is not None
-    # Half way up at 1.5 s, 200 MiB held: heading for about 400, whatever the class says (a
-    # shape holds the highest sample of each sixteenth, so the estimate is up to one low).
-    assert prof.peak_of(1.5, 200, 250) == pytest.approx(200 / prof.reached[prof.point(1.5)])
-    assert 330 < prof.peak_of(1.5, 200, 250) < 400
+    # Half way up at 1.5 s, 200 MiB held: heading for 400, whatever the class says.
+    assert prof.peak_of(1.5, 200, 250) == pytest.approx(400)
     # Just started: too little of the shape shown, so the class's expected peak.
     assert prof.peak_of(0.1, 5, 250) == 250
 
@@ -77,14 +74,59 @@ def test_the_outlook_gives_back_what_ending_tasks_hold_and_fits_a_growing_task()
     assert prof is not None
     # Near its end at 3.5 s and holding 400 MiB; the other task is unknown (charged 300 MiB).
     out = Outlook.of([(prof, 3.5, 400.0, 400.0, 400.0)], committed=300.0, growth=0.0)
-    assert len(out.committed) == HORIZON_POINTS + 1 and out.step == pytest.approx(0.5 / 32)
-    assert out.committed[0] == 700 and out.committed[-1] == 300
+    assert out.at == [0, 0.25, 0.5]  # its last sixteenth, then its end
+    assert out.committed == [700, 700, 300]
     assert out.growth[-1] == -400  # gone by then: its memory comes back
     assert out.free(1000, 800) == 300  # now, both held
     # A new task of the class is tiny for the half second the old one has left.
     assert out.fit(prof, 1000, 800) == 700
     alone = Outlook.of([], committed=300.0, growth=50.0)
     assert alone.free(1000, 800) == alone.fit(prof, 1000, 800) == 700
+
+
+def test_a_short_class_beside_a_long_one_is_forecast_over_its_whole_life():
+    """Beside a task of a class that lives 1000 s, a task of one that lives 20 s still grows
+    to its peak: the outlook follows each class at its own points, not at one step for all."""
+    long = profile([(1000.0, (1.0,) * SHAPE_POINTS)] * SHAPE_TASKS)
+    short = profile([(20.0, RAMP)] * SHAPE_TASKS)
+    assert long is not None and short is not None
+    # The long task holds 500 MiB; the short one is 1 s in, holding 30 of its expected 400.
+    out = Outlook.of([(long, 10.0, 500.0, 500.0, 500.0), (short, 1.0, 30.0, 30.0, 400.0)],
+                     committed=0.0, growth=0.0)
+    assert max(out.committed) == pytest.approx(900)  # both at their peaks by 15 s
+    assert out.free(1000, 1000) == pytest.approx(100)
+    assert out.fit(long, 1000, 1000) == pytest.approx(100)
+    assert out.at[-1] == pytest.approx(990) and out.committed[-1] == pytest.approx(0, abs=1e-6)
+
+
+# Tasks of one class that peak at different times: some early, then hold a quarter of it;
+# the others grow evenly to their peak at the end.
+EARLY = (0.5, 1.0, 0.5, *(0.25,) * (SHAPE_POINTS - 3))
+EVEN = tuple((i + 1) / SHAPE_POINTS for i in range(SHAPE_POINTS))
+
+
+def test_a_class_whose_tasks_peak_at_different_times_is_forecast_by_its_latest():
+    """A task of such a class that holds little early on may be one that grows to the end:
+    it is charged the class's expected peak until the slowest of them would have shown a fair
+    share of theirs, and forecast to hold its peak wherever one of them did."""
+    prof = profile([(4.0, EARLY), (4.0, EVEN)] * 2)
+    assert prof is not None
+    assert prof.share == (0.5, 1.0, 0.5, *EVEN[3:])
+    assert prof.peak_of(0.5, 100, 600) == 600  # an even one has shown an eighth by then
+    out = Outlook.of([(prof, 0.5, 100.0, 100.0, 600.0)], committed=0.0, growth=0.0)
+    assert max(out.committed) == pytest.approx(600)
+
+
+def test_an_evenly_growing_task_is_not_taken_for_smaller_than_it_is():
+    """A point of a shape holds the most of its sixteenth, reached at its end: a task inside a
+    sixteenth holds less than that, and is measured by what the class had reached as far into
+    it, so its peak is not forecast low (it was, by up to a quarter)."""
+    prof = profile([(16.0, EVEN)] * SHAPE_TASKS)
+    assert prof is not None
+    for point in range(4, SHAPE_POINTS):  # a quarter shown: scaled by its own size
+        for age in (point + 0.01, point + 0.5, point + 0.99):
+            assert prof.peak_of(age, 800 * age / 16, 100) == pytest.approx(800)
+    assert prof.peak_of(3.5, 800 * 3.5 / 16, 100) == 175  # a fifth shown: its own peak so far
 
 
 def _running(claim: Claim, age: float, rss_mb: int) -> RunningTask:
@@ -178,10 +220,10 @@ def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp
                                           name="fa")), queue)
     for _ in range(SHAPE_TASKS):
         w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
-    # 2.5 s into its 4 s a task of the class holds 11/12 of its peak: 300 MiB heads for 327.
+    # 2.5 s into its 4 s a task of the class holds 10/12 of its peak: 300 MiB heads for 360.
     known = _running(Claim("known", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 300)
     other = _running(Claim("other", 1, "shell", "true", "", {}, 0, 0, 0.0, "1.0"), 2.5, 300)
-    top = 300 * 12 / 11
+    top = 300 * 12 / 10
     assert w.ahead([(known, 20 * MiB)], 3.0) == pytest.approx((top - 300) * MiB)
     assert w.ahead([(known, 5 * MiB)], 3.0) == pytest.approx(15 * MiB)  # slower than that
     assert w.ahead([(known, 20 * MiB), (other, 20 * MiB)], 3.0) == \
