@@ -514,3 +514,27 @@ def test_an_extra_disk_made_before_is_never_made_again(tmp_path):
     without = _disk_run(tmp_path, common_extra_disk_enabled=False)
     assert without.returncode == 0, without.stdout
     assert (tmp_path / "calls").read_text().count("\n") == 1, "mkextrafs.pl ran again"
+
+
+@pytest.mark.parametrize(("release", "runs"), [
+    (None, True),  # this machine's own: Debian 12
+    (["Ubuntu", "24.04"], True),
+    (["Debian", "13.1"], True),
+    (["Ubuntu", "20.04"], False),
+    (["Debian", "11.9"], False),
+    (["Rocky", "9.4"], False),
+    (["Debian", "n/a"], False),
+])
+def test_a_node_on_a_release_the_roles_are_not_built_for_stops_the_run_first(tmp_path, release,
+                                                                             runs):
+    """Ubuntu 20.04's Python 3.8 failed at the runtime's pip install, after Redis and MooseFS
+    were set up: the common role's first step names the release and what to pick instead."""
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: common\n        tasks_from: preflight\n")
+    extra = ["-e", json.dumps({"__common_release": release})] if release else []
+    proc = playbook("-i", "localhost,", str(tmp_path / "play.yml"), *extra)
+    assert (proc.returncode == 0) == runs, proc.stdout
+    if not runs:
+        assert f"localhost runs {' '.join(release)}; distcomp needs Debian 12 or Ubuntu 22.04, " \
+            "or a later release of either" in proc.stdout, proc.stdout
