@@ -641,6 +641,16 @@ class _Parser(argparse.ArgumentParser):
     Each is made with ``allow_abbrev=False``: ``--password SECRET`` would be taken as
     ``--password-file`` and its error would show the secret as a file name."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The destination of its command and its commands' parsers by name, once it has some.
+        self.commands: tuple[str, dict[str, argparse.ArgumentParser]] | None = None
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self.commands = (kwargs["dest"], action.choices)
+        return action
+
     def error(self, message: str) -> NoReturn:
         message = _USER_INFO.sub(lambda m: f"{m.group(1) or ''}***@", message)
         if message.startswith("unrecognized arguments: "):
@@ -648,6 +658,21 @@ class _Parser(argparse.ArgumentParser):
             message = _OPTION_VALUE.sub(r"\1=***", message)
         hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
         self.exit(EXIT_BAD_INPUT, f"distcomp: error: {message} (see {hint})\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but an argument no command takes is refused by its command's parser,
+        whose help lists what it does take; argparse's own would point at ``distcomp --help``."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser: argparse.ArgumentParser = self
+            while isinstance(parser, _Parser) and parser.commands is not None:
+                dest, commands = parser.commands
+                if getattr(parsed, dest, None) not in commands:
+                    break
+                parser = commands[getattr(parsed, dest)]
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        return parsed
 
 
 # Spellings people try for a password option: none exists, and argparse would echo the value

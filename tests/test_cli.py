@@ -473,25 +473,27 @@ NO_PASSWORD = ("there is no --password option (a password on the command line is
 
 @pytest.mark.parametrize("args, message", [
     (["status", "stray", "redis://:S3cr3tPW@127.0.0.1:6391"],
-     "unrecognized arguments: stray redis://***@127.0.0.1:6391 (see `distcomp --help`)"),
+     "unrecognized arguments: stray redis://***@127.0.0.1:6391 (see `distcomp status --help`)"),
     (["status", "redis://:S3cr@t@127.0.0.1:6413/0"],
-     "unrecognized arguments: redis://***@127.0.0.1:6413/0 (see `distcomp --help`)"),
+     "unrecognized arguments: redis://***@127.0.0.1:6413/0 (see `distcomp status --help`)"),
     (["status", "redis:/:S3cr3tPW@h", "redis//:S3cr3tPW@h:1"],
-     "unrecognized arguments: redis:/***@h ***@h:1 (see `distcomp --help`)"),
+     "unrecognized arguments: redis:/***@h ***@h:1 (see `distcomp status --help`)"),
     (["status", "--password", "S3cr3tPW"], NO_PASSWORD + " (see `distcomp status --help`)"),
     (["--password=S3cr3tPW", "status"], NO_PASSWORD + " (see `distcomp --help`)"),
     (["status", "--password-f", "pw.txt"],
-     "unrecognized arguments: --password-f pw.txt (see `distcomp --help`)"),
-    (["submit", "--skip", "-"], "unrecognized arguments: --skip (see `distcomp --help`)"),
+     "unrecognized arguments: --password-f pw.txt (see `distcomp status --help`)"),
+    (["submit", "--skip", "-"], "unrecognized arguments: --skip (see `distcomp submit --help`)"),
     (["inventory", "cloudlab", "m.xml", "--man", "node1"],
-     "unrecognized arguments: --man node1 (see `distcomp --help`)"),
+     "unrecognized arguments: --man node1 (see `distcomp inventory cloudlab --help`)"),
     (["inventory", "cloudlab", "m.xml", "--redis", "redis://me:S3cr3tPW@h:6391/0"],
-     "unrecognized arguments: --redis redis://***@h:6391/0 (see `distcomp --help`)"),
+     "unrecognized arguments: --redis redis://***@h:6391/0 (see `distcomp inventory cloudlab --help`)"),
     (["status", "--limit", "x"],
      "argument --limit: invalid int value: 'x' (see `distcomp status --help`)"),
     ([], "the following arguments are required: COMMAND (see `distcomp --help`)"),
 ])
 def test_usage_errors_are_one_line_without_the_password(cli, args, message):
+    """The hint names the help of the command that refused the argument, which lists what it
+    takes (the top one lists only the commands)."""
     proc = cli(*args)
     out = proc.stdout.decode() + proc.stderr.decode()
     assert proc.returncode == 2 and out == f"distcomp: error: {message}\n", out
