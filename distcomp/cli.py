@@ -461,7 +461,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     task = queue.task(tid) or {}
     doc: dict[str, Any] = {"id": tid}
     doc.update(_typed(task, _plan((
-        "state", "type", "params", "priority", "worker", "attempt", "exit_code", "reason",
+        "state", "type", "params", "priority", "worker", "reserved_by", "attempt", "exit_code",
+        "reason",
         "started", "ended", "wall_s", "peak_mem", "failures", "evictions", "host", "cwd",
         "timeout", "max_retries", "submitted", "stdout_tail", "stderr_tail", "min_dram_gb",
         "min_cpu"))))

@@ -69,6 +69,9 @@ SUBMIT_CHUNK = 1000
 CLAIM_LOOKAHEAD = 16
 # Tasks a claim reads past per bucket that this worker failed in the avoid window (``_CLAIM``).
 CLAIM_AVOID_BUDGET = 256
+# Seconds a task may be passed over for smaller ones that fit before a worker that could run it
+# stops taking those and waits for room for it (``_CLAIM``, ``reserved_by``).
+CLAIM_RESERVE_AFTER_S = 300.0
 STATES = ("todo", "running", "finished", "failed")
 # A task id (spec.TaskSpec.id); SCAN also meets P:t:... keys of a namespace named P:t.
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
@@ -326,12 +329,24 @@ return keep_reply(rid, {#new, existing})
 # charges: JSON object, declared min_dram_gb (as stored) -> MiB the worker charges a task that
 # declared it, learned from the peaks of such tasks where they were bigger; any other task is
 # charged its requirement (its declaration, raised to its peak when it was evicted); avoid
-# budget (CLAIM_AVOID_BUDGET).
+# budget (CLAIM_AVOID_BUDGET); ms a task may be passed over before it is reserved
+# (CLAIM_RESERVE_AFTER_S).
+#
+# Smaller tasks that fit would keep a larger one that does not waiting as long as they come (to
+# the end of the bag: the one long task then runs alone). The best task that does not fit now,
+# and that this worker could run once its tasks have ended (its registered room and cores), is
+# the ``head``: the first claim that passes it over for a worse one marks when
+# (``passed_since``); once that is ``reserve_after`` ago, the worker reserves it
+# (``reserved_by``) and claims nothing worse until it has the room. Other workers go on taking
+# what fits them, and take the task itself if it fits them first. A reservation held by a
+# worker whose lease is gone is taken over; one whose worker has nothing running left and still
+# no room (memory the node uses for other things) is given up. Claiming the task clears both.
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
+local reserve_after = tonumber(ARGV[12])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live, sizes = nil, {}
 -- Whether worker w could ever run a task of mem MiB and cpu cores (what it registered; a
@@ -375,6 +390,22 @@ end
 -- the run of them at a bucket's head is read once, not again for each task the claim takes: the
 -- bucket's reads start after it (``skip``).
 local skip, passed = {}, {}
+-- The best task that does not fit now but could run here (see above), among those the claim
+-- reads; ``bound``: the score of the one reserved here; ``marked``: the pass is counted.
+local head, head_score, head_f, bound, marked, peeked = nil, nil, nil, nil, false, {}
+local function could_run_here(mem, cpu)
+  return could_run(worker, mem, cpu) and sizes[worker][1] ~= math.huge
+end
+local function consider(id, score, mem, cpu, f)
+  if (head_score == nil or score < head_score) and could_run_here(mem, cpu) then
+    head, head_score, head_f = id, score, f
+  end
+end
+local function charged(f)
+  return math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
+end
+local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
+  'timeout', 'dram_gb', 'passed_since', 'reserved_by'}
 -- The best task of bucket b that fits, scored better than ``than`` (nil: any): id, score, the
 -- charged memory and cores, and the task's fields.
 local function best_of(b, than)
@@ -385,8 +416,7 @@ local function best_of(b, than)
       local score = tonumber(page[i + 1])
       if than ~= nil and score >= than then return nil end
       -- Everything the reply needs too, in the same read.
-      local f = redis.call('HMGET', P .. ':t:' .. page[i], 'req_mem', 'cpu', 'failed_on',
-        'last_fail', 'type', 'params', 'cwd', 'env', 'timeout', 'dram_gb')
+      local f = redis.call('HMGET', P .. ':t:' .. page[i], unpack(TASK_FIELDS))
       local avoid = avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2]))
       if avoid and (passed[b] or 0) < avoid_budget then
         passed[b] = (passed[b] or 0) + 1
@@ -394,10 +424,11 @@ local function best_of(b, than)
       else
         head_run = false
         looked = looked + 1
-        local mem, cpu = math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
+        local mem, cpu = charged(f)
         if not avoid and mem <= free_mem and cpu <= free_cpu + 1e-9 then
           return page[i], score, mem, cpu, f
         end
+        if not avoid then consider(page[i], score, mem, cpu, f) end
       end
       if looked >= lookahead then return nil end
     end
@@ -421,8 +452,43 @@ while #claimed < max_n do
       if id then
         best, best_score, best_bucket, best_mem, best_cpu, best_f = id, score, b, mem, cpu, f
       end
+    elseif not peeked[b] then
+      -- Nothing of it fits now: its first task may still be the head.
+      peeked[b] = true
+      local top = redis.call('ZRANGE', P .. ':q:' .. b, 0, 0, 'WITHSCORES')
+      if #top == 2 then
+        local f = redis.call('HMGET', P .. ':t:' .. top[1], unpack(TASK_FIELDS))
+        local mem, cpu = charged(f)
+        if not avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2])) then
+          consider(top[1], tonumber(top[2]), mem, cpu, f)
+        end
+      end
     end
   end
+  if head ~= nil and bound == nil then
+    local hkey, by = P .. ':t:' .. head, head_f[12]
+    if by == worker then
+      if redis.call('SCARD', P .. ':run:' .. worker) == 0 then
+        redis.call('HDEL', hkey, 'reserved_by', 'passed_since')
+        head_f[11], head_f[12] = false, false
+      else
+        bound = head_score
+      end
+    elseif not marked and best ~= nil and best_score > head_score and
+        (not by or (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 < now_ms()) then
+      marked = true
+      local since = tonumber(head_f[11])
+      if since == nil then
+        redis.call('HSET', hkey, 'passed_since', now_ms())
+      elseif now_ms() - since >= reserve_after and
+          redis.call('SCARD', P .. ':run:' .. worker) > 0 then
+        redis.call('HSET', hkey, 'reserved_by', worker)
+        bound = head_score
+      end
+    end
+  end
+  -- Reserved here: nothing worse than it, until it fits.
+  if best ~= nil and bound ~= nil and best_score > bound then best = nil end
   if best == nil then break end
   local qkey = P .. ':q:' .. best_bucket
   redis.call('ZREM', qkey, best)
@@ -433,6 +499,7 @@ while #claimed < max_n do
   local tkey = P .. ':t:' .. best
   local attempt = redis.call('HINCRBY', tkey, 'attempt', 1)
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
+  if best_f[11] or best_f[12] then redis.call('HDEL', tkey, 'passed_since', 'reserved_by') end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
   -- code and peak of the run before it, and a reap before this attempt's annotation read the
   -- old pid as its process. ``reason`` stays: it says why the task runs again.
@@ -1036,7 +1103,8 @@ class Queue:
         ``claims()``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
-                         json.dumps(charges or {}), CLAIM_AVOID_BUDGET, client=client)
+                         json.dumps(charges or {}), CLAIM_AVOID_BUDGET,
+                         int(CLAIM_RESERVE_AFTER_S * 1000), client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod

@@ -16,6 +16,7 @@ from datetime import datetime
 
 import pytest
 
+from distcomp import queue as queue_module
 from distcomp.cli import EXPORT_COLUMNS
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis
@@ -132,6 +133,20 @@ def test_show_unknown_id_and_prefix(cli, tmp_path):
     tid = listed["tasks"][0]["id"]
     shown = json.loads(cli("show", tid[:6], "--json", check=True).stdout)
     assert shown["id"] == tid and shown["params"] == "echo show me" and shown["state"] == "todo"
+
+
+def test_show_names_the_worker_waiting_for_room_for_a_task(cli, queue, monkeypatch):
+    """A task passed over for smaller ones is reserved by a worker that takes nothing worse
+    until it has room for it (distcomp.queue, ``_CLAIM``): `show` says which."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    cli("submit", "-", input=b"shell:0:0.25:1:echo a\nshell:0:0.75:1:echo big\n"
+        b"shell:0:0.25:1:echo b\nshell:0:0.25:1:echo c\n", check=True)
+    queue.register("w1", "tok-w1", 60_000, {"host": "test", "pid": 1, "room_mb": 1000})
+    assert len(queue.claim("w1", "tok-w1", 300, 8, 1) + queue.claim("w1", "tok-w1", 300, 8, 1)) == 2
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+    big = json.loads(cli("status", "--state", "todo", "--json", check=True).stdout)["tasks"][0]
+    shown = cli("show", big["id"], check=True).stdout.decode()
+    assert "\nreserved_by  w1\n" in shown, shown
 
 
 def test_cancel_and_retry_from_the_cli(cli):

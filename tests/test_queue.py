@@ -10,6 +10,7 @@ import time
 import pytest
 import redis
 
+from distcomp import queue as queue_module
 from distcomp.queue import Queue
 from distcomp.redis_client import Redis, ResponseError
 from distcomp.spec import TaskSpec, parse_line
@@ -211,6 +212,77 @@ def test_a_retry_is_left_only_to_a_worker_that_could_run_it(queue, room_mb, core
     assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
     again = claim_one(queue, "w1")
     assert (again is None) == left_to_w2, again
+
+
+def _params(claims) -> list[str]:
+    return [c.params for c in claims]
+
+
+def _done(queue: Queue, name: str, *claims) -> None:
+    for c in claims:
+        assert queue.finish(c.task_id, name, c.attempt, {"exit_code": 0}) == 1
+
+
+def test_a_large_task_passed_over_gets_a_worker_that_waits_for_room_for_it(queue, client,
+                                                                           monkeypatch):
+    """w1 (room 1000 MiB) runs three 256 MiB tasks; a 768 MiB one queued after them fits only
+    once they have ended, and each claim took the next small task over it, for as long as
+    small tasks came (to the end of the bag). Passed over for longer than
+    CLAIM_RESERVE_AFTER_S (none here), w1 reserves it and takes nothing worse until it has the
+    room; w2 goes on taking what fits it."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(8)]
+    big = spec("big", mem_gb=0.75)
+    queue.submit([*small[:3], big, *small[3:]])
+    register(queue, "w1", room_mb=1000)
+    register(queue, "w2", room_mb=500)
+    first = queue.claim("w1", "tok-w1", 1000, 8, 3)
+    assert _params(first) == ["small 0", "small 1", "small 2"]
+    _done(queue, "w1", first[0])
+    passed = queue.claim("w1", "tok-w1", 488, 8, 1)
+    assert _params(passed) == ["small 3"]  # the first pass over it is when it began
+    assert client.hget(queue.key("t", big.task_id), "passed_since") is not None
+    _done(queue, "w1", first[1])
+    assert queue.claim("w1", "tok-w1", 488, 8, 1) == []
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w1"
+    assert _params(queue.claim("w2", "tok-w2", 500, 8, 1)) == ["small 4"]
+    _done(queue, "w1", first[2], *passed)
+    assert _params(queue.claim("w1", "tok-w1", 1000, 8, 3)) == ["big"]
+    assert client.hmget(queue.key("t", big.task_id), "passed_since", "reserved_by") == \
+        [None, None]
+
+
+def test_a_reservation_is_given_up_when_its_worker_has_drained_and_still_lacks_room(
+        queue, monkeypatch):
+    """Memory the node uses for other things can keep a task that fits a worker's registered
+    room from fitting what it has free even with nothing running: waiting on would idle it."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(4)]
+    queue.submit([small[0], spec("big", mem_gb=0.75), *small[1:]])
+    register(queue, "w1", room_mb=1000)
+    running = [*queue.claim("w1", "tok-w1", 300, 8, 1), *queue.claim("w1", "tok-w1", 300, 8, 1)]
+    assert _params(running) == ["small 0", "small 1"]
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []  # reserved
+    _done(queue, "w1", *running)
+    assert _params(queue.claim("w1", "tok-w1", 600, 8, 1)) == ["small 2"]
+
+
+def test_a_reservation_whose_worker_is_gone_is_taken_over(queue, client, monkeypatch):
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(8)]
+    big = spec("big", mem_gb=0.75)
+    queue.submit([*small[:2], big, *small[2:]])
+    register(queue, "w1", ttl_ms=100, room_mb=1000)
+    register(queue, "w2", room_mb=1000)
+    assert _params(queue.claim("w1", "tok-w1", 600, 8, 3)) == ["small 0", "small 1"]
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 2"]
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+    key = queue.key("t", big.task_id)
+    assert client.hget(key, "reserved_by") == b"w1"
+    wait_for(lambda: not client.exists(queue.key("lease", "w1")), 5, "w1's lease to expire")
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 3"]  # w2 ran nothing
+    assert queue.claim("w2", "tok-w2", 300, 8, 1) == []
+    assert client.hget(key, "reserved_by") == b"w2"
 
 
 def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queue, client):
