@@ -340,7 +340,8 @@ return keep_reply(rid, {#new, existing})
 # (``reserved_by``) and claims nothing worse until it has the room. Other workers go on taking
 # what fits them, and take the task itself if it fits them first. A reservation held by a
 # worker whose lease is gone is taken over; one whose worker has nothing running left and still
-# no room (memory the node uses for other things) is given up. Claiming the task clears both.
+# no room (memory the node uses for other things) is given up, and that worker does not reserve
+# the task again (``no_room_on``). Claiming the task clears all three.
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -397,7 +398,8 @@ local function could_run_here(mem, cpu)
   return could_run(worker, mem, cpu) and sizes[worker][1] ~= math.huge
 end
 local function consider(id, score, mem, cpu, f)
-  if (head_score == nil or score < head_score) and could_run_here(mem, cpu) then
+  if (head_score == nil or score < head_score) and could_run_here(mem, cpu) and
+      not string.find(f[13] or ',', ',' .. worker .. ',', 1, true) then
     head, head_score, head_f = id, score, f
   end
 end
@@ -405,7 +407,7 @@ local function charged(f)
   return math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
 end
 local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
-  'timeout', 'dram_gb', 'passed_since', 'reserved_by'}
+  'timeout', 'dram_gb', 'passed_since', 'reserved_by', 'no_room_on'}
 -- The best task of bucket b that fits, scored better than ``than`` (nil: any): id, score, the
 -- charged memory and cores, and the task's fields.
 local function best_of(b, than)
@@ -470,7 +472,8 @@ while #claimed < max_n do
     if by == worker then
       if redis.call('SCARD', P .. ':run:' .. worker) == 0 then
         redis.call('HDEL', hkey, 'reserved_by', 'passed_since')
-        head_f[11], head_f[12] = false, false
+        redis.call('HSET', hkey, 'no_room_on', (head_f[13] or ',') .. worker .. ',')
+        head, head_score, head_f = nil, nil, nil
       else
         bound = head_score
       end
@@ -499,7 +502,9 @@ while #claimed < max_n do
   local tkey = P .. ':t:' .. best
   local attempt = redis.call('HINCRBY', tkey, 'attempt', 1)
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
-  if best_f[11] or best_f[12] then redis.call('HDEL', tkey, 'passed_since', 'reserved_by') end
+  if best_f[11] or best_f[12] or best_f[13] then
+    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
+  end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
   -- code and peak of the run before it, and a reap before this attempt's annotation read the
   -- old pid as its process. ``reason`` stays: it says why the task runs again.

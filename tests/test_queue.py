@@ -253,18 +253,23 @@ def test_a_large_task_passed_over_gets_a_worker_that_waits_for_room_for_it(queue
 
 
 def test_a_reservation_is_given_up_when_its_worker_has_drained_and_still_lacks_room(
-        queue, monkeypatch):
+        queue, client, monkeypatch):
     """Memory the node uses for other things can keep a task that fits a worker's registered
     room from fitting what it has free even with nothing running: waiting on would idle it."""
     monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
-    small = [spec(f"small {i}", mem_gb=0.25) for i in range(4)]
-    queue.submit([small[0], spec("big", mem_gb=0.75), *small[1:]])
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(5)]
+    big = spec("big", mem_gb=0.75)
+    queue.submit([small[0], big, *small[1:]])
     register(queue, "w1", room_mb=1000)
     running = [*queue.claim("w1", "tok-w1", 300, 8, 1), *queue.claim("w1", "tok-w1", 300, 8, 1)]
     assert _params(running) == ["small 0", "small 1"]
     assert queue.claim("w1", "tok-w1", 300, 8, 1) == []  # reserved
     _done(queue, "w1", *running)
     assert _params(queue.claim("w1", "tok-w1", 600, 8, 1)) == ["small 2"]
+    # Nor does it reserve the task again, to idle once more: its free memory never fit it.
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 3"]
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 4"]
+    assert client.hget(queue.key("t", big.task_id), "no_room_on") == b",w1,"
 
 
 def test_a_reservation_whose_worker_is_gone_is_taken_over(queue, client, monkeypatch):
