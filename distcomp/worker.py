@@ -815,9 +815,7 @@ class Worker:
         if task.spawn_error is not None:
             fault = self.runner.unusable()
             if fault is not None:
-                self.node_fault(fault)
-                self.ops.append(("requeue", task,
-                                 f"requeued: {self.name} cannot start tasks: {fault}"))
+                self.node_fault(task, fault, f"{self.name} cannot start tasks: {fault}")
                 return
             res["reason"] = task.spawn_error
             res["stderr_tail"] = task.spawn_error
@@ -834,18 +832,18 @@ class Worker:
         fault = self.runner.full()
         if fault is not None:
             # Every task would fail writing its output, the whole queue in minutes: a fault of
-            # the node, as one that cannot start tasks (``node_fault``).
-            self.node_fault(fault)
-            self.ops.append(("requeue", task, f"requeued: {self.name}: {fault}"))
+            # the node, as one that cannot start tasks.
+            self.node_fault(task, fault, f"{self.name}: {fault}")
             return
         res["reason"] = _status(rc)
         self.ops.append(("fail", task, (res, True)))
 
-    def node_fault(self, fault: str) -> None:
-        """A task could not start because of this node, not of the task (``Runner.unusable``):
-        a failure would use up its retries, and every task this worker claims would fail alike,
-        the whole queue in minutes. The task goes back to the queue uncounted and the worker
-        claims nothing for a while, longer at each fault in a row."""
+    def node_fault(self, task: RunningTask, fault: str, why: str) -> None:
+        """``task`` failed because of this node, not of the task (``Runner.unusable``,
+        ``Runner.full``): a failure would use up its retries, and every task this worker claims
+        would fail alike, the whole queue in minutes. The task goes back to the queue uncounted,
+        with ``why``, and the worker claims nothing for a while, longer at each fault in a row."""
+        self.ops.append(("requeue", task, f"requeued: {why}"))
         if time.monotonic() < self.fault_until:
             return
         self.fault = fault
