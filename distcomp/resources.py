@@ -32,6 +32,9 @@ class CgroupMemory:
     stat_file: Path
     file_keys: tuple[str, str, str]  # memory.stat's inactive, active and mapped page cache
     events_file: Path
+    # cgroup v2's memory.high: above it the kernel throttles the cgroup's processes and reclaims
+    # hard, so tasks crawl long before memory.max; it bounds what the tasks can use like a limit.
+    high_file: Path | None = None
 
     def oom_kills(self) -> int:
         """Processes the kernel OOM-killed in this cgroup (v1 memory.oom_control, v2
@@ -43,10 +46,7 @@ class CgroupMemory:
         return 0
 
     def limit(self) -> int:
-        text = _read(self.limit_file)
-        if text is None or text == "max":
-            return _UNLIMITED
-        return int(text)
+        return min(_limit(self.limit_file), _limit(self.high_file))
 
     def usage(self) -> int:
         """Memory in use, minus the page cache the kernel drops before it OOM-kills: the
@@ -62,6 +62,13 @@ class CgroupMemory:
                 pages[key] = int(value)
         inactive, active, mapped = (pages[k] for k in self.file_keys)
         return max(0, used - inactive - max(0, active - mapped))
+
+
+def _limit(path: Path | None) -> int:
+    text = None if path is None else _read(path)
+    if text is None or text == "max":
+        return _UNLIMITED
+    return int(text)
 
 
 def _read(path: Path) -> str | None:
@@ -109,7 +116,7 @@ def memory_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> 
                 levels.append(CgroupMemory(d / "memory.max", d / "memory.current",
                                            d / "memory.stat",
                                            ("inactive_file", "active_file", "file_mapped"),
-                                           d / "memory.events"))
+                                           d / "memory.events", d / "memory.high"))
     return levels
 
 

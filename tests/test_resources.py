@@ -51,6 +51,23 @@ def test_v2_limits_take_the_tightest_level(tmp_path):
     assert cgroup_cpu_limit(tmp_path, proc) == 0.5
 
 
+def test_a_v2_memory_high_below_the_max_is_the_limit(tmp_path):
+    """Above memory.high the kernel throttles the cgroup and reclaims hard: tasks crawl long
+    before memory.max. The worker counted only memory.max, and packed past the point where
+    its tasks slowed to a crawl."""
+    write(tmp_path / "cgroup.controllers", "cpu memory")
+    unit = tmp_path / "system.slice/distcomp-worker.service"
+    write(unit / "memory.max", str(1 << 30))
+    write(unit / "memory.high", str(768 << 20))
+    write(unit / "memory.current", str(268 << 20))
+    write(unit / "memory.stat", "inactive_file 0\nactive_file 0\nfile_mapped 0\n")
+    levels = memory_cgroups(tmp_path, "0::/system.slice/distcomp-worker.service\n")
+    assert memory_capacity(levels) == 768 << 20
+    assert memory_available(levels) == 500 << 20
+    write(unit / "memory.high", "max")
+    assert memory_capacity(levels) == 1 << 30
+
+
 def test_a_v1_cpu_quota_limits_the_cores(tmp_path):
     write(tmp_path / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "200000")
     write(tmp_path / "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000")
