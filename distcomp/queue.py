@@ -72,6 +72,9 @@ CLAIM_AVOID_BUDGET = 256
 # Seconds a task may be passed over for smaller ones that fit before a worker that could run it
 # stops taking those and waits for room for it (``_CLAIM``, ``reserved_by``).
 CLAIM_RESERVE_AFTER_S = 300.0
+# Seconds a reserving worker may have nothing running and still no room before it gives the
+# reservation up: its first claim after its last task ended may see memory measured before.
+CLAIM_DRAINED_S = 2.0
 STATES = ("todo", "running", "finished", "failed")
 # A task id (spec.TaskSpec.id); SCAN also meets P:t:... keys of a namespace named P:t.
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
@@ -330,26 +333,33 @@ return keep_reply(rid, {#new, existing})
 # declared it, learned from the peaks of such tasks where they were bigger; any other task is
 # charged its requirement (its declaration, raised to its peak when it was evicted); avoid
 # budget (CLAIM_AVOID_BUDGET); ms a task may be passed over before it is reserved
-# (CLAIM_RESERVE_AFTER_S).
+# (CLAIM_RESERVE_AFTER_S); ms a reserving worker may find itself drained and still short of room
+# before it gives the reservation up (CLAIM_DRAINED_S).
 #
 # Smaller tasks that fit would keep a larger one that does not waiting as long as they come (to
 # the end of the bag: the one long task then runs alone). The best task that does not fit now,
 # and that this worker could run once its tasks have ended (its registered room and cores), is
 # the ``head``: the first claim that passes it over for a worse one marks when
-# (``passed_since``); once that is ``reserve_after`` ago, the worker reserves it
-# (``reserved_by``) and claims nothing worse until it has the room. Other workers go on taking
-# what fits them, and take the task itself if it fits them first. A reservation held by a
-# worker whose lease is gone is taken over; one whose worker has nothing running left and still
-# no room (memory the node uses for other things) is given up, and that worker does not reserve
-# the task again (``no_room_on``). Claiming the task clears all three.
+# (``passed_since``); once that is ``reserve_after`` ago, the worker reserves it: the task names
+# the worker (``reserved_by``) and the worker the task (``reserving`` in P:w:<worker>), and the
+# worker claims nothing scored worse than it until it has taken it. Other workers go on taking
+# what fits them, and take the task itself if it fits them first. A reservation holds while both
+# name each other, the task is todo and fits the worker's room, and the worker's lease is live;
+# otherwise the worker drops it at its next claim, and another worker that passes the task over
+# may take it. A worker that has had nothing running for ``drained`` ms and still lacks the room
+# (memory the node uses for other things) gives it up, and does not reserve it again
+# (``no_room_on``). Claiming, cancelling or retrying the task clears its fields.
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
-local reserve_after = tonumber(ARGV[12])
+local reserve_after, drained = tonumber(ARGV[12]), tonumber(ARGV[13])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live, sizes = nil, {}
+local wkey = P .. ':w:' .. worker
+local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at')
+sizes[worker] = {tonumber(me[1]) or math.huge, tonumber(me[2]) or math.huge}
 -- Whether worker w could ever run a task of mem MiB and cpu cores (what it registered; a
 -- worker that registered no size could).
 local function could_run(w, mem, cpu)
@@ -391,20 +401,54 @@ end
 -- the run of them at a bucket's head is read once, not again for each task the claim takes: the
 -- bucket's reads start after it (``skip``).
 local skip, passed = {}, {}
--- The best task that does not fit now but could run here (see above), among those the claim
--- reads; ``bound``: the score of the one reserved here; ``marked``: the pass is counted.
-local head, head_score, head_f, bound, marked, peeked = nil, nil, nil, nil, false, {}
-local function could_run_here(mem, cpu)
-  return could_run(worker, mem, cpu) and sizes[worker][1] ~= math.huge
-end
-local function consider(id, score, mem, cpu, f)
-  if (head_score == nil or score < head_score) and could_run_here(mem, cpu) and
-      not string.find(f[13] or ',', ',' .. worker .. ',', 1, true) then
-    head, head_score, head_f = id, score, f
-  end
-end
 local function charged(f)
   return math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
+end
+local function could_run_here(mem, cpu)
+  return sizes[worker][1] ~= math.huge and could_run(worker, mem, cpu)
+end
+local function drop_reservation(id)
+  redis.call('HDEL', wkey, 'reserving', 'drained_at')
+  if redis.call('HGET', P .. ':t:' .. id, 'reserved_by') == worker then
+    redis.call('HDEL', P .. ':t:' .. id, 'reserved_by')
+  end
+end
+-- ``bound``: the score of the task reserved here; nothing worse is claimed.
+local reserving, bound = me[3], nil
+if reserving then
+  local f = redis.call('HMGET', P .. ':t:' .. reserving, 'state', 'req_mem', 'cpu', 'dram_gb',
+    'reserved_by', 'score')
+  local mem, cpu = 0, 0
+  if f[1] == 'todo' then mem, cpu = math.max(tonumber(f[2]), charges[f[4]] or 0), tonumber(f[3]) end
+  if f[1] ~= 'todo' or f[5] ~= worker or not could_run_here(mem, cpu) then
+    drop_reservation(reserving)
+    reserving = nil
+  elseif (mem > free_mem or cpu > free_cpu + 1e-9) and
+      redis.call('SCARD', P .. ':run:' .. worker) == 0 then
+    if not me[4] then
+      redis.call('HSET', wkey, 'drained_at', now_ms())
+      bound = tonumber(f[6])
+    elseif now_ms() - tonumber(me[4]) >= drained then
+      drop_reservation(reserving)
+      local no_room = redis.call('HGET', P .. ':t:' .. reserving, 'no_room_on') or ','
+      redis.call('HSET', P .. ':t:' .. reserving, 'no_room_on', no_room .. worker .. ',')
+      reserving = nil
+    else
+      bound = tonumber(f[6])
+    end
+  else
+    if me[4] then redis.call('HDEL', wkey, 'drained_at') end
+    bound = tonumber(f[6])
+  end
+end
+-- Without a reservation: the best task that does not fit now but could run here (see above),
+-- among those the claim reads, until one pass over it is counted (``marked``).
+local head, head_score, head_f, marked = nil, nil, nil, false
+local function consider(id, score, mem, cpu, f)
+  if bound == nil and not marked and (head_score == nil or score < head_score) and
+      could_run_here(mem, cpu) and not string.find(f[13] or ',', ',' .. worker .. ',', 1, true) then
+    head, head_score, head_f = id, score, f
+  end
 end
 local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
   'timeout', 'dram_gb', 'passed_since', 'reserved_by', 'no_room_on'}
@@ -442,6 +486,7 @@ local buckets = redis.call('SMEMBERS', P .. ':buckets')
 local claimed = {}
 while #claimed < max_n do
   local best, best_score, best_bucket, best_mem, best_cpu, best_f = nil, nil, nil, 0, 0, nil
+  local short = {}
   for _, b in ipairs(buckets) do
     local m, c = string.match(b, '^m(%d+)c(-?%d+)$')
     m, c = tonumber(m), tonumber(c)
@@ -454,10 +499,16 @@ while #claimed < max_n do
       if id then
         best, best_score, best_bucket, best_mem, best_cpu, best_f = id, score, b, mem, cpu, f
       end
-    elseif not peeked[b] then
-      -- Nothing of it fits now: its first task may still be the head.
-      peeked[b] = true
-      local top = redis.call('ZRANGE', P .. ':q:' .. b, 0, 0, 'WITHSCORES')
+    else
+      short[#short + 1] = b
+    end
+  end
+  -- Buckets nothing of which fits now: their first task may still be the head, if it is better
+  -- than what the claim would take.
+  if best ~= nil and bound == nil and not marked then
+    for _, b in ipairs(short) do
+      local top = redis.call('ZRANGEBYSCORE', P .. ':q:' .. b, '-inf',
+        string.format('(%.17g', best_score), 'WITHSCORES', 'LIMIT', 0, 1)
       if #top == 2 then
         local f = redis.call('HMGET', P .. ':t:' .. top[1], unpack(TASK_FIELDS))
         local mem, cpu = charged(f)
@@ -467,27 +518,24 @@ while #claimed < max_n do
       end
     end
   end
-  if head ~= nil and bound == nil then
+  if head ~= nil and best ~= nil and best_score > head_score and bound == nil and not marked then
+    marked = true
     local hkey, by = P .. ':t:' .. head, head_f[12]
-    if by == worker then
-      if redis.call('SCARD', P .. ':run:' .. worker) == 0 then
-        redis.call('HDEL', hkey, 'reserved_by', 'passed_since')
-        redis.call('HSET', hkey, 'no_room_on', (head_f[13] or ',') .. worker .. ',')
-        head, head_score, head_f = nil, nil, nil
-      else
-        bound = head_score
-      end
-    elseif not marked and best ~= nil and best_score > head_score and
-        (not by or (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 < now_ms()) then
-      marked = true
-      local since = tonumber(head_f[11])
-      if since == nil then
-        redis.call('HSET', hkey, 'passed_since', now_ms())
-      elseif now_ms() - since >= reserve_after and
-          redis.call('SCARD', P .. ':run:' .. worker) > 0 then
-        redis.call('HSET', hkey, 'reserved_by', worker)
-        bound = head_score
-      end
+    -- Another worker's reservation holds while its lease is live and it names the task.
+    local held = by and by ~= worker and
+      (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 >= now_ms() and
+      redis.call('HGET', P .. ':w:' .. by, 'reserving') == head
+    local since = tonumber(head_f[11])
+    if held then
+      -- left to that worker
+    elseif since == nil then
+      redis.call('HSET', hkey, 'passed_since', now_ms())
+    elseif now_ms() - since >= reserve_after and
+        redis.call('SCARD', P .. ':run:' .. worker) > 0 then
+      redis.call('HSET', hkey, 'reserved_by', worker)
+      redis.call('HSET', wkey, 'reserving', head)
+      redis.call('HDEL', wkey, 'drained_at')
+      reserving, bound = head, head_score
     end
   end
   -- Reserved here: nothing worse than it, until it fits.
@@ -504,6 +552,10 @@ while #claimed < max_n do
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
   if best_f[11] or best_f[12] or best_f[13] then
     redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
+  end
+  if best == reserving then
+    redis.call('HDEL', wkey, 'reserving', 'drained_at')
+    reserving, bound = nil, nil
   end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
   -- code and peak of the run before it, and a reap before this attempt's annotation read the
@@ -821,6 +873,7 @@ for i = 4, #ARGV do
     if redis.call('ZCARD', P .. ':q:' .. b) == 0 then redis.call('SREM', P .. ':buckets', b) end
     redis.call('HINCRBY', P .. ':counts', 'todo', -1)
     redis.call('HSET', tkey, 'reason', 'cancelled', 'ended', now)
+    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
     to_failed(id, tkey, now)
     done = done + 1
   elseif f[1] == 'running' then
@@ -845,6 +898,7 @@ for i = 3, #ARGV do
     redis.call('HINCRBY', P .. ':counts', 'failed', -1)
     redis.call('HSET', tkey, 'failures', 0, 'evictions', 0, 'failed_on', ',', 'reason',
       'retried by user')
+    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
     to_todo(id, tkey)
     n = n + 1
   end
@@ -1109,7 +1163,8 @@ class Queue:
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
                          json.dumps(charges or {}), CLAIM_AVOID_BUDGET,
-                         int(CLAIM_RESERVE_AFTER_S * 1000), client=client)
+                         int(CLAIM_RESERVE_AFTER_S * 1000), int(CLAIM_DRAINED_S * 1000),
+                         client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod

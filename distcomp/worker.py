@@ -167,8 +167,9 @@ class Worker:
         self.charges: dict[str, float] = {}
         self.factors: dict[str, float] = {}
         self.profiles: dict[str, Profile] = {}
-        # Headroom (MiB) when a claim came back empty while forecast tasks ran: it grows as
-        # they age, so a claim is due again once it has grown (``forecast_freed``).
+        # Headroom (MiB) when a claim came back empty while tasks ran: it grows as forecast
+        # tasks age, and as memory comes back, so a claim is due again once it has grown
+        # (``room_grew``).
         self.short_at: float | None = None
         self.stopping = False          # no more claims
         self.fast_stop = False         # requeue and kill what runs
@@ -488,9 +489,11 @@ class Worker:
     def refresh_after_exit(self) -> None:
         """A task just ended: when memory is what holds claims back, read available memory
         again now rather than at the next sample (up to ``sample_interval`` later), so the
-        room the task left is offered at once. Reads counters only, no /proc walk."""
+        room the task left is offered at once. Reads counters only, no /proc walk. After a claim
+        that came back empty, always: the task waiting may be larger than a typical one (a
+        reservation, see distcomp.queue ``_CLAIM``)."""
         free_mem = self.free()[0]
-        if free_mem >= max(self.estimate_mb(), 1.0):
+        if free_mem >= max(self.estimate_mb(), 1.0) and self.short_at is None:
             return
         self.tasks_rss = sum(t.rss for t in self.running.values())
         self.available = self.measure_available()
@@ -645,13 +648,13 @@ class Worker:
         return max(free_mem, *(outlook.fit(prof, *rooms) for prof in self.profiles.values()))
 
     def claimed_nothing(self) -> None:
-        """A claim came back empty: with forecast tasks running, remember the headroom, so
-        that the loop claims again once the forecast frees more (``forecast_freed``) rather
-        than at the idle poll."""
-        self.short_at = self.headroom() if self.forecasting() else None
+        """A claim came back empty: with tasks running, remember the headroom, so that the
+        loop claims again once a sample finds more (``room_grew``: the forecast freed it, a
+        task shrank, the kernel gave back cache) rather than at the idle poll."""
+        self.short_at = self.headroom() if self.running else None
 
-    def forecast_freed(self) -> bool:
-        """Whether, since a claim came back empty, the forecast has freed a quarter of a
+    def room_grew(self) -> bool:
+        """Whether, since a claim came back empty, the headroom has grown by a quarter of a
         typical task or more (checked at each sample; the claim is then tried at once)."""
         if self.short_at is None or \
                 self.headroom() < self.short_at + max(self.estimate_mb() / 4, 1):
@@ -1134,7 +1137,7 @@ class Worker:
             if mono >= next_sample:
                 self.sample()
                 next_sample = mono + self.sample_every()
-                if self.forecast_freed():
+                if self.room_grew():
                     next_claim = mono
             self.check_deadlines(mono)
             try:
@@ -1170,7 +1173,7 @@ class Worker:
                     self.claimed_nothing()
                     log.debug("claim came back empty; next claim in %gs unless tasks are "
                               "announced%s", wait, "" if self.short_at is None else
-                              " or forecast memory frees up")
+                              " or memory frees up")
                     if self.exit_when_empty and not self.running and self._empty():
                         break
             except (ConnectError, RefusedError, AuthError) as exc:

@@ -198,16 +198,42 @@ def test_an_empty_claim_is_tried_again_once_the_forecast_leaves_room(queue, tmp_
     got, free_young = claim()
     assert got == []
     w.claimed_nothing()
-    assert not w.forecast_freed()
+    assert not w.room_grew()
     # 3.45 s later it holds its peak, and is gone before a task started now has grown.
     task.started_mono -= 3.45
     task.rss = task.peak_rss = 400 * MiB
     w.available = w.capacity - 400 * MiB
     assert w.free()[0] <= free_young
-    assert w.forecast_freed()
-    assert not w.forecast_freed()  # once per empty claim
+    assert w.room_grew()
+    assert not w.room_grew()  # once per empty claim
     got, _ = claim()
     assert got is not None and len(got) == 1
+
+
+def test_after_an_empty_claim_memory_that_comes_back_is_claimed_at_once(queue, tmp_path):
+    """A claim came back empty (a large task reserved here waits for room): a task's exit is
+    measured again even when a typical task would fit, and a sample that finds more memory
+    claims at once, not at the idle poll, with no forecast involved."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="fe")), queue)
+    w.register()
+    for _ in range(3):
+        w.learn("0.25", 100 * MiB)  # a typical task: 100 MiB
+    w.running["a"] = _running(Claim("a", 1, "shell", "true", "", {}, 0, 300, 0.0, "0.3"),
+                              1.0, 300)
+    w.running["b"] = _running(Claim("b", 1, "shell", "true", "", {}, 0, 300, 0.0, "0.3"),
+                              1.0, 300)
+    w.tasks_rss = 600 * MiB
+    w.available = w.capacity - 600 * MiB
+    w.claimed_nothing()
+    assert not w.room_grew()
+    del w.running["a"]  # it ended: the room it leaves is read again at once
+    w.refresh_after_exit()
+    assert w.tasks_rss == 300 * MiB
+    assert w.room_grew()
+    assert not w.room_grew()  # once per empty claim
 
 
 def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp_path, queue):

@@ -252,24 +252,84 @@ def test_a_large_task_passed_over_gets_a_worker_that_waits_for_room_for_it(queue
         [None, None]
 
 
+def _reserved(queue: Queue, client, name: str = "w1", drained_s: float | None = None):
+    """Small tasks (256 MiB) around a big one (768) that ``name`` (room 1000 MiB) reserves
+    after passing it over twice, with two small tasks running; returns (big, running)."""
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(6)]
+    big = spec("big", mem_gb=0.75)
+    queue.submit([small[0], big, *small[1:]])
+    register(queue, name, room_mb=1000)
+    token = f"tok-{name}"
+    running = [*queue.claim(name, token, 300, 8, 1), *queue.claim(name, token, 300, 8, 1)]
+    assert _params(running) == ["small 0", "small 1"]
+    assert queue.claim(name, token, 300, 8, 1) == []
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == name.encode()
+    return big, running
+
+
+def test_a_reservation_outlives_the_first_claim_after_the_worker_drained(queue, client,
+                                                                         monkeypatch):
+    """The first claim after a worker's last task ended may see memory measured while that task
+    still held it: giving the reservation up there threw away the wait and the drain."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    _, running = _reserved(queue, client)
+    _done(queue, "w1", *running)
+    assert queue.claim("w1", "tok-w1", 600, 8, 1) == []
+    assert _params(queue.claim("w1", "tok-w1", 1000, 8, 2)) == ["big"]
+    assert client.hget(queue.key("w", "w1"), "reserving") is None
+
+
 def test_a_reservation_is_given_up_when_its_worker_has_drained_and_still_lacks_room(
         queue, client, monkeypatch):
     """Memory the node uses for other things can keep a task that fits a worker's registered
     room from fitting what it has free even with nothing running: waiting on would idle it."""
     monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
-    small = [spec(f"small {i}", mem_gb=0.25) for i in range(5)]
-    big = spec("big", mem_gb=0.75)
-    queue.submit([small[0], big, *small[1:]])
-    register(queue, "w1", room_mb=1000)
-    running = [*queue.claim("w1", "tok-w1", 300, 8, 1), *queue.claim("w1", "tok-w1", 300, 8, 1)]
-    assert _params(running) == ["small 0", "small 1"]
-    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []  # reserved
+    monkeypatch.setattr(queue_module, "CLAIM_DRAINED_S", 0.0)
+    big, running = _reserved(queue, client)
     _done(queue, "w1", *running)
+    assert queue.claim("w1", "tok-w1", 600, 8, 1) == []  # drained: once may be a stale reading
     assert _params(queue.claim("w1", "tok-w1", 600, 8, 1)) == ["small 2"]
     # Nor does it reserve the task again, to idle once more: its free memory never fit it.
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 3"]
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 4"]
     assert client.hget(queue.key("t", big.task_id), "no_room_on") == b",w1,"
+
+
+def test_a_better_task_that_does_not_fit_leaves_the_reservation_in_force(queue, client,
+                                                                         monkeypatch):
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    _reserved(queue, client)
+    queue.submit([spec("urgent", priority=5, mem_gb=0.75)])
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+
+
+def test_cancel_and_retry_clear_a_reservation(queue, client, monkeypatch):
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    big, _ = _reserved(queue, client)
+    assert queue.cancel([big.task_id])[0] == 1
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 2"]
+    assert client.hget(queue.key("w", "w1"), "reserving") is None
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 300.0)
+    assert queue.retry([big.task_id]) == 1
+    assert client.hmget(queue.key("t", big.task_id), "passed_since", "reserved_by") == \
+        [None, None]
+    # Passed over again, it starts its wait anew.
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 3"]
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 4"]
+
+
+def test_a_reservation_its_live_worker_no_longer_holds_is_taken_over(queue, client,
+                                                                     monkeypatch):
+    """w1 registers again, smaller: it can no longer run the task it reserved, and drops the
+    reservation; w2, which can, reserves it when it passes it over."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    big, _ = _reserved(queue, client)
+    register(queue, "w1", room_mb=500)
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 2"]
+    register(queue, "w2", room_mb=1000)
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 3"]
+    assert queue.claim("w2", "tok-w2", 300, 8, 1) == []
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w2"
 
 
 def test_a_reservation_whose_worker_is_gone_is_taken_over(queue, client, monkeypatch):
@@ -306,7 +366,8 @@ def test_tasks_a_worker_failed_do_not_hide_the_rest_of_their_bucket_from_it(queu
     again = queue.claim("w1", "tok-w1", 1e6, 16, 16)
     reads = client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0) - before
     assert [c.task_id for c in again] == [s.task_id for s in specs[16:32]]
-    assert reads == 16 + 16 + 1  # and w2's size, once: whether it could run them
+    # and, once each, w2's size (whether it could run them) and w1's (what it could run)
+    assert reads == 16 + 16 + 2
     assert [c.task_id for c in queue.claim("w2", "tok-w2", 1e6, 16, 16)] == [
         c.task_id for c in first]
 
