@@ -75,6 +75,8 @@ CLAIM_RESERVE_AFTER_S = 300.0
 # Seconds a reserving worker may have nothing running and still no room before it gives the
 # reservation up: its first claim after its last task ended may see memory measured before.
 CLAIM_DRAINED_S = 2.0
+# Seconds since its last claim after which a worker's reservation no longer holds others back.
+RESERVATION_FRESH_S = 60.0
 STATES = ("todo", "running", "finished", "failed")
 # A task id (spec.TaskSpec.id); SCAN also meets P:t:... keys of a namespace named P:t.
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
@@ -334,7 +336,8 @@ return keep_reply(rid, {#new, existing})
 # charged its requirement (its declaration, raised to its peak when it was evicted); avoid
 # budget (CLAIM_AVOID_BUDGET); ms a task may be passed over before it is reserved
 # (CLAIM_RESERVE_AFTER_S); ms a reserving worker may find itself drained and still short of room
-# before it gives the reservation up (CLAIM_DRAINED_S).
+# before it gives the reservation up (CLAIM_DRAINED_S); ms since a worker's last claim after which
+# its reservation holds nobody back (RESERVATION_FRESH_S).
 #
 # Smaller tasks that fit would keep a larger one that does not waiting as long as they come (to
 # the end of the bag: the one long task then runs alone). The best task that does not fit now,
@@ -344,22 +347,29 @@ return keep_reply(rid, {#new, existing})
 # the worker (``reserved_by``) and the worker the task (``reserving`` in P:w:<worker>), and the
 # worker claims nothing scored worse than it until it has taken it. Other workers go on taking
 # what fits them, and take the task itself if it fits them first. A reservation holds while both
-# name each other, the task is todo and fits the worker's room, and the worker's lease is live;
-# otherwise the worker drops it at its next claim, and another worker that passes the task over
-# may take it. A worker that has had nothing running for ``drained`` ms and still lacks the room
-# (memory the node uses for other things) gives it up, and does not reserve it again
-# (``no_room_on``). Claiming, cancelling or retrying the task clears its fields.
+# name each other, the task is todo and fits the worker's room, and the worker keeps claiming
+# (``reserving_at``, renewed by each of its claims, less than ``fresh`` ms old: a worker that
+# stopped claiming, draining for a stop or paused by a fault, holds nothing back); otherwise the
+# worker drops it at its next claim, and another worker that passes the task over may take it.
+# The reserved task is offered to the claim directly once it fits, wherever it is in its bucket.
+# A worker that has had nothing running for ``drained`` ms and still lacks the room (memory the
+# node uses for other things) gives it up and records the room it had (``no_room_mb``): it
+# reserves no task larger than that again. Claiming, cancelling or retrying the task clears its
+# fields.
 _CLAIM = _LUA_COMMON + r"""
 local worker, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
-local reserve_after, drained = tonumber(ARGV[12]), tonumber(ARGV[13])
+local reserve_after, drained, fresh = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live, sizes = nil, {}
 local wkey = P .. ':w:' .. worker
-local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at')
+local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at', 'no_room_mb')
 sizes[worker] = {tonumber(me[1]) or math.huge, tonumber(me[2]) or math.huge}
+-- What a task this worker reserves must fit: its registered room, or less once it found that
+-- much was all it had with nothing running.
+local reserve_room = math.min(sizes[worker][1], tonumber(me[5]) or math.huge)
 -- Whether worker w could ever run a task of mem MiB and cpu cores (what it registered; a
 -- worker that registered no size could).
 local function could_run(w, mem, cpu)
@@ -404,54 +414,74 @@ local skip, passed = {}, {}
 local function charged(f)
   return math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
 end
-local function could_run_here(mem, cpu)
-  return sizes[worker][1] ~= math.huge and could_run(worker, mem, cpu)
+local function could_reserve(mem, cpu)
+  return reserve_room ~= math.huge and mem <= reserve_room and could_run(worker, mem, cpu)
 end
 local function drop_reservation(id)
-  redis.call('HDEL', wkey, 'reserving', 'drained_at')
+  redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at')
   if redis.call('HGET', P .. ':t:' .. id, 'reserved_by') == worker then
     redis.call('HDEL', P .. ':t:' .. id, 'reserved_by')
   end
 end
--- ``bound``: the score of the task reserved here; nothing worse is claimed.
-local reserving, bound = me[3], nil
+local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
+  'timeout', 'dram_gb', 'passed_since', 'reserved_by', 'state', 'score'}
+-- ``bound``: the score of the task reserved here (its fields ``rf``); nothing worse is claimed.
+local reserving, bound, rf = me[3], nil, nil
 if reserving then
-  local f = redis.call('HMGET', P .. ':t:' .. reserving, 'state', 'req_mem', 'cpu', 'dram_gb',
-    'reserved_by', 'score')
+  rf = redis.call('HMGET', P .. ':t:' .. reserving, unpack(TASK_FIELDS))
   local mem, cpu = 0, 0
-  if f[1] == 'todo' then mem, cpu = math.max(tonumber(f[2]), charges[f[4]] or 0), tonumber(f[3]) end
-  if f[1] ~= 'todo' or f[5] ~= worker or not could_run_here(mem, cpu) then
+  if rf[13] == 'todo' then mem, cpu = charged(rf) end
+  if rf[13] ~= 'todo' or rf[12] ~= worker or not could_run(worker, mem, cpu) then
     drop_reservation(reserving)
     reserving = nil
   elseif (mem > free_mem or cpu > free_cpu + 1e-9) and
       redis.call('SCARD', P .. ':run:' .. worker) == 0 then
     if not me[4] then
-      redis.call('HSET', wkey, 'drained_at', now_ms())
-      bound = tonumber(f[6])
+      redis.call('HSET', wkey, 'drained_at', now_ms(), 'reserving_at', now_ms())
+      bound = tonumber(rf[14])
     elseif now_ms() - tonumber(me[4]) >= drained then
       drop_reservation(reserving)
-      local no_room = redis.call('HGET', P .. ':t:' .. reserving, 'no_room_on') or ','
-      redis.call('HSET', P .. ':t:' .. reserving, 'no_room_on', no_room .. worker .. ',')
+      redis.call('HSET', wkey, 'no_room_mb', math.floor(free_mem))
+      reserve_room = math.min(reserve_room, math.floor(free_mem))
       reserving = nil
     else
-      bound = tonumber(f[6])
+      redis.call('HSET', wkey, 'reserving_at', now_ms())
+      bound = tonumber(rf[14])
     end
   else
     if me[4] then redis.call('HDEL', wkey, 'drained_at') end
-    bound = tonumber(f[6])
+    redis.call('HSET', wkey, 'reserving_at', now_ms())
+    bound = tonumber(rf[14])
   end
 end
 -- Without a reservation: the best task that does not fit now but could run here (see above),
 -- among those the claim reads, until one pass over it is counted (``marked``).
 local head, head_score, head_f, marked = nil, nil, nil, false
+-- Whether a task that does not fit now could be reserved here; if so and it is the best such
+-- task yet, it is the head.
 local function consider(id, score, mem, cpu, f)
-  if bound == nil and not marked and (head_score == nil or score < head_score) and
-      could_run_here(mem, cpu) and not string.find(f[13] or ',', ',' .. worker .. ',', 1, true) then
-    head, head_score, head_f = id, score, f
-  end
+  if not could_reserve(mem, cpu) then return false end
+  if head_score == nil or score < head_score then head, head_score, head_f = id, score, f end
+  return true
 end
-local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
-  'timeout', 'dram_gb', 'passed_since', 'reserved_by', 'no_room_on'}
+-- A bucket nothing of which fits now: its best task that could be reserved here, read once per
+-- claim (a few tasks deep: one this worker avoids or could not reserve does not hide the rest).
+local tops = {}
+local function top_of(b)
+  if tops[b] == nil then
+    tops[b] = false
+    local page = redis.call('ZRANGE', P .. ':q:' .. b, 0, 3, 'WITHSCORES')
+    for i = 1, #page, 2 do
+      local f = redis.call('HMGET', P .. ':t:' .. page[i], unpack(TASK_FIELDS))
+      local mem, cpu = charged(f)
+      if not avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2])) and could_reserve(mem, cpu) then
+        tops[b] = {page[i], tonumber(page[i + 1]), mem, cpu, f}
+        break
+      end
+    end
+  end
+  return tops[b]
+end
 -- The best task of bucket b that fits, scored better than ``than`` (nil: any): id, score, the
 -- charged memory and cores, and the task's fields.
 local function best_of(b, than)
@@ -474,7 +504,7 @@ local function best_of(b, than)
         if not avoid and mem <= free_mem and cpu <= free_cpu + 1e-9 then
           return page[i], score, mem, cpu, f
         end
-        if not avoid then consider(page[i], score, mem, cpu, f) end
+        if not avoid and bound == nil and not marked then consider(page[i], score, mem, cpu, f) end
       end
       if looked >= lookahead then return nil end
     end
@@ -503,28 +533,23 @@ while #claimed < max_n do
       short[#short + 1] = b
     end
   end
-  -- Buckets nothing of which fits now: their first task may still be the head, if it is better
-  -- than what the claim would take.
+  -- Buckets nothing of which fits now: their best task may still be the head.
   if best ~= nil and bound == nil and not marked then
     for _, b in ipairs(short) do
-      local top = redis.call('ZRANGEBYSCORE', P .. ':q:' .. b, '-inf',
-        string.format('(%.17g', best_score), 'WITHSCORES', 'LIMIT', 0, 1)
-      if #top == 2 then
-        local f = redis.call('HMGET', P .. ':t:' .. top[1], unpack(TASK_FIELDS))
-        local mem, cpu = charged(f)
-        if not avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2])) then
-          consider(top[1], tonumber(top[2]), mem, cpu, f)
-        end
-      end
+      local top = top_of(b)
+      if top then consider(unpack(top)) end
     end
   end
   if head ~= nil and best ~= nil and best_score > head_score and bound == nil and not marked then
     marked = true
     local hkey, by = P .. ':t:' .. head, head_f[12]
-    -- Another worker's reservation holds while its lease is live and it names the task.
-    local held = by and by ~= worker and
-      (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 >= now_ms() and
-      redis.call('HGET', P .. ':w:' .. by, 'reserving') == head
+    -- Another worker's reservation holds while that worker's lease is live, it names the task
+    -- and it keeps claiming.
+    local held = false
+    if by and by ~= worker and (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 >= now_ms() then
+      local h = redis.call('HMGET', P .. ':w:' .. by, 'reserving', 'reserving_at')
+      held = h[1] == head and now_ms() - (tonumber(h[2]) or 0) < fresh
+    end
     local since = tonumber(head_f[11])
     if held then
       -- left to that worker
@@ -533,13 +558,20 @@ while #claimed < max_n do
     elseif now_ms() - since >= reserve_after and
         redis.call('SCARD', P .. ':run:' .. worker) > 0 then
       redis.call('HSET', hkey, 'reserved_by', worker)
-      redis.call('HSET', wkey, 'reserving', head)
+      redis.call('HSET', wkey, 'reserving', head, 'reserving_at', now_ms())
       redis.call('HDEL', wkey, 'drained_at')
-      reserving, bound = head, head_score
+      reserving, bound, rf = head, head_score, head_f
     end
   end
-  -- Reserved here: nothing worse than it, until it fits.
-  if best ~= nil and bound ~= nil and best_score > bound then best = nil end
+  -- Reserved here: nothing worse than it; it, once it fits, wherever it is in its bucket.
+  if bound ~= nil and (best == nil or best_score > bound) then
+    best = nil
+    local mem, cpu = charged(rf)
+    if mem <= free_mem and cpu <= free_cpu + 1e-9 then
+      best, best_score, best_mem, best_cpu, best_f = reserving, bound, mem, cpu, rf
+      best_bucket = bucket_of(tonumber(rf[1]), tonumber(rf[2]))
+    end
+  end
   if best == nil then break end
   local qkey = P .. ':q:' .. best_bucket
   redis.call('ZREM', qkey, best)
@@ -550,11 +582,9 @@ while #claimed < max_n do
   local tkey = P .. ':t:' .. best
   local attempt = redis.call('HINCRBY', tkey, 'attempt', 1)
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
-  if best_f[11] or best_f[12] or best_f[13] then
-    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
-  end
+  if best_f[11] or best_f[12] then redis.call('HDEL', tkey, 'passed_since', 'reserved_by') end
   if best == reserving then
-    redis.call('HDEL', wkey, 'reserving', 'drained_at')
+    redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at')
     reserving, bound = nil, nil
   end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
@@ -834,6 +864,14 @@ local holder = redis.call('GET', lkey)
 if holder and holder ~= ARGV[3] then return -1 end
 redis.call('DEL', lkey, P .. ':out:' .. worker)
 redis.call('ZREM', P .. ':leases', worker)
+-- A task it reserved (``_CLAIM``) no longer names it.
+local reserving = redis.call('HGET', P .. ':w:' .. worker, 'reserving')
+if reserving then
+  if redis.call('HGET', P .. ':t:' .. reserving, 'reserved_by') == worker then
+    redis.call('HDEL', P .. ':t:' .. reserving, 'reserved_by')
+  end
+  redis.call('HDEL', P .. ':w:' .. worker, 'reserving', 'reserving_at', 'drained_at')
+end
 set_record(P .. ':w:' .. worker, ARGV[4])
 return unrun_worker(worker, 'requeued: worker ' .. worker .. ' stopped while it was listed there')
 """
@@ -873,7 +911,7 @@ for i = 4, #ARGV do
     if redis.call('ZCARD', P .. ':q:' .. b) == 0 then redis.call('SREM', P .. ':buckets', b) end
     redis.call('HINCRBY', P .. ':counts', 'todo', -1)
     redis.call('HSET', tkey, 'reason', 'cancelled', 'ended', now)
-    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
+    redis.call('HDEL', tkey, 'passed_since', 'reserved_by')
     to_failed(id, tkey, now)
     done = done + 1
   elseif f[1] == 'running' then
@@ -898,7 +936,7 @@ for i = 3, #ARGV do
     redis.call('HINCRBY', P .. ':counts', 'failed', -1)
     redis.call('HSET', tkey, 'failures', 0, 'evictions', 0, 'failed_on', ',', 'reason',
       'retried by user')
-    redis.call('HDEL', tkey, 'passed_since', 'reserved_by', 'no_room_on')
+    redis.call('HDEL', tkey, 'passed_since', 'reserved_by')
     to_todo(id, tkey)
     n = n + 1
   end
@@ -1164,7 +1202,7 @@ class Queue:
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
                          json.dumps(charges or {}), CLAIM_AVOID_BUDGET,
                          int(CLAIM_RESERVE_AFTER_S * 1000), int(CLAIM_DRAINED_S * 1000),
-                         client=client)
+                         int(RESERVATION_FRESH_S * 1000), client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod

@@ -75,6 +75,9 @@ AUTO_OVERCOMMIT_MAX = 2.0  # the most ``overcommit auto`` bets
 FILL_SAMPLES = 4  # samples of a task's life before how much of its peak it held is trusted
 FILL_TASKS = 4  # such tasks of a class before ``overcommit auto`` departs from 1
 GROWTH_HORIZON_S = 30.0  # tasks that would not fill the free memory this soon do not grow into it
+# MiB the headroom must grow by, at least, after an empty claim before a sample claims again: a
+# node's memory wanders by a few MiB, which with tiny tasks set off claims several times a minute.
+ROOM_STEP_MB = 32
 SETTLE_S = 1.0  # running tasks that did not grow into it for this long have stopped
 
 # What a class remembers of a task that ended: its peak, and when it ended on its own and was
@@ -655,9 +658,10 @@ class Worker:
 
     def room_grew(self) -> bool:
         """Whether, since a claim came back empty, the headroom has grown by a quarter of a
-        typical task or more (checked at each sample; the claim is then tried at once)."""
+        typical task or more, and ``ROOM_STEP_MB`` at least (checked at each sample; the claim
+        is then tried at once)."""
         if self.short_at is None or \
-                self.headroom() < self.short_at + max(self.estimate_mb() / 4, 1):
+                self.headroom() < self.short_at + max(self.estimate_mb() / 4, ROOM_STEP_MB):
             return False
         self.short_at = None
         return True

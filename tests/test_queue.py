@@ -282,17 +282,20 @@ def test_a_reservation_outlives_the_first_claim_after_the_worker_drained(queue, 
 def test_a_reservation_is_given_up_when_its_worker_has_drained_and_still_lacks_room(
         queue, client, monkeypatch):
     """Memory the node uses for other things can keep a task that fits a worker's registered
-    room from fitting what it has free even with nothing running: waiting on would idle it."""
+    room from fitting what it has free even with nothing running: waiting on would idle it,
+    and so would reserving any other task of that size."""
     monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
     monkeypatch.setattr(queue_module, "CLAIM_DRAINED_S", 0.0)
-    big, running = _reserved(queue, client)
+    _, running = _reserved(queue, client)
     _done(queue, "w1", *running)
     assert queue.claim("w1", "tok-w1", 600, 8, 1) == []  # drained: once may be a stale reading
     assert _params(queue.claim("w1", "tok-w1", 600, 8, 1)) == ["small 2"]
-    # Nor does it reserve the task again, to idle once more: its free memory never fit it.
+    # Nor does it reserve a task that large again, to idle once more: 600 MiB is what it has.
+    assert client.hget(queue.key("w", "w1"), "no_room_mb") == b"600"
+    queue.submit([spec("big too", mem_gb=0.7)])
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 3"]
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 4"]
-    assert client.hget(queue.key("t", big.task_id), "no_room_on") == b",w1,"
+    assert client.hget(queue.key("w", "w1"), "reserving") is None
 
 
 def test_a_better_task_that_does_not_fit_leaves_the_reservation_in_force(queue, client,
@@ -316,6 +319,57 @@ def test_cancel_and_retry_clear_a_reservation(queue, client, monkeypatch):
     # Passed over again, it starts its wait anew.
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 3"]
     assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 4"]
+
+
+def test_a_reserved_task_is_taken_once_it_fits_wherever_it_is_in_its_bucket(queue, client,
+                                                                           monkeypatch):
+    """Tasks of its bucket that no worker here can run, ahead of it, fill the claim's
+    look-ahead: the reserved task, never read, kept the worker from taking anything at all."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    _, running = _reserved(queue, client)
+    queue.submit([spec(f"huge {i}", priority=5, mem_gb=0.99)
+                  for i in range(queue_module.CLAIM_LOOKAHEAD)])
+    _done(queue, "w1", *running)
+    assert _params(queue.claim("w1", "tok-w1", 1000, 8, 2)) == ["big"]
+
+
+def test_a_reservation_of_a_worker_that_stopped_claiming_is_taken_over(queue, client,
+                                                                       monkeypatch):
+    """A worker draining for a stop, or paused by a fault, claims nothing while its lease
+    lives: its reservation held the task back from every other worker as long as that."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    big, _ = _reserved(queue, client)
+    register(queue, "w2", room_mb=1000)
+    w2 = [*queue.claim("w2", "tok-w2", 300, 8, 1), *queue.claim("w2", "tok-w2", 300, 8, 1)]
+    assert _params(w2) == ["small 2", "small 3"]  # w1 holds it: it claimed just now
+    monkeypatch.setattr(queue_module, "RESERVATION_FRESH_S", 0.0)
+    assert queue.claim("w2", "tok-w2", 300, 8, 1) == []
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w2"
+    # Stopped, w2 no longer holds it: `show` names no worker that is gone.
+    assert queue.deregister("w2", "tok-w2", {}) == 2
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") is None
+
+
+def test_a_task_that_cannot_be_reserved_does_not_hide_the_next_of_its_bucket(queue, client,
+                                                                              monkeypatch):
+    """w1 gave up a 973 MiB task: with nothing running it had 900 MiB. A 614 MiB task queued
+    behind it, in the same bucket, must still get its reservation."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    monkeypatch.setattr(queue_module, "CLAIM_DRAINED_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(6)]
+    queue.submit([small[0], spec("too big", priority=2, mem_gb=0.95), *small[1:]])
+    register(queue, "w1", room_mb=1000)
+    running = queue.claim("w1", "tok-w1", 300, 8, 1)
+    assert _params(running) == ["small 0"]
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+    _done(queue, "w1", *running)
+    assert queue.claim("w1", "tok-w1", 900, 8, 1) == []
+    assert _params(queue.claim("w1", "tok-w1", 900, 8, 1)) == ["small 1"]  # given up
+    fits = spec("fits", priority=1, mem_gb=0.6)  # behind it in its bucket, before the rest
+    queue.submit([fits])
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 2"]
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+    assert client.hget(queue.key("t", fits.task_id), "reserved_by") == b"w1"
 
 
 def test_a_reservation_its_live_worker_no_longer_holds_is_taken_over(queue, client,
