@@ -77,6 +77,9 @@ CLAIM_RESERVE_AFTER_S = 300.0
 CLAIM_DRAINED_S = 2.0
 # Seconds since its last claim after which a worker's reservation no longer holds others back.
 RESERVATION_FRESH_S = 60.0
+# Seconds a worker may hold a reservation without taking the task before another worker that
+# passes the task over may take the reservation over (one kept busy by better tasks).
+RESERVATION_HOLD_S = 600.0
 STATES = ("todo", "running", "finished", "failed")
 # A task id (spec.TaskSpec.id); SCAN also meets P:t:... keys of a namespace named P:t.
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
@@ -337,7 +340,9 @@ return keep_reply(rid, {#new, existing})
 # budget (CLAIM_AVOID_BUDGET); ms a task may be passed over before it is reserved
 # (CLAIM_RESERVE_AFTER_S); ms a reserving worker may find itself drained and still short of room
 # before it gives the reservation up (CLAIM_DRAINED_S); ms since a worker's last claim after which
-# its reservation holds nobody back (RESERVATION_FRESH_S).
+# its reservation holds nobody back (RESERVATION_FRESH_S); ms a worker may hold one without taking
+# the task before others may take it over (RESERVATION_HOLD_S); sizes: JSON object like charges,
+# with each class's learned size unscaled (what a task is reserved by).
 #
 # Smaller tasks that fit would keep a larger one that does not waiting as long as they come (to
 # the end of the bag: the one long task then runs alone). The best task that does not fit now,
@@ -362,14 +367,20 @@ local free_mem, free_cpu = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_n, avoid_window, lookahead = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local charges, avoid_budget = cjson.decode(ARGV[10]), tonumber(ARGV[11])
 local reserve_after, drained, fresh = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local hold, sizes_of = tonumber(ARGV[15]), cjson.decode(ARGV[16])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live, sizes = nil, {}
 local wkey = P .. ':w:' .. worker
-local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at', 'no_room_mb')
+local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at', 'no_room_mb',
+  'reserved_at')
 sizes[worker] = {tonumber(me[1]) or math.huge, tonumber(me[2]) or math.huge}
 -- What a task this worker reserves must fit: its registered room, or less once it found that
--- much was all it had with nothing running.
+-- much was all it had with nothing running, until it finds more so.
 local reserve_room = math.min(sizes[worker][1], tonumber(me[5]) or math.huge)
+if me[5] and free_mem > tonumber(me[5]) and redis.call('SCARD', P .. ':run:' .. worker) == 0 then
+  redis.call('HDEL', wkey, 'no_room_mb')
+  reserve_room = sizes[worker][1]
+end
 -- Whether worker w could ever run a task of mem MiB and cpu cores (what it registered; a
 -- worker that registered no size could).
 local function could_run(w, mem, cpu)
@@ -414,11 +425,28 @@ local skip, passed = {}, {}
 local function charged(f)
   return math.max(tonumber(f[1]), charges[f[10]] or 0), tonumber(f[2])
 end
-local function could_reserve(mem, cpu)
+-- A task's size for reservations: what it is charged, but with a class's learned size as it is,
+-- not scaled to the room its growth finds beside the running tasks (``sizes_of``).
+local function full_size(f)
+  return math.max(tonumber(f[1]), sizes_of[f[10]] or charges[f[10]] or 0), tonumber(f[2])
+end
+local function could_reserve(f)
+  local mem, cpu = full_size(f)
   return reserve_room ~= math.huge and mem <= reserve_room and could_run(worker, mem, cpu)
 end
+-- Whether another worker holds task id reserved: its lease is live, its record names the task,
+-- it keeps claiming (``fresh``) and has not held it ``hold`` ms without taking it.
+local function held_elsewhere(id, by)
+  if not by or by == worker or
+      (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 < now_ms() then
+    return false
+  end
+  local h = redis.call('HMGET', P .. ':w:' .. by, 'reserving', 'reserving_at', 'reserved_at')
+  return h[1] == id and now_ms() - (tonumber(h[2]) or 0) < fresh and
+    now_ms() - (tonumber(h[3]) or 0) < hold
+end
 local function drop_reservation(id)
-  redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at')
+  redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at', 'reserved_at')
   if redis.call('HGET', P .. ':t:' .. id, 'reserved_by') == worker then
     redis.call('HDEL', P .. ':t:' .. id, 'reserved_by')
   end
@@ -431,7 +459,7 @@ if reserving then
   rf = redis.call('HMGET', P .. ':t:' .. reserving, unpack(TASK_FIELDS))
   local mem, cpu = 0, 0
   if rf[13] == 'todo' then mem, cpu = charged(rf) end
-  if rf[13] ~= 'todo' or rf[12] ~= worker or not could_run(worker, mem, cpu) then
+  if rf[13] ~= 'todo' or rf[12] ~= worker or not could_run(worker, full_size(rf)) then
     drop_reservation(reserving)
     reserving = nil
   elseif (mem > free_mem or cpu > free_cpu + 1e-9) and
@@ -459,28 +487,28 @@ end
 local head, head_score, head_f, marked = nil, nil, nil, false
 -- Whether a task that does not fit now could be reserved here; if so and it is the best such
 -- task yet, it is the head.
-local function consider(id, score, mem, cpu, f)
-  if not could_reserve(mem, cpu) then return false end
+local function consider(id, score, f)
+  if not could_reserve(f) or held_elsewhere(id, f[12]) then return false end
   if head_score == nil or score < head_score then head, head_score, head_f = id, score, f end
   return true
 end
--- A bucket nothing of which fits now: its best task that could be reserved here, read once per
--- claim (a few tasks deep: one this worker avoids or could not reserve does not hide the rest).
+-- A bucket nothing of which fits now: its best task that could be reserved here is considered,
+-- read once per claim (a few tasks deep: one this worker avoids or could not reserve, or another
+-- worker holds, does not hide the rest).
 local tops = {}
-local function top_of(b)
+local function consider_top(b)
   if tops[b] == nil then
     tops[b] = false
     local page = redis.call('ZRANGE', P .. ':q:' .. b, 0, 3, 'WITHSCORES')
     for i = 1, #page, 2 do
       local f = redis.call('HMGET', P .. ':t:' .. page[i], unpack(TASK_FIELDS))
-      local mem, cpu = charged(f)
-      if not avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2])) and could_reserve(mem, cpu) then
-        tops[b] = {page[i], tonumber(page[i + 1]), mem, cpu, f}
+      if not avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2])) and
+          consider(page[i], tonumber(page[i + 1]), f) then
+        tops[b] = true
         break
       end
     end
   end
-  return tops[b]
 end
 -- The best task of bucket b that fits, scored better than ``than`` (nil: any): id, score, the
 -- charged memory and cores, and the task's fields.
@@ -504,7 +532,7 @@ local function best_of(b, than)
         if not avoid and mem <= free_mem and cpu <= free_cpu + 1e-9 then
           return page[i], score, mem, cpu, f
         end
-        if not avoid and bound == nil and not marked then consider(page[i], score, mem, cpu, f) end
+        if not avoid and bound == nil and not marked then consider(page[i], score, f) end
       end
       if looked >= lookahead then return nil end
     end
@@ -535,30 +563,18 @@ while #claimed < max_n do
   end
   -- Buckets nothing of which fits now: their best task may still be the head.
   if best ~= nil and bound == nil and not marked then
-    for _, b in ipairs(short) do
-      local top = top_of(b)
-      if top then consider(unpack(top)) end
-    end
+    for _, b in ipairs(short) do consider_top(b) end
   end
   if head ~= nil and best ~= nil and best_score > head_score and bound == nil and not marked then
     marked = true
-    local hkey, by = P .. ':t:' .. head, head_f[12]
-    -- Another worker's reservation holds while that worker's lease is live, it names the task
-    -- and it keeps claiming.
-    local held = false
-    if by and by ~= worker and (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 >= now_ms() then
-      local h = redis.call('HMGET', P .. ':w:' .. by, 'reserving', 'reserving_at')
-      held = h[1] == head and now_ms() - (tonumber(h[2]) or 0) < fresh
-    end
+    local hkey = P .. ':t:' .. head
     local since = tonumber(head_f[11])
-    if held then
-      -- left to that worker
-    elseif since == nil then
+    if since == nil then
       redis.call('HSET', hkey, 'passed_since', now_ms())
     elseif now_ms() - since >= reserve_after and
         redis.call('SCARD', P .. ':run:' .. worker) > 0 then
       redis.call('HSET', hkey, 'reserved_by', worker)
-      redis.call('HSET', wkey, 'reserving', head, 'reserving_at', now_ms())
+      redis.call('HSET', wkey, 'reserving', head, 'reserving_at', now_ms(), 'reserved_at', now_ms())
       redis.call('HDEL', wkey, 'drained_at')
       reserving, bound, rf = head, head_score, head_f
     end
@@ -584,7 +600,7 @@ while #claimed < max_n do
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
   if best_f[11] or best_f[12] then redis.call('HDEL', tkey, 'passed_since', 'reserved_by') end
   if best == reserving then
-    redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at')
+    redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at', 'reserved_at')
     reserving, bound = nil, nil
   end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
@@ -870,7 +886,8 @@ if reserving then
   if redis.call('HGET', P .. ':t:' .. reserving, 'reserved_by') == worker then
     redis.call('HDEL', P .. ':t:' .. reserving, 'reserved_by')
   end
-  redis.call('HDEL', P .. ':w:' .. worker, 'reserving', 'reserving_at', 'drained_at')
+  redis.call('HDEL', P .. ':w:' .. worker, 'reserving', 'reserving_at', 'drained_at',
+    'reserved_at')
 end
 set_record(P .. ':w:' .. worker, ARGV[4])
 return unrun_worker(worker, 'requeued: worker ' .. worker .. ' stopped while it was listed there')
@@ -1191,18 +1208,22 @@ class Queue:
 
     def claim(self, worker: str, token: str, free_mem_mb: float, free_cpu: float, max_n: int,
               avoid_window_s: float = 60.0, charges: dict[str, float] | None = None,
-              client: Any = None) -> list[Claim] | None:
+              client: Any = None, sizes: dict[str, float] | None = None) -> list[Claim] | None:
         """Claim up to ``max_n`` tasks that fit; None when this worker's lease is gone.
 
         A task is charged its memory requirement, or ``charges[declared]`` when that is more
-        (what this worker learned that tasks declaring the same ``min_dram_gb`` use). With
-        a ``pipeline()`` as ``client`` the call is only queued: pass its reply to
+        (what this worker learned that tasks declaring the same ``min_dram_gb`` use). ``sizes``
+        (default ``charges``): those learned sizes as they are, where ``charges`` scales some
+        down to the room their growth finds; a task is reserved (``_CLAIM``) by its real size.
+        With a ``pipeline()`` as ``client`` the call is only queued: pass its reply to
         ``claims()``."""
         rows = self._run("claim", worker, token, repr(time.time()), repr(float(free_mem_mb)),
                          repr(float(free_cpu)), max_n, repr(avoid_window_s), CLAIM_LOOKAHEAD,
                          json.dumps(charges or {}), CLAIM_AVOID_BUDGET,
                          int(CLAIM_RESERVE_AFTER_S * 1000), int(CLAIM_DRAINED_S * 1000),
-                         int(RESERVATION_FRESH_S * 1000), client=client)
+                         int(RESERVATION_FRESH_S * 1000), int(RESERVATION_HOLD_S * 1000),
+                         json.dumps(sizes if sizes is not None else charges or {}),
+                         client=client)
         return rows if client is not None else self.claims(rows)
 
     @staticmethod

@@ -904,7 +904,7 @@ class Worker:
             free_mem, free_cpu, slots = self.free(outlook)
             self.q.claim(self.name, self.token, free_mem, free_cpu, slots,
                          self.wc.avoid_window, self.claim_charges(outlook, free_mem),
-                         client=pipe)
+                         client=pipe, sizes=self.charges)
         try:
             replies = pipe.execute()[(1 if kept else 0) + len(unstarted):]
         except BaseException:

@@ -372,6 +372,71 @@ def test_a_task_that_cannot_be_reserved_does_not_hide_the_next_of_its_bucket(que
     assert client.hget(queue.key("t", fits.task_id), "reserved_by") == b"w1"
 
 
+def test_a_task_another_worker_holds_does_not_hide_the_next_large_one(queue, client,
+                                                                     monkeypatch):
+    """w1 holds X reserved; w2 found X its head, left it to w1 and stopped looking: Y, as large,
+    was not even marked passed over until w1 had taken X, so large tasks waited one by one."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(8)]
+    x, y = spec("x", mem_gb=0.75), spec("y", mem_gb=0.75)
+    queue.submit([small[0], x, y, *small[1:]])
+    register(queue, "w1", room_mb=1000)
+    register(queue, "w2", room_mb=1000)
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 0"]
+    assert _params(queue.claim("w1", "tok-w1", 300, 8, 1)) == ["small 1"]
+    assert queue.claim("w1", "tok-w1", 300, 8, 1) == []
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 2"]
+    assert queue.claim("w2", "tok-w2", 300, 8, 1) == []
+    assert [client.hget(queue.key("t", t.task_id), "reserved_by") for t in (x, y)] == \
+        [b"w1", b"w2"]
+
+
+def test_a_reservation_held_too_long_without_the_task_is_taken_over(queue, client,
+                                                                    monkeypatch):
+    """A worker kept busy by better tasks keeps claiming, so it looks alive to the others, yet
+    never has the room: after RESERVATION_HOLD_S another worker may take the task over."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    big, _ = _reserved(queue, client)
+    register(queue, "w2", room_mb=1000)
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 2"]
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 3"]  # w1 holds it
+    monkeypatch.setattr(queue_module, "RESERVATION_HOLD_S", 0.0)
+    assert queue.claim("w2", "tok-w2", 300, 8, 1) == []
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w2"
+
+
+def test_the_room_a_drained_worker_had_is_forgotten_once_it_has_more(queue, client,
+                                                                     monkeypatch):
+    """A dip of free memory while the worker was drained would otherwise stop it reserving
+    anything as large for as long as it runs."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    monkeypatch.setattr(queue_module, "CLAIM_DRAINED_S", 0.0)
+    _, running = _reserved(queue, client)
+    _done(queue, "w1", *running)
+    assert queue.claim("w1", "tok-w1", 600, 8, 1) == []
+    again = queue.claim("w1", "tok-w1", 600, 8, 1)
+    assert _params(again) == ["small 2"]
+    assert client.hget(queue.key("w", "w1"), "no_room_mb") == b"600"
+    _done(queue, "w1", *again)
+    assert _params(queue.claim("w1", "tok-w1", 900, 8, 1)) == ["big"]
+    assert client.hget(queue.key("w", "w1"), "no_room_mb") is None
+
+
+def test_a_task_is_reserved_by_its_real_size_not_its_scaled_charge(queue, client, monkeypatch):
+    """Beside forecast tasks a class is charged less than its size (the room its growth finds):
+    a worker reserved, and drained for, a task larger than its whole room."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    small = [spec(f"small {i}", mem_gb=0.25) for i in range(5)]
+    queue.submit([small[0], spec("grows", mem_gb=0.5), *small[1:]])
+    register(queue, "w1", room_mb=1000)
+    got = []
+    for _ in range(4):
+        got += queue.claim("w1", "tok-w1", 300, 8, 1, charges={"0.5": 600.0},
+                           sizes={"0.5": 1100.0})
+    assert _params(got) == ["small 0", "small 1", "small 2", "small 3"]
+    assert client.hget(queue.key("w", "w1"), "reserving") is None
+
+
 def test_a_reservation_its_live_worker_no_longer_holds_is_taken_over(queue, client,
                                                                      monkeypatch):
     """w1 registers again, smaller: it can no longer run the task it reserved, and drops the
