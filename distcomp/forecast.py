@@ -101,10 +101,12 @@ class Profile:
         return (self.reached.index(max(self.reached)) + 1) / SHAPE_POINTS
 
 
-def _late(values: Iterable[float], quantile: float = LIFE_QUANTILE) -> float:
-    """The value ``quantile`` of the way up ``values``; 1 - ``quantile`` for an early one."""
+def _late(values: Iterable[float], early: bool = False) -> float:
+    """The value ``LIFE_QUANTILE`` of the way up ``values``, or as far down them with
+    ``early``."""
     ranked = sorted(values)
-    return ranked[min(len(ranked) - 1, int(quantile * len(ranked)))]
+    i = min(len(ranked) - 1, int(LIFE_QUANTILE * len(ranked)))
+    return ranked[len(ranked) - 1 - i if early else i]
 
 
 def profile(records: Iterable[tuple[float, Sequence[float]]]) -> Profile | None:
@@ -118,9 +120,8 @@ def profile(records: Iterable[tuple[float, Sequence[float]]]) -> Profile | None:
     life = _late(life for life, _ in recs)
     if life <= 0 or not any(max(s) > 0 for _, s in recs):
         return None
-    early = len(recs) - 1 - int(LIFE_QUANTILE * len(recs))
     share = tuple(_late(s[i] for _, s in recs) for i in range(SHAPE_POINTS))
-    reached = tuple(sorted(max(s[:i + 1]) for _, s in recs)[max(0, early)]
+    reached = tuple(_late((max(s[:i + 1]) for _, s in recs), early=True)
                     for i in range(SHAPE_POINTS))
     return Profile(life, share, reached)
 

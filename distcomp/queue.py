@@ -371,8 +371,7 @@ local hold, sizes_of = tonumber(ARGV[15]), cjson.decode(ARGV[16])
 if redis.call('GET', P .. ':lease:' .. worker) ~= token then return -1 end
 local live, sizes = nil, {}
 local wkey = P .. ':w:' .. worker
-local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at', 'no_room_mb',
-  'reserved_at')
+local me = redis.call('HMGET', wkey, 'room_mb', 'cores', 'reserving', 'drained_at', 'no_room_mb')
 sizes[worker] = {tonumber(me[1]) or math.huge, tonumber(me[2]) or math.huge}
 -- What a task this worker reserves must fit: its registered room, or less once it found that
 -- much was all it had with nothing running, until it finds more so.
@@ -457,28 +456,29 @@ local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params
 local reserving, bound, rf = me[3], nil, nil
 if reserving then
   rf = redis.call('HMGET', P .. ':t:' .. reserving, unpack(TASK_FIELDS))
-  local mem, cpu = 0, 0
-  if rf[13] == 'todo' then mem, cpu = charged(rf) end
-  if rf[13] ~= 'todo' or rf[12] ~= worker or not could_run(worker, full_size(rf)) then
+  local valid = rf[13] == 'todo' and rf[12] == worker and could_run(worker, full_size(rf))
+  -- Drained: nothing runs here, and the task still does not fit.
+  local empty = false
+  if valid then
+    local mem, cpu = charged(rf)
+    empty = (mem > free_mem or cpu > free_cpu + 1e-9) and
+      redis.call('SCARD', P .. ':run:' .. worker) == 0
+  end
+  if not valid then
     drop_reservation(reserving)
     reserving = nil
-  elseif (mem > free_mem or cpu > free_cpu + 1e-9) and
-      redis.call('SCARD', P .. ':run:' .. worker) == 0 then
-    if not me[4] then
-      redis.call('HSET', wkey, 'drained_at', now_ms(), 'reserving_at', now_ms())
-      bound = tonumber(rf[14])
-    elseif now_ms() - tonumber(me[4]) >= drained then
-      drop_reservation(reserving)
-      redis.call('HSET', wkey, 'no_room_mb', math.floor(free_mem))
-      reserve_room = math.min(reserve_room, math.floor(free_mem))
-      reserving = nil
-    else
-      redis.call('HSET', wkey, 'reserving_at', now_ms())
-      bound = tonumber(rf[14])
-    end
+  elseif empty and me[4] and now_ms() - tonumber(me[4]) >= drained then
+    drop_reservation(reserving)
+    redis.call('HSET', wkey, 'no_room_mb', math.floor(free_mem))
+    reserve_room = math.min(reserve_room, math.floor(free_mem))
+    reserving = nil
   else
-    if me[4] then redis.call('HDEL', wkey, 'drained_at') end
     redis.call('HSET', wkey, 'reserving_at', now_ms())
+    if empty and not me[4] then
+      redis.call('HSET', wkey, 'drained_at', now_ms())
+    elseif me[4] and not empty then
+      redis.call('HDEL', wkey, 'drained_at')
+    end
     bound = tonumber(rf[14])
   end
 end
