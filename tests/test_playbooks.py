@@ -538,3 +538,30 @@ def test_a_node_on_a_release_the_roles_are_not_built_for_stops_the_run_first(tmp
     if not runs:
         assert f"localhost runs {' '.join(release)}; distcomp needs Debian 12 or Ubuntu 22.04, " \
             "or a later release of either" in proc.stdout, proc.stdout
+
+
+def _tasks(entries: list) -> list[dict]:
+    """Every task of a task file, those inside blocks included."""
+    found = []
+    for entry in entries or []:
+        found.append(entry)
+        for section in ("block", "rescue", "always"):
+            found.extend(_tasks(entry.get(section)))
+    return found
+
+
+def test_every_apt_task_waits_out_a_fresh_nodes_own_upgrades():
+    """The apt module gives up on the package lock after 60 s, and a freshly booted node's
+    unattended-upgrades or apt-daily run can hold it longer: site.yml would stop on a node that
+    only needed to wait."""
+    import yaml
+
+    apt_tasks = []
+    for path in sorted((REPO / "roles").glob("*/tasks/*.yml")):
+        for task in _tasks(yaml.safe_load(path.read_text())):
+            if "ansible.builtin.apt" in task:
+                apt_tasks.append((path.relative_to(REPO), task["name"],
+                                  task["ansible.builtin.apt"].get("lock_timeout", 60)))
+    assert len(apt_tasks) >= 8
+    short = [task for task in apt_tasks if task[2] < 600]
+    assert not short, short
