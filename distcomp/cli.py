@@ -388,6 +388,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
         if w["alive"] and w["fault"]:
             print(f"{w['name']} cannot start tasks: {w['fault']}; it claims none for a while, "
                   f"and what it claimed is back in the queue")
+        if w["reserving"]:
+            print(f"{w['name']} waits for room for task {w['reserving']}, passed over for smaller "
+                  f"ones: it takes nothing ranked below it meanwhile")
     if any(_worker_state(w) == "lost" for w in rows):
         print("lost: the lease expired without a clean stop (crashed, killed or cut off from "
               "Redis); its tasks go back to the queue")
@@ -467,6 +470,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         "timeout", "max_retries", "submitted", "stdout_tail", "stderr_tail", "min_dram_gb",
         "min_cpu"))))
     doc["env"] = json.loads(task["env"]) if task.get("env") else {}
+    if doc["reserved_by"] and not queue.holds_reservation(doc["reserved_by"], tid):
+        doc["reserved_by"] = ""
     if args.json:
         print(json.dumps(doc, sort_keys=True))
         return 0

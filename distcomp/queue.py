@@ -1314,6 +1314,16 @@ class Queue:
         raw = self.r.hgetall(self.key("t", task_id))
         return {_str(k): _str(v) for k, v in raw.items()} if raw else None
 
+    def holds_reservation(self, worker: str, task_id: str) -> bool:
+        """Whether ``worker`` waits for room for ``task_id`` (``_CLAIM``): its lease is held and
+        its record names the task. A task's ``reserved_by`` outlives a worker that died or gave
+        the reservation up until the next claim that reads it."""
+        pipe = self.r.pipeline()
+        pipe.pttl(self.key("lease", worker))
+        pipe.hmget(self.key("w", worker), "reserving")
+        pttl, (reserving,) = pipe.execute()
+        return pttl > 0 and _str(reserving or b"") == task_id
+
     def resolve(self, prefix: str) -> list[str]:
         """Ids that start with ``prefix`` (a full id is a direct lookup, a prefix a scan)."""
         if self.r.exists(self.key("t", prefix)):
@@ -1419,6 +1429,9 @@ class Queue:
                 "started": float(info.get("started", 0) or 0),
                 "last_seen": float(info.get("hb", 0) or 0),
                 "fault": info.get("fault", ""),
+                "reserving": info.get("reserving", "") if alive else "",
+                "reserving_since": (round(float(info["reserved_at"]) / 1000, 3)
+                                    if alive and info.get("reserved_at") else None),
             })
         return out
 

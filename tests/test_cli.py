@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime
 
 import pytest
@@ -135,9 +136,11 @@ def test_show_unknown_id_and_prefix(cli, tmp_path):
     assert shown["id"] == tid and shown["params"] == "echo show me" and shown["state"] == "todo"
 
 
-def test_show_names_the_worker_waiting_for_room_for_a_task(cli, queue, monkeypatch):
+def test_show_names_the_worker_waiting_for_room_for_a_task(cli, queue, client, monkeypatch):
     """A task passed over for smaller ones is reserved by a worker that takes nothing worse
-    until it has room for it (distcomp.queue, ``_CLAIM``): `show` says which."""
+    until it has room for it (distcomp.queue, ``_CLAIM``): `show` says which, and `workers`
+    says why that worker leaves smaller tasks be. A worker whose lease lapsed holds nothing,
+    though the task still names it until the next claim reads it."""
     monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
     cli("submit", "-", input=b"shell:0:0.25:1:echo a\nshell:0:0.75:1:echo big\n"
         b"shell:0:0.25:1:echo b\nshell:0:0.25:1:echo c\n", check=True)
@@ -147,6 +150,19 @@ def test_show_names_the_worker_waiting_for_room_for_a_task(cli, queue, monkeypat
     big = json.loads(cli("status", "--state", "todo", "--json", check=True).stdout)["tasks"][0]
     shown = cli("show", big["id"], check=True).stdout.decode()
     assert "\nreserved_by  w1\n" in shown, shown
+    listed = json.loads(cli("workers", "--json", check=True).stdout)
+    assert [(w["name"], w["reserving"]) for w in listed] == [("w1", big["id"])]
+    # Seconds since the epoch, as `show`'s times are (Redis keeps milliseconds).
+    assert abs(listed[0]["reserving_since"] - time.time()) < 3600
+    assert f"w1 waits for room for task {big['id']}, passed over for smaller ones: it takes " \
+        "nothing ranked below it meanwhile\n" in cli("workers", check=True).stdout.decode()
+
+    client.delete(queue.key("lease", "w1"))
+    assert client.hget(queue.key("t", big["id"]), "reserved_by") == b"w1"
+    assert json.loads(cli("show", big["id"], "--json", check=True).stdout)["reserved_by"] == ""
+    assert "reserved_by" not in cli("show", big["id"], check=True).stdout.decode()
+    assert json.loads(cli("workers", "--json", check=True).stdout)[0]["reserving"] == ""
+    assert "waits for room" not in cli("workers", check=True).stdout.decode()
 
 
 def test_cancel_and_retry_from_the_cli(cli):
