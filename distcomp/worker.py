@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -396,11 +396,7 @@ class Worker:
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
         self.tasks_rss = total
-        for sid in list(self.sweep_sids):
-            if sid in rss:
-                kill_session(sid, signal.SIGKILL)
-            else:
-                self.sweep_sids.discard(sid)
+        self.sweep(rss)
         self.available = avail = self.measure_available()
         self.oom_count = oom_kills(self.cgroups)
         if self.growing_into(avail - self.reserve):
@@ -614,7 +610,9 @@ class Worker:
     def free(self, outlook: Outlook | None = None) -> tuple[float, float, int]:
         """Memory (MiB) a new task can be charged, cores and task slots a claim may fill."""
         free_mem = (outlook or self.outlook()).free(*self.rooms())
-        free_cpu = self.cores - sum(t.claim.cpu for t in self.running.values())
+        # Rounded: ten 0.7-core tasks on 7 cores left -8.9e-16 cores, no room for a task that
+        # needs none (``has_room``), where the claim allows 1e-9 over.
+        free_cpu = round(self.cores - math.fsum(t.claim.cpu for t in self.running.values()), 9)
         slots = min(MAX_CLAIM_BATCH, self.max_tasks - len(self.running))
         return free_mem, free_cpu, slots
 
@@ -665,6 +663,18 @@ class Worker:
             return False
         self.short_at = None
         return True
+
+    def sweep(self, sessions: Container[int] | None = None) -> None:
+        """Kill what ended tasks left in their sessions (processes that moved to groups of
+        their own), in ``sessions``, those that had processes at the last sample, or all
+        (None: the worker is leaving, no sample comes after). A session's id is the pid of the
+        task that began it, and the number is free again once nothing is left in the session:
+        a running task's pid is a new task's session, never swept."""
+        live = {task.pid for task in self.running.values()}
+        for sid in list(self.sweep_sids):
+            if sid in live or (sessions is not None and sid not in sessions) or \
+                    not kill_session(sid, signal.SIGKILL):
+                self.sweep_sids.discard(sid)
 
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""
@@ -1057,6 +1067,7 @@ class Worker:
                     ending.register(task.pidfd, select.POLLIN)
                     ending.poll(max(0.0, deadline - time.monotonic()) * 1000)
                 self.runner.escalate(task)
+            self.sweep()
 
     def check_deadlines(self, mono: float) -> None:
         for task in self.running.values():
@@ -1112,12 +1123,15 @@ class Worker:
             for task in self.running.values():
                 self.runner.kill(task, "lost", 0)
                 self.runner.escalate(task)
+            self.sweep()
             return 1
         except Exception:
             log.critical("unexpected error; putting %d running task(s) back in the queue, "
                          "killing them and exiting", len(self.running), exc_info=True)
             self.abandon()
             raise
+        # What the last tasks left gets no sample after this one.
+        self.sweep()
         try:
             left = self.q.deregister(self.name, self.token, self.stats())
             if left > 0:

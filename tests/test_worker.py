@@ -1439,3 +1439,53 @@ def test_a_task_taken_away_is_killed_at_the_next_heartbeat(queue, tmp_path):
     w.heartbeat()
     assert task.kill_reason == "lost"
     wait_for(lambda: _ended(task.pid), 30, "the task to be killed")
+
+
+def test_what_a_task_left_in_its_session_dies_when_the_worker_leaves(queue, workers, tmp_path):
+    """A task's processes in groups of their own (a script's `set -m` jobs) outlive the task
+    and die at the worker's next sample: a worker that left right after the task ended
+    (--exit-when-empty, a stop signal) took no sample after it, and they ran on."""
+    left = tmp_path / "left"
+    (tid,) = submit(queue, [f"shell:0:0:1:set -m; sleep 300 & echo $! > {left}"])
+    w = workers("w1", "--exit-when-empty", wait_registered=False)
+    assert w.proc.wait(60) == 0, w.output()
+    assert state(queue, tid) == "finished"
+    pid = int(left.read_text())
+    wait_for(lambda: _ended(pid), 30, "what the task left in its session to be killed")
+
+
+def test_a_worker_with_every_core_taken_in_fractions_still_starts_a_task_needing_none(
+        queue, workers, tmp_path):
+    """Ten 0.7-core tasks on 7 cores left -8.9e-16 cores free by float sums: the worker saw no
+    room and a task that needs no core waited for one of them to end."""
+    gate = tmp_path / "gate"
+    submit(queue, [f"shell:0:0:0.7:while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}"
+                   for i in range(10)])
+    workers("w1", "--cores", "7")
+    wait_for(lambda: queue.counts()["running"] == 10, 30, "the ten 0.7-core tasks to start")
+    (free,) = submit(queue, ["shell:0:0:0:echo free"])
+    wait_for(lambda: state(queue, free) == "finished", 30,
+             "the task that needs no core to run beside them")
+    assert queue.counts()["running"] == 10
+    gate.touch()
+    wait_for(lambda: drained(queue), 60, "the queue to drain")
+
+
+def test_the_sweep_of_an_ended_tasks_session_spares_a_task_that_got_its_number(queue, tmp_path):
+    """An ended task's session is swept at the next sample by its number, the task's pid; once
+    nothing is left in it the number is free, and a task started before that sample can get it
+    (pids wrap around): the sweep killed that task, a failure it had not earned. The state
+    the wrap-around makes, set up directly: the number to sweep is a running task's pid."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="sw")), queue)
+    w.sample()
+    w.start([Claim("sw", 1, "shell", "sleep 300", "", {}, 0, 0, 1.0, "0")])
+    task = w.running["sw"]
+    try:
+        w.sweep_sids.add(task.pid)
+        w.sample()
+        assert not _ended(task.pid) and task.pid not in w.sweep_sids
+    finally:
+        os.killpg(task.pid, signal.SIGKILL)
+        os.waitpid(task.pid, 0)
