@@ -226,6 +226,14 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
          namespace: str | None = None) -> Config:
     """Resolve the configuration with the precedence documented in docs/contract.md."""
     cfg = Config()
+    # An option given empty ("$EXP" with EXP unset) is a mistake, not the default: with the
+    # default namespace, or the default config file's, `purge --yes` would empty another
+    # experiment's queue.
+    for option, value in (("--config", path), ("--redis", url),
+                          ("--password-file", password_file), ("--namespace", namespace)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{option} is empty: give a value, or leave the option out for "
+                              f"the default")
     # DISTCOMP_CONFIG= (empty) is how a shell unsets it for one command: it means "not given"
     path = path or os.environ.get("DISTCOMP_CONFIG") or None
     explicit = path is not None
@@ -239,7 +247,9 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
         _read_config(parser, path)
         _drop_inline_comments(parser, path)
         cfg.source = path
-    for name in parser.sections():
+    # configparser reads [DEFAULT] as no section, only as values every section inherits: its
+    # url was ignored without a word, and its keys showed up as unknown in [worker].
+    for name in parser.sections() + ([parser.default_section] if parser.defaults() else []):
         if name not in ("redis", "worker"):
             raise ConfigError(f"{path}: unknown section [{name}] (expected [redis] and [worker])")
     if parser.has_section("redis"):
@@ -256,12 +266,6 @@ def load(path: str | None = None, url: str | None = None, password_file: str | N
             config_password_file = section["password_file"].strip()
     if parser.has_section("worker"):
         cfg.worker = _load_worker(parser["worker"], path)
-    # An option given empty ("$EXP" with EXP unset) is a mistake, not the default: with the
-    # default namespace, `purge --yes` would empty another experiment's queue.
-    for option, value in (("--redis", url), ("--namespace", namespace)):
-        if value is not None and not value.strip():
-            raise ConfigError(f"{option} is empty: give a value, or leave the option out for "
-                              f"the default")
     for variable, option in (("DISTCOMP_REDIS_URL", url), ("DISTCOMP_NAMESPACE", namespace)):
         if option is None and variable in os.environ and not os.environ[variable].strip():
             raise ConfigError(f"{variable} is set but empty: give it a value, or unset it for "

@@ -136,6 +136,9 @@ def test_an_empty_distcomp_config_means_unset(cli):
 @pytest.mark.parametrize("text, message", [
     ("[redis]\npasword = hunter2\n", "unknown key 'pasword' in [redis]"),
     ("[Redis]\npassword = hunter2\n", "unknown section [Redis] (expected [redis] and [worker])"),
+    # Every section inherits [DEFAULT]'s keys: its url was ignored without a word.
+    ("[DEFAULT]\nurl = redis://:hunter2@127.0.0.1:1/0\n",
+     "unknown section [DEFAULT] (expected [redis] and [worker])"),
 ])
 def test_unknown_redis_keys_and_sections_are_refused(cli, tmp_path, text, message):
     conf = tmp_path / "typo.conf"
@@ -241,10 +244,11 @@ def test_inline_comments_are_still_cut_everywhere_else(cli, tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("option", ["--namespace", "--redis"])
+@pytest.mark.parametrize("option", ["--namespace", "--redis", "--config", "--password-file"])
 def test_an_option_given_empty_is_refused_not_taken_for_the_default(cli, option):
     """`--namespace "$EXP"` with EXP unset named the default namespace (here the test's own,
-    from DISTCOMP_NAMESPACE), and `purge --yes` emptied that queue."""
+    from DISTCOMP_NAMESPACE), and `purge --yes` emptied that queue; `--config ""` read the
+    default configuration (and its namespace) and `--password-file ""` was left out."""
     cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
     err = one_line_error(cli(option, "", "purge", "--yes"))
     assert f"{option} is empty" in err
