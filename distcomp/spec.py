@@ -115,15 +115,25 @@ def _resource_text(text: str, what: str, limit: int) -> float:
     """A resource field of the colon format: a number (surrounding blanks allowed) in range.
     ``float`` alone is not the test: it reads other scripts' digits and ``1_0``, which the
     priority field (and JSON) refuse."""
+    shown = _shown_text(text.strip())
     try:
         if not text.isascii() or "_" in text:
             raise ValueError(text)
         number = float(text)
     except ValueError:
-        raise SpecError(f"{what} must be a number, got {text.strip()!r}") from None
-    if not math.isfinite(number):
-        raise SpecError(f"{what} must be a finite number, got {text.strip()!r}")
+        raise SpecError(f"{what} must be a number, got {shown}") from None
+    if math.isnan(number) or text.strip().lstrip("+-")[:1].isalpha():
+        raise SpecError(f"{what} must be a finite number, got {shown}")
+    if math.isinf(number):
+        # Digits too many for a float: what they say is as plain as for any large number.
+        raise SpecError(f"{what} must be >= 0, got {shown}" if number < 0 else
+                        f"{what} {shown} is larger than any node ({limit:,} at most)")
     return _in_range(number, what, limit)
+
+
+def _shown_text(text: str) -> str:
+    """A field's text for an error message: a line may hold 65,536 bytes of it."""
+    return repr(text) if len(text) <= 24 else f"{text[:8]!r}... ({len(text)} characters)"
 
 
 def _priority_text(text: str) -> int:
@@ -308,8 +318,9 @@ def _too_long(n_bytes: int) -> SpecError:
 
 def parse_line(raw: bytes) -> TaskSpec | None:
     """Parse one line (without its newline). Returns None for blank lines and comments."""
-    if len(raw) > MAX_LINE_BYTES:
-        raise _too_long(len(raw))
+    # A CRLF line's CR is its line ending, not one of its bytes.
+    if len(raw) - raw.endswith(b"\r") > MAX_LINE_BYTES:
+        raise _too_long(len(raw) - raw.endswith(b"\r"))
     if b"\0" in raw:
         raise SpecError("line contains a NUL byte (is this a binary file?)")
     try:
@@ -322,6 +333,7 @@ def parse_line(raw: bytes) -> TaskSpec | None:
 
 def _parse_text_line(line: str) -> TaskSpec | None:
     """``parse_line`` for a line of a file already known to be valid UTF-8 without NULs."""
+    line = line.removesuffix("\r")
     if len(line) > MAX_LINE_BYTES // 4 and len(line.encode()) > MAX_LINE_BYTES:
         raise _too_long(len(line.encode()))
     return _parse_decoded(line)

@@ -114,6 +114,13 @@ def test_a_file_that_is_not_clean_utf8_parses_line_by_line_alike(bad):
     (b"shell:1:1:inf:echo", "min_cpu must be a finite number, got 'inf'"),
     (b"shell:1:1e12:1:echo",
      "min_dram_gb 1000000000000.0 is larger than any node (1,048,576 at most)"),
+    # Too many digits for a float: a large number, not an infinite one, and not echoed whole.
+    (b"shell:1:" + b"9" * 400 + b":1:echo",
+     "min_dram_gb '99999999'... (400 characters) is larger than any node (1,048,576 at most)"),
+    (b"shell:1:1:-1e400:echo", "min_cpu must be >= 0, got '-1e400'"),
+    (b"shell:1:-Infinity:1:echo", "min_dram_gb must be a finite number, got '-Infinity'"),
+    (b"shell:1:" + b"x" * 400 + b":1:echo",
+     "min_dram_gb must be a number, got 'xxxxxxxx'... (400 characters)"),
     (b"shell:1.5:1:1:echo", "priority must be an integer, got '1.5'"),
     (b"shell:99999999:1:1:echo", "priority 99999999 is out of range (-999999..999999)"),
     (b'{"type": "shell", "params": 5}', "params must be a string, got int"),
@@ -225,6 +232,17 @@ def test_cr_line_endings_are_refused_not_merged(data):
 def test_overlong_line_rejected():
     with pytest.raises(SpecError, match="longer than the 65536 byte limit"):
         parse_line(b"shell:1:0:1:" + b"x" * MAX_LINE_BYTES)
+
+
+def test_a_crlf_lines_cr_does_not_count_toward_its_length():
+    """A line of exactly the limit was refused with CRLF endings and taken with LF."""
+    line = b"shell:1:0:1:" + b"x" * (MAX_LINE_BYTES - 12)
+    for data in (line + b"\n", line + b"\r\n", line + b"\r\n\xff\n"):
+        result = parse_taskfile(data)
+        assert [t.params for t in result.tasks] == ["x" * (MAX_LINE_BYTES - 12)], data[-4:]
+    result = parse_taskfile(b"x" + line + b"\r\n")
+    assert result.errors == [(1, f"line is {MAX_LINE_BYTES + 1} bytes, longer than the "
+                                 f"{MAX_LINE_BYTES} byte limit")]
 
 
 def test_every_bad_line_reported_with_its_number():
