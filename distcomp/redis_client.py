@@ -254,24 +254,27 @@ class Connection:
         """One reply; an error reply is returned (not raised) as a ``RedisError``."""
         line = self._line()
         kind, rest = line[:1], line[1:]
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            while len(self.buf) - self.pos < size + 2:
-                self._fill()
-            data = bytes(self.buf[self.pos:self.pos + size])
-            self.pos += size + 2
-            return data
-        if kind == b":":
-            return int(rest)
         if kind == b"+":
             return rest
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self.read() for _ in range(count)]
         if kind == b"-":
             return _error(rest.decode(errors="replace"))
+        try:
+            number = int(rest)
+        except ValueError:
+            number = None  # a server that is not Redis (below)
+        if number is not None:
+            if kind == b"$":
+                if number < 0:
+                    return None
+                while len(self.buf) - self.pos < number + 2:
+                    self._fill()
+                data = bytes(self.buf[self.pos:self.pos + number])
+                self.pos += number + 2
+                return data
+            if kind == b":":
+                return number
+            if kind == b"*":
+                return None if number < 0 else [self.read() for _ in range(number)]
         raise ConnectError(f"unexpected reply from Redis: {line[:40]!r}")
 
     def close(self) -> None:
@@ -380,7 +383,11 @@ class Redis:
 
     # -- the commands distcomp reads with, replies shaped for their callers ------------------
     def ping(self) -> bool:
-        return self.execute("PING") == b"PONG"
+        """True, or a ``ConnectError`` from a server that answers but is not Redis."""
+        reply = self.execute("PING")
+        if reply != b"PONG":
+            raise ConnectError(f"unexpected reply from Redis to PING: {reply!r:.40}")
+        return True
 
     def set(self, key: str, value: Any) -> None:
         self.execute("SET", key, value)

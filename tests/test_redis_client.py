@@ -322,3 +322,33 @@ def test_the_first_reply_waits_the_connect_timeout_and_later_ones_the_timeout(re
 def test_hosts_and_ca_files_that_cannot_work_are_config_errors(url, message):
     with pytest.raises(ConfigError, match=message):
         Config(url=url).client()
+
+
+@pytest.mark.parametrize("reply", [b"*abc\r\n", b":1x\r\n", b"$\r\n", b"+OK\r\n", b":1\r\n"])
+def test_a_server_that_is_not_redis_is_a_connect_error_in_one_line(reply):
+    """A number that is not one in a reply's header was a ValueError, and a PING answered with
+    anything but PONG went on to the first command's reply: both ended in a traceback."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(reply)
+
+    threading.Thread(target=answer, daemon=True).start()
+    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    try:
+        with pytest.raises(ConnectError, match="unexpected reply from Redis"):
+            Redis(url, timeout=5, retries=0).ping()
+        proc = subprocess.run([sys.executable, "-m", "distcomp", "--redis", url, "status"],
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        server.close()
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"distcomp: error: cannot reach Redis at {url}: unexpected "
+                                  "reply from Redis") and proc.stderr.count("\n") == 1, proc.stderr
