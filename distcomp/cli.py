@@ -83,14 +83,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name, data = _read_taskfile(args.file)
     parsed = parse_taskfile(data)
     for lineno, reason in parsed.errors[:SHOWN_ERRORS]:
-        print(f"{name}:{lineno}: {reason}", file=sys.stderr)
+        print(_one_line(f"{name}:{lineno}: {reason}"), file=sys.stderr)
     if len(parsed.errors) > SHOWN_ERRORS:
-        print(f"{name}: ... and {len(parsed.errors) - SHOWN_ERRORS} more invalid line(s)",
-              file=sys.stderr)
+        print(_one_line(f"{name}: ... and {len(parsed.errors) - SHOWN_ERRORS} more invalid "
+                        f"line(s)"), file=sys.stderr)
     if parsed.errors and not args.skip_invalid:
-        print(f"distcomp: error: {name}: {len(parsed.errors)} invalid line(s); nothing was "
-              f"submitted (fix them, or use --skip-invalid to submit the valid lines)",
-              file=sys.stderr)
+        _complain(f"{name}: {len(parsed.errors)} invalid line(s); nothing was submitted (fix "
+                  f"them, or use --skip-invalid to submit the valid lines)")
         return EXIT_BAD_INPUT
     if not parsed.tasks:
         raise CliError(f"{name}: no tasks in file (only blank lines, comments or invalid lines)",
@@ -663,7 +662,7 @@ class _Parser(argparse.ArgumentParser):
             # an option nobody knows may still carry a secret: --pw=SECRET shows as --pw=***
             message = _OPTION_VALUE.sub(r"\1=***", message)
         hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
-        self.exit(EXIT_BAD_INPUT, f"distcomp: error: {message} (see {hint})\n")
+        self.exit(EXIT_BAD_INPUT, f"distcomp: error: {_one_line(message)} (see {hint})\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -825,6 +824,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    """An error line stays one line whatever a name in it holds (a file or worker name may
+    contain a newline): line breaks show escaped, as Python writes them."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _complain(text: str) -> None:
+    print(f"distcomp: error: {_one_line(text)}", file=sys.stderr)
+
+
 def _describe_redis_error(cfg: Config, exc: Exception) -> str:
     url = cfg.redacted_url()
     text = str(exc)
@@ -864,13 +873,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a write error shows here, as one line, not at exit
         return code
     except CliError as exc:
-        print(f"distcomp: error: {exc}", file=sys.stderr)
+        _complain(str(exc))
         return exc.code
     except ConfigError as exc:
-        print(f"distcomp: error: {exc}", file=sys.stderr)
+        _complain(str(exc))
         return EXIT_BAD_INPUT
     except RedisError as exc:
-        print(f"distcomp: error: {_describe_redis_error(args.cfg, exc)}", file=sys.stderr)
+        _complain(_describe_redis_error(args.cfg, exc))
         return EXIT_OPERATIONAL
     except BrokenPipeError:
         return 0
@@ -878,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         # Mostly output that could not be written (a full disk, /dev/full, a file size limit);
         # the worker logs its own with the traceback first.
         where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
-        print(f"distcomp: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _complain(f"{where}{exc.strerror or exc}")
         return EXIT_OPERATIONAL
     except KeyboardInterrupt:
         print("distcomp: error: interrupted", file=sys.stderr)

@@ -310,3 +310,20 @@ def test_a_byte_order_mark_is_not_part_of_a_config_or_password_file(cli, tmp_pat
 def test_port_0_is_refused_not_taken_for_6379(cli):
     err = one_line_error(cli("--redis", "redis://127.0.0.1:0/0", "status"))
     assert "port 0 is not a port Redis listens on" in err
+
+
+def test_a_name_holding_a_line_break_leaves_the_error_one_line(cli, tmp_path):
+    """Errors are one line, and quote names as given: a file named with a newline broke the
+    line in two, which a log reader takes for two messages."""
+    err = one_line_error(cli("--config", str(tmp_path / "no\nsuch.conf"), "status"))
+    assert "no\\nsuch.conf" in err
+    err = one_line_error(cli("submit", str(tmp_path / "tasks\r\n.txt")))
+    assert "tasks\\r\\n.txt" in err
+    bad = tmp_path / "bad\ntasks.txt"
+    bad.write_text("shell:x:0:1:echo\n")
+    proc = cli("submit", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.decode().splitlines() == [
+        f"{tmp_path}/bad\\ntasks.txt:1: priority must be an integer, got 'x'",
+        f"distcomp: error: {tmp_path}/bad\\ntasks.txt: 1 invalid line(s); nothing was submitted "
+        "(fix them, or use --skip-invalid to submit the valid lines)"]
