@@ -323,7 +323,8 @@ def test_a_name_holding_a_line_break_leaves_the_error_one_line(cli, tmp_path):
     bad.write_text("shell:x:0:1:echo\n")
     proc = cli("submit", str(bad))
     assert proc.returncode == 2
+    name = f"{tmp_path}/bad\\ntasks.txt"
+    summary = (f"distcomp: error: {name}: 1 invalid line(s); nothing was submitted (fix them, "
+               "or use --skip-invalid to submit the valid lines)")
     assert proc.stderr.decode().splitlines() == [
-        f"{tmp_path}/bad\\ntasks.txt:1: priority must be an integer, got 'x'",
-        f"distcomp: error: {tmp_path}/bad\\ntasks.txt: 1 invalid line(s); nothing was submitted "
-        "(fix them, or use --skip-invalid to submit the valid lines)"]
+        f"{name}:1: priority must be an integer, got 'x'", summary]

@@ -241,8 +241,8 @@ def test_a_crlf_lines_cr_does_not_count_toward_its_length():
         result = parse_taskfile(data)
         assert [t.params for t in result.tasks] == ["x" * (MAX_LINE_BYTES - 12)], data[-4:]
     result = parse_taskfile(b"x" + line + b"\r\n")
-    assert result.errors == [(1, f"line is {MAX_LINE_BYTES + 1} bytes, longer than the "
-                                 f"{MAX_LINE_BYTES} byte limit")]
+    too_long = f"line is {MAX_LINE_BYTES + 1} bytes, longer than the {MAX_LINE_BYTES} byte limit"
+    assert result.errors == [(1, too_long)]
 
 
 def test_every_bad_line_reported_with_its_number():
