@@ -277,7 +277,8 @@ class Runner:
             reason = f"cannot start: {getattr(exc, 'strerror', None) or exc}"
             if isinstance(exc, OSError) and exc.filename:
                 reason += f": {exc.filename}"
-            task.returncode, task.ended, task.spawn_error = 127, task.started, reason
+            task.returncode, task.spawn_error = 127, reason
+            task.ended, task.ended_mono = task.started, task.started_mono
             self.close_output(task)
         return task
 

@@ -754,7 +754,9 @@ class Worker:
 
     # -- completion and reports -------------------------------------------------------------
     def result(self, task: RunningTask) -> dict[str, Any]:
-        wall = task.ended - task.started
+        # On the monotonic clock: a step of the system clock (NTP at a node's boot) between
+        # start and end would make the wall time negative or hours long.
+        wall = task.ended_mono - task.started_mono
         return {
             "exit_code": "" if task.returncode is None else task.returncode,
             "started": repr(task.started), "ended": repr(task.ended), "wall_s": f"{wall:.3f}",

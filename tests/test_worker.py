@@ -333,7 +333,7 @@ def test_a_task_whose_exit_status_is_lost_fails_saying_so(queue, tmp_path):
 def test_a_tasks_life_is_measured_on_the_clock_of_its_memory_trace(queue, tmp_path):
     """A task's shape spreads its memory samples, aged on the monotonic clock, over its life:
     measured on the wall clock, a step of the clock while it ran (NTP) stretched or squeezed
-    its life and put its samples in the wrong part of it."""
+    its life and put its samples in the wrong part of it, and its recorded wall time too."""
     from distcomp.worker import FILL_SAMPLES, Worker
 
     w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="life")), queue)
@@ -353,6 +353,8 @@ def test_a_tasks_life_is_measured_on_the_clock_of_its_memory_trace(queue, tmp_pa
     w.completed(task)
     ((_, _, (life, _)),) = w.classes[task.claim.declared]
     assert 0 < life < 60, life
+    # So is the wall time it is recorded with, which took the hour in.
+    assert 0 < float(w.result(task)["wall_s"]) < 60
 
 
 def test_a_task_whose_output_cannot_be_set_up_fails_and_the_worker_goes_on(queue, workers):
