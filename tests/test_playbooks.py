@@ -188,7 +188,11 @@ def test_a_memory_ceiling_systemd_would_not_read_stops_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("variable, good, bad", [
-    ("distcomp_worker_memory_limit", ["1.5g", "512MiB"], ["lots", "-1G"]),
+    ("distcomp_worker_memory_limit", ["1.5g", "512MiB", "0", "16777216"],
+     ["lots", "-1G", "4096"]),
+    ("distcomp_worker_heartbeat_ttl", [1, 30], [0, -5]),
+    ("distcomp_worker_max_tasks", [0, 8], [-1]),
+    ("distcomp_worker_default_timeout", [0, 600], [-1]),
     ("distcomp_worker_memory_reserve", ["256M"], ["5%"]),
     ("distcomp_worker_evict_below", ["128m"], ["half"]),
     ("distcomp_worker_overcommit", ["AUTO", "0.25", "4"], ["5", "x2"]),
