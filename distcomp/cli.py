@@ -711,7 +711,8 @@ def _global_options(p: argparse.ArgumentParser, default: Any = None) -> None:
     p.add_argument(*_PASSWORD_OPTIONS, action=_NoPassword, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
     p.add_argument("--namespace", default=default,
-                   help="key prefix, to share one Redis (default: distcomp)")
+                   help="key prefix, to share one Redis (default: $DISTCOMP_NAMESPACE, the "
+                        "config file, then distcomp)")
 
 
 def build_parser() -> argparse.ArgumentParser:

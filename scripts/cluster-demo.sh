@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-molecule
 if [[ ! -x $VENV/bin/ansible-playbook ]]; then
-    python3 -m venv "$VENV"
+    # A fresh Debian has python3 without its venv module.
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+        python3 -m venv "$VENV"
+    fi
     "$VENV/bin/pip" install -q -r tests/molecule/requirements.txt
 fi
 export PATH=$PWD/$VENV/bin:$PATH
