@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_overcommit, parse_size
-from .output import OutputError, replaced_whole
+from .output import OutputError, one_line, replaced_whole
 from .queue import STATES, Queue
 from .redis_client import AuthError, ConnectError, RedisError, ResponseError
 from .spec import TaskSpec, parse_taskfile
@@ -83,9 +83,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name, data = _read_taskfile(args.file)
     parsed = parse_taskfile(data)
     for lineno, reason in parsed.errors[:SHOWN_ERRORS]:
-        print(_one_line(f"{name}:{lineno}: {reason}"), file=sys.stderr)
+        print(one_line(f"{name}:{lineno}: {reason}"), file=sys.stderr)
     if len(parsed.errors) > SHOWN_ERRORS:
-        print(_one_line(f"{name}: ... and {len(parsed.errors) - SHOWN_ERRORS} more invalid "
+        print(one_line(f"{name}: ... and {len(parsed.errors) - SHOWN_ERRORS} more invalid "
                         f"line(s)"), file=sys.stderr)
     if parsed.errors and not args.skip_invalid:
         _complain(f"{name}: {len(parsed.errors)} invalid line(s); nothing was submitted (fix "
@@ -662,7 +662,7 @@ class _Parser(argparse.ArgumentParser):
             # an option nobody knows may still carry a secret: --pw=SECRET shows as --pw=***
             message = _OPTION_VALUE.sub(r"\1=***", message)
         hint = "`distcomp --help`" if self.prog == "distcomp" else f"`{self.prog} --help`"
-        self.exit(EXIT_BAD_INPUT, f"distcomp: error: {_one_line(message)} (see {hint})\n")
+        self.exit(EXIT_BAD_INPUT, f"distcomp: error: {one_line(message)} (see {hint})\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -825,14 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(text: str) -> str:
-    """An error line stays one line whatever a name in it holds (a file or worker name may
-    contain a newline): line breaks show escaped, as Python writes them."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
 def _complain(text: str) -> None:
-    print(f"distcomp: error: {_one_line(text)}", file=sys.stderr)
+    print(f"distcomp: error: {one_line(text)}", file=sys.stderr)
 
 
 def _describe_redis_error(cfg: Config, exc: Exception) -> str:

@@ -82,6 +82,8 @@ class Manifest:
 
     nodes: tuple[Node, ...]
     lans: tuple[str, ...]
+    # Per LAN, the interfaces it links that belong to no node listed here.
+    absent: dict[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Inventory:
     all_vars: dict[str, Any]
     lan: str
     skipped: tuple[str, ...]
+    absent: tuple[str, ...]  # interfaces on the LAN of nodes the manifest does not list
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -106,8 +109,9 @@ def parse_manifest(data: bytes) -> Manifest:
     `type="request"` on real manifests. What distinguishes a manifest is that the testbed filled
     it in: nodes have a `sliver_id` and `<services><login>`.
     """
+    document = _document(data)
     try:
-        root = ET.fromstring(data.lstrip())
+        root = ET.fromstring(document)
     except ET.ParseError as exc:
         raise ManifestError(f"not an XML document ({exc})") from None
     except (LookupError, ValueError) as exc:
@@ -146,7 +150,10 @@ def parse_manifest(data: bytes) -> Manifest:
     lan_members = _lan_members(root)
     lans = tuple(lan for lan, members in lan_members.items()
                  if any(m in interface_addresses for m in members))
+    listed = {i.get("client_id") for _, element in nodes for i in element.findall(_q("interface"))}
     return Manifest(
+        absent={lan: tuple(m for m in members if m not in listed)
+                for lan, members in lan_members.items()},
         nodes=tuple(
             Node(
                 name=name,
@@ -158,6 +165,26 @@ def parse_manifest(data: bytes) -> Manifest:
         ),
         lans=lans,
     )
+
+
+# Byte-order marks of the encodings a Windows editor or shell may save a copy in. Windows
+# PowerShell 5.1's `>` writes UTF-16 and keeps the manifest's own `encoding="UTF-8"`, which the
+# XML parser then believes.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+              (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _document(data: bytes) -> bytes | str:
+    """The manifest for the XML parser: text decoded by its byte-order mark, and without the
+    blank lines a copy from the portal starts with (after a UTF-8 mark too)."""
+    for bom, codec in _WIDE_BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec).lstrip()
+            except UnicodeDecodeError:
+                raise ManifestError(f"starts as {codec.upper()} text but is not; save the "
+                                    f"manifest as UTF-8") from None
+    return data.removeprefix(b"\xef\xbb\xbf").lstrip()
 
 
 def _ipv4_of(node: str, interface: ET.Element) -> LanAddress | None:
@@ -301,7 +328,20 @@ def build_inventory(
         all_vars={"distcomp_manager_address": hostvars[manager]["distcomp_node_address"]},
         lan=lan,
         skipped=tuple(skipped),
+        absent=manifest.absent.get(lan, ()),
     )
+
+
+def warnings_of(inventory: Inventory) -> list[str]:
+    """What an inventory that was still written leaves out, one line each."""
+    notes = [f"left out node {name} (no address on LAN {inventory.lan})"
+             for name in inventory.skipped]
+    if inventory.absent:
+        # `geni-get manifest` on a node of a multi-site experiment answers with its site's part.
+        notes.append(f"LAN {inventory.lan} also links {', '.join(inventory.absent)}, of nodes "
+                     f"this manifest does not list: it holds one site's nodes of a multi-site "
+                     f"experiment; save the portal's Manifest tab, which lists them all")
+    return notes
 
 
 def _choose_lan(manifest: Manifest, lan: str | None, options: Mapping[str, str]) -> str:
@@ -457,6 +497,10 @@ def add_inventory_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_cloudlab(args: argparse.Namespace) -> int:
     """Write the YAML inventory; on bad input print one `distcomp: error:` line and return 2."""
+    # Imported here: inventory/cloudlab/cloudlab.py loads this file alone, outside the package.
+    from .output import OutputError, one_line, replaced_whole
+
+    manifest = one_line(args.manifest)
     for option, value in (("--manager", args.manager), ("--lan", args.lan),
                           ("--user", args.user)):
         # `--user "$ME"` with ME unset is a mistake, not the default (another member's login).
@@ -469,23 +513,21 @@ def _run_cloudlab(args: argparse.Namespace) -> int:
             args.manifest, args.manager, args.lan, args.user, args.skip_off_lan
         )
     except ManifestError as exc:
-        print(f"distcomp: error: {args.manifest}: {exc}", file=sys.stderr)
+        print(f"distcomp: error: {manifest}: {exc}", file=sys.stderr)
         return 2
-    for name in inventory.skipped:
-        print(f"distcomp: warning: {args.manifest}: left out node {name} (no address on LAN "
-              f"{inventory.lan})", file=sys.stderr)
-    text = to_yaml(inventory, Path(args.manifest).name)
+    for note in warnings_of(inventory):
+        print(f"distcomp: warning: {manifest}: {note}", file=sys.stderr)
+    # A line break in the name would end the header's comment and break the YAML.
+    text = to_yaml(inventory, one_line(Path(args.manifest).name))
     if args.output in (None, "-"):
         sys.stdout.write(text)
         return 0
-    # Imported here: inventory/cloudlab/cloudlab.py loads this file alone, outside the package.
-    from .output import OutputError, replaced_whole
-
     try:
         with replaced_whole(args.output) as out:
             out.write(text)
     except OutputError as exc:
         # Exit statuses as `export -o`: 2 for a name that is no file, 1 for a failed write.
-        print(f"distcomp: error: {exc} (the inventory was not written)", file=sys.stderr)
+        print(f"distcomp: error: {one_line(str(exc))} (the inventory was not written)",
+              file=sys.stderr)
         return 2 if exc.usage else 1
     return 0

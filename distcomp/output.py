@@ -15,6 +15,12 @@ from collections.abc import Iterator
 from typing import TextIO
 
 
+def one_line(text: str) -> str:
+    """A message stays one line whatever a name in it holds (a file or worker name may contain
+    a newline): line breaks show escaped, as Python writes them."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class OutputError(Exception):
     """``path`` cannot be written. ``usage``: refused before anything was written (a name
     that is no file: the caller's mistake, not the machine's)."""

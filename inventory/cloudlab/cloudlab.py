@@ -70,9 +70,8 @@ def main(argv):
     except cloudlab.ManifestError as exc:
         print(f"distcomp: error: {manifest}: {exc}", file=sys.stderr)
         return 2
-    for name in inventory.skipped:
-        print(f"distcomp: warning: {manifest}: left out node {name} (no address on LAN "
-              f"{inventory.lan})", file=sys.stderr)
+    for note in cloudlab.warnings_of(inventory):
+        print(f"distcomp: warning: {manifest}: {note}", file=sys.stderr)
     if host is not None:
         print(json.dumps(inventory.hostvars.get(host, {})))
     else:
