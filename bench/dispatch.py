@@ -25,10 +25,12 @@ A third part measures pickup as a cluster sees it: a worker daemon already runni
 then ``distcomp submit`` of one task; pickup is the time from the start of ``submit`` to the
 task's start on the worker (new tasks are announced to idle workers, not polled for).
 
-distcomp keeps every task's stdout and stderr in two files; the peers' output goes into pipes
-this script reads into memory. So that both keep output in memory, the worker's results
-directory is on tmpfs (/dev/shm) by default; ``--results-dir`` puts it elsewhere, e.g. on disk
-to include the file system's cost of creating two files per task.
+distcomp keeps every task's stdout and stderr in two files, and so does GNU parallel, which
+buffers each job's output in two temporary files until the job ends; xargs' output goes into
+pipes this script reads into memory. So that all keep output in memory, the worker's results
+directory is on tmpfs (/dev/shm) by default, and parallel's temporary files go to the same file
+system (``--tmpdir``; they went to /tmp, on disk here, before 2026-12-07); ``--results-dir``
+puts both elsewhere, e.g. on disk to include the file system's cost of creating files.
 """
 
 from __future__ import annotations
@@ -181,11 +183,14 @@ def run_pickup(server: RedisServer, rounds: int, work: Path, results_root: Path
     return runs
 
 
-def run_parallel(commands: list[str], conc: int, work: Path) -> dict[str, Any]:
+def run_parallel(commands: list[str], conc: int, work: Path, results_root: Path
+                 ) -> dict[str, Any]:
+    """GNU parallel, its per-job output files where distcomp's results go."""
     cmdfile = work / "parallel.cmds"
     cmdfile.write_text("".join(c + "\n" for c in commands))
     env = child_env(PARALLEL_SHELL="/bin/bash", PARALLEL_HOME=str(work / "parallel-home"))
-    secs, proc = run_timed(["parallel", "--will-cite", f"-j{conc}", "-a", str(cmdfile)],
+    secs, proc = run_timed(["parallel", "--will-cite", f"-j{conc}", "--tmpdir",
+                            str(results_root), "-a", str(cmdfile)],
                            env=env, capture_output=True, text=True)
     return {"seconds": secs, "failed": proc.returncode, "lost": 0 if proc.returncode == 0
             else proc.returncode}
@@ -230,7 +235,7 @@ def measure(server: RedisServer, commands: list[str], conc: int, rounds: int, ta
                 res = run_distcomp_daemon(server, commands, conc, f"{tag}d{r}", work,
                                           results_root)
             elif tool == "parallel":
-                res = run_parallel(commands, conc, work)
+                res = run_parallel(commands, conc, work, results_root)
             elif tool == "xargs":
                 res = run_xargs(commands, conc, work)
             else:

@@ -151,3 +151,23 @@ def test_packing_optimum_refuses_a_grid_that_misses_the_growth(tmp_path: Path) -
     assert proc.returncode == 2
     assert "--grow 3 and --hold 1 must be whole multiples of --step 0.4" in proc.stderr
     assert not out.exists()
+
+
+def test_every_pair_of_distcomp_packing_rows_swaps_which_goes_first() -> None:
+    """The paired rounds are there so that a slow spell of the machine hits the rows alike;
+    rotating three rows kept the overcommit row just ahead of static packing in both of two
+    rounds, and its ratio to static packing came from one order only."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from packing import TOOLS, schedule
+    finally:
+        sys.path.remove(str(BENCH))
+    mine = [t for t in TOOLS if t.startswith("distcomp")]
+    assert len(mine) == 3
+    rounds = schedule(list(TOOLS), 2)
+    assert sorted(rounds[0]) == sorted(TOOLS) and sorted(rounds[1]) == sorted(mine)
+    for a in mine:
+        for b in mine:
+            if a != b:
+                firsts = {order.index(a) < order.index(b) for order in rounds}
+                assert firsts == {True, False}, (a, b, rounds)
