@@ -95,6 +95,18 @@ local function now_s()
   local t = redis.call('TIME')
   return t[1] .. string.format('.%06d', tonumber(t[2]))
 end
+-- The workers whose leases hold: deadline still ahead or, after a silence longer than P:quiet
+-- that no reap has given back to the leases yet (``_REAP``), alive when the silence began.
+-- Read as the deadlines alone, every lease looked expired after an outage of Redis, until the
+-- first reap.
+local function live_leases()
+  local times = redis.call('MGET', P .. ':beat', P .. ':quiet')
+  local last, quiet, now = tonumber(times[1]), tonumber(times[2]), now_ms()
+  if last and quiet and now - last > quiet then
+    return redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf')
+  end
+  return redis.call('ZRANGEBYSCORE', P .. ':leases', now, '+inf')
+end
 local function touch_lease(worker, token, ttl_ms)
   redis.call('SET', P .. ':lease:' .. worker, token, 'PX', ttl_ms)
   redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ttl_ms), worker)
@@ -394,9 +406,7 @@ end
 -- Another live worker that has not failed the task and could run it: only then is the task
 -- left to it for the avoid window. One too small would leave the task waiting the whole window.
 local function others_alive(failed_on, mem, cpu)
-  if live == nil then
-    live = redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')
-  end
+  if live == nil then live = live_leases() end
   for _, w in ipairs(live) do
     if w ~= worker and not string.find(failed_on, ',' .. w .. ',', 1, true)
         and could_run(w, mem, cpu) then
@@ -417,7 +427,10 @@ local function avoided(failed_on, last_fail, mem, cpu)
 end
 -- A retried task keeps its place, at the head of its bucket: the tasks this worker failed in the
 -- avoid window do not count toward the look-ahead, or a few of them would hide every other task
--- of their bucket from it. Up to ``avoid_budget`` of them per bucket are read past in one claim;
+-- of their bucket from it; nor do tasks that need more memory or cores than this worker has at
+-- all (a bucket spans sizes up to twice its floor: 16 tasks of 4 GiB at its head hid the 3 GiB
+-- ones behind them from a worker with 3.5 GiB, for ever). Up to ``avoid_budget`` of them per
+-- bucket are read past in one claim;
 -- the run of them at a bucket's head is read once, not again for each task the claim takes: the
 -- bucket's reads start after it (``skip``).
 local skip, passed = {}, {}
@@ -522,7 +535,8 @@ local function best_of(b, than)
       -- Everything the reply needs too, in the same read.
       local f = redis.call('HMGET', P .. ':t:' .. page[i], unpack(TASK_FIELDS))
       local avoid = avoided(f[3], f[4], tonumber(f[1]), tonumber(f[2]))
-      if avoid and (passed[b] or 0) < avoid_budget then
+      local never = not could_run(worker, tonumber(f[1]), tonumber(f[2]))
+      if (avoid or never) and (passed[b] or 0) < avoid_budget then
         passed[b] = (passed[b] or 0) + 1
         if head_run then skip[b] = start + (i + 1) / 2 end
       else
@@ -677,8 +691,9 @@ if evictions > tonumber(ARGV[7]) then
   to_failed(id, tkey, now)
   return recorded(tkey, id, worker, attempt, 1)
 end
-local room = 0
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', now_ms(), '+inf')) do
+-- The reporting worker is alive whatever its lease's deadline says.
+local room = tonumber(redis.call('HGET', P .. ':w:' .. worker, 'room_mb')) or 0
+for _, w in ipairs(live_leases()) do
   room = math.max(room, tonumber(redis.call('HGET', P .. ':w:' .. w, 'room_mb')) or 0)
 end
 local need = tonumber(redis.call('HGET', tkey, 'req_mem'))

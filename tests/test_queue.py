@@ -617,9 +617,10 @@ def test_a_cancel_is_not_undone_by_the_task_going_back_to_the_queue(queue, clien
     assert (task["state"], task["reason"]) == ("failed", "cancelled")
     assert not client.sismember(queue.key("cancel"), s.task_id)
     held_in_step(queue, client)
-    # Retried by the user, it runs again without a stale flag killing it.
+    # Retried by the user, it runs again without a stale flag killing it, on a worker with room
+    # for the peak its eviction recorded.
     assert queue.retry([s.task_id]) == 1
-    register(queue, "w2")
+    register(queue, "w2", room_mb=32_768)
     again = claim_one(queue, "w2")
     assert again.task_id == s.task_id
     assert queue.heartbeat("w2", "tok-w2", 60_000, {}).cancel == []
@@ -1187,3 +1188,41 @@ def test_a_cancelled_queued_task_is_never_claimed(queue):
     register(queue, "w")
     assert queue.cancel([a.task_id, b.task_id]) == (2, 0)
     assert claim_one(queue, "w") is None
+
+
+@pytest.mark.parametrize("own_room, other_room", [(8192, None), (150, 8192)],
+                         ids=["its-own-worker", "another-worker-heard-before-the-silence"])
+def test_an_eviction_reported_after_a_silence_finds_the_room_the_workers_have(
+        queue, client, own_room, other_room):
+    """After a silence of Redis longer than the lease term, every lease's deadline is past until
+    the first reap gives it the silence back (``_REAP``). An eviction reported before that reap
+    found no live worker, room 0, and failed its task for good ("largest: 0 MiB"), the reporting
+    worker's own room included."""
+    tok = register(queue, "w1", ttl_ms=2000, room_mb=own_room)
+    if other_room:
+        register(queue, "w2", ttl_ms=2000, room_mb=other_room)
+    queue.submit([spec("python big.py", mem_gb=0.1)])
+    queue.reap("/results", "h")  # a worker's heartbeat reap: P:beat written
+    (claimed,) = queue.claim("w1", tok, 1e9, 1e9, 1)
+    # The silence: nobody reached Redis for 3 s, so the 2 s leases' deadlines are past.
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    client.set(queue.key("beat"), now_ms - 3000)
+    client.zadd(queue.key("leases"), {"w1": now_ms - 1000, "w2": now_ms - 1000})
+    outcome = queue.evict(claimed.task_id, "w1", claimed.attempt, 200, 3,
+                          "evicted: memory short", "budget", {})
+    task = queue.task(claimed.task_id)
+    assert (outcome, task["state"]) == (2, "todo"), task.get("reason")
+
+
+def test_tasks_too_large_for_a_worker_do_not_hide_the_ones_behind_them(queue, client):
+    """A bucket spans sizes up to twice its floor: 16 tasks of 4 GiB at its head filled the
+    look-ahead of a worker with 3.5 GiB, which never read the 3 GiB tasks behind them; the
+    queue stood still with room to spare."""
+    tok = register(queue, "w1", room_mb=3500)
+    queue.submit([spec(f"big {i}", priority=1, mem_gb=4) for i in range(40)] +
+                 [spec(f"small {i}", mem_gb=3) for i in range(2)])
+    assert len(client.smembers(queue.key("buckets"))) == 1
+    assert [c.params for c in queue.claim("w1", tok, 3500, 8, 4)] == ["small 0"]
+    assert [c.params for c in queue.claim("w1", tok, 3500, 8, 4)] == ["small 1"]
+    assert queue.claim("w1", tok, 3500, 8, 4) == []
