@@ -95,17 +95,18 @@ local function now_s()
   local t = redis.call('TIME')
   return t[1] .. string.format('.%06d', tonumber(t[2]))
 end
--- The workers whose leases hold: deadline still ahead or, after a silence longer than P:quiet
--- that no reap has given back to the leases yet (``_REAP``), alive when the silence began.
--- Read as the deadlines alone, every lease looked expired after an outage of Redis, until the
--- first reap.
-local function live_leases()
+-- The earliest deadline (ms) of a lease that holds: now or, after a silence longer than
+-- P:quiet that no reap has given back to the leases yet (``_REAP``), just after the silence
+-- began. Read as the deadlines alone, every lease looked expired after an outage of Redis,
+-- until the first reap.
+local function lease_floor()
   local times = redis.call('MGET', P .. ':beat', P .. ':quiet')
   local last, quiet, now = tonumber(times[1]), tonumber(times[2]), now_ms()
-  if last and quiet and now - last > quiet then
-    return redis.call('ZRANGEBYSCORE', P .. ':leases', '(' .. last, '+inf')
-  end
-  return redis.call('ZRANGEBYSCORE', P .. ':leases', now, '+inf')
+  if last and quiet and now - last > quiet then return last + 1 end
+  return now
+end
+local function live_leases()
+  return redis.call('ZRANGEBYSCORE', P .. ':leases', lease_floor(), '+inf')
 end
 local function touch_lease(worker, token, ttl_ms)
   redis.call('SET', P .. ':lease:' .. worker, token, 'PX', ttl_ms)
@@ -450,7 +451,7 @@ end
 -- it keeps claiming (``fresh``) and has not held it ``hold`` ms without taking it.
 local function held_elsewhere(id, by)
   if not by or by == worker or
-      (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 < now_ms() then
+      (redis.call('ZSCORE', P .. ':leases', by) or 0) + 0 < lease_floor() then
     return false
   end
   local h = redis.call('HMGET', P .. ':w:' .. by, 'reserving', 'reserving_at', 'reserved_at')

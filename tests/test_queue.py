@@ -1226,3 +1226,20 @@ def test_tasks_too_large_for_a_worker_do_not_hide_the_ones_behind_them(queue, cl
     assert [c.params for c in queue.claim("w1", tok, 3500, 8, 4)] == ["small 0"]
     assert [c.params for c in queue.claim("w1", tok, 3500, 8, 4)] == ["small 1"]
     assert queue.claim("w1", tok, 3500, 8, 4) == []
+
+
+def test_a_reservation_holds_through_a_silence_of_redis(queue, client, monkeypatch):
+    """After a silence longer than the lease term every deadline is past until the first reap
+    gives the leases their time back: another worker took the reserving worker for dead and
+    reserved the task for itself."""
+    monkeypatch.setattr(queue_module, "CLAIM_RESERVE_AFTER_S", 0.0)
+    big, _ = _reserved(queue, client)
+    register(queue, "w2", room_mb=1000)
+    queue.reap("/results", "h")  # a worker's heartbeat reap: P:beat written
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    client.set(queue.key("beat"), now_ms - 40_000)
+    client.zadd(queue.key("leases"), {"w1": now_ms - 1000, "w2": now_ms - 1000})
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 2"]
+    assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 3"]
+    assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w1"
