@@ -719,7 +719,8 @@ local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
 local tkey = P .. ':t:' .. id
 if not owned(tkey, worker, attempt) then return replayed(tkey, worker, attempt) end
 leave_running(id, worker)
-return reported(tkey, worker, attempt, unrun(id, tkey, take_cancel(id), ARGV[5], now_s()))
+-- Cancelled meanwhile, it fails (1): the attempt's files become its outcome, as for a report.
+return recorded(tkey, id, worker, attempt, unrun(id, tkey, take_cancel(id), ARGV[5], now_s()))
 """
 
 # ARGV: P, request id, worker, reason. Every task running on the worker goes back to todo

@@ -1243,3 +1243,19 @@ def test_a_reservation_holds_through_a_silence_of_redis(queue, client, monkeypat
     assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 2"]
     assert _params(queue.claim("w2", "tok-w2", 300, 8, 1)) == ["small 3"]
     assert client.hget(queue.key("t", big.task_id), "reserved_by") == b"w1"
+
+
+@pytest.mark.parametrize("way", [w for w in RETURNS if "worker" not in w and "dereg" not in w])
+def test_a_task_cancelled_while_its_worker_reports_it_back_lists_the_attempts_files(
+        queue, client, way):
+    """A task cancelled while its worker reports it back (a retryable failure, an eviction, a
+    requeue) fails as cancelled, and the worker keeps that attempt's files as its outcome:
+    listed in P:out:<worker> until the worker says they are renamed, so that a worker killed in
+    between leaves them to the reaper's chores. A requeue recorded the outcome without it."""
+    s = spec("work")
+    queue.submit([s])
+    register(queue, "w")
+    c = claim_one(queue, "w")
+    assert queue.cancel([s.task_id]) == (0, 1)
+    assert RETURNS[way](queue, c) == 1
+    assert client.sismember(queue.key("out", "w"), s.task_id)
