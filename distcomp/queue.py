@@ -108,6 +108,13 @@ end
 local function live_leases()
   return redis.call('ZRANGEBYSCORE', P .. ':leases', lease_floor(), '+inf')
 end
+-- Worker w no longer reserves task id (``_CLAIM``): neither names the other.
+local function drop_reservation(w, id)
+  redis.call('HDEL', P .. ':w:' .. w, 'reserving', 'drained_at', 'reserving_at', 'reserved_at')
+  if redis.call('HGET', P .. ':t:' .. id, 'reserved_by') == w then
+    redis.call('HDEL', P .. ':t:' .. id, 'reserved_by')
+  end
+end
 local function touch_lease(worker, token, ttl_ms)
   redis.call('SET', P .. ':lease:' .. worker, token, 'PX', ttl_ms)
   redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ttl_ms), worker)
@@ -458,12 +465,6 @@ local function held_elsewhere(id, by)
   return h[1] == id and now_ms() - (tonumber(h[2]) or 0) < fresh and
     now_ms() - (tonumber(h[3]) or 0) < hold
 end
-local function drop_reservation(id)
-  redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at', 'reserved_at')
-  if redis.call('HGET', P .. ':t:' .. id, 'reserved_by') == worker then
-    redis.call('HDEL', P .. ':t:' .. id, 'reserved_by')
-  end
-end
 local TASK_FIELDS = {'req_mem', 'cpu', 'failed_on', 'last_fail', 'type', 'params', 'cwd', 'env',
   'timeout', 'dram_gb', 'passed_since', 'reserved_by', 'state', 'score'}
 -- ``bound``: the score of the task reserved here (its fields ``rf``); nothing worse is claimed.
@@ -479,10 +480,10 @@ if reserving then
       redis.call('SCARD', P .. ':run:' .. worker) == 0
   end
   if not valid then
-    drop_reservation(reserving)
+    drop_reservation(worker, reserving)
     reserving = nil
   elseif empty and me[4] and now_ms() - tonumber(me[4]) >= drained then
-    drop_reservation(reserving)
+    drop_reservation(worker, reserving)
     redis.call('HSET', wkey, 'no_room_mb', math.floor(free_mem))
     reserve_room = math.min(reserve_room, math.floor(free_mem))
     reserving = nil
@@ -615,7 +616,7 @@ while #claimed < max_n do
   redis.call('HSET', tkey, 'state', 'running', 'worker', worker, 'started', ARGV[4])
   if best_f[11] or best_f[12] then redis.call('HDEL', tkey, 'passed_since', 'reserved_by') end
   if best == reserving then
-    redis.call('HDEL', wkey, 'reserving', 'drained_at', 'reserving_at', 'reserved_at')
+    drop_reservation(worker, best)
     reserving, bound = nil, nil
   end
   -- What the last attempt recorded is not this one's: a running task showed the end, exit
@@ -899,13 +900,7 @@ redis.call('DEL', lkey, P .. ':out:' .. worker)
 redis.call('ZREM', P .. ':leases', worker)
 -- A task it reserved (``_CLAIM``) no longer names it.
 local reserving = redis.call('HGET', P .. ':w:' .. worker, 'reserving')
-if reserving then
-  if redis.call('HGET', P .. ':t:' .. reserving, 'reserved_by') == worker then
-    redis.call('HDEL', P .. ':t:' .. reserving, 'reserved_by')
-  end
-  redis.call('HDEL', P .. ':w:' .. worker, 'reserving', 'reserving_at', 'drained_at',
-    'reserved_at')
-end
+if reserving then drop_reservation(worker, reserving) end
 set_record(P .. ':w:' .. worker, ARGV[4])
 return unrun_worker(worker, 'requeued: worker ' .. worker .. ' stopped while it was listed there')
 """

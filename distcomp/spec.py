@@ -115,24 +115,25 @@ def _resource_text(text: str, what: str, limit: int) -> float:
     """A resource field of the colon format: a number (surrounding blanks allowed) in range.
     ``float`` alone is not the test: it reads other scripts' digits and ``1_0``, which the
     priority field (and JSON) refuse."""
-    shown = _shown_text(text.strip())
     try:
         if not text.isascii() or "_" in text:
             raise ValueError(text)
         number = float(text)
     except ValueError:
-        raise SpecError(f"{what} must be a number, got {shown}") from None
+        raise SpecError(f"{what} must be a number, got {_shown_text(text)}") from None
+    if math.isfinite(number):
+        return _in_range(number, what, limit)
     if math.isnan(number) or text.strip().lstrip("+-")[:1].isalpha():
-        raise SpecError(f"{what} must be a finite number, got {shown}")
-    if math.isinf(number):
-        # Digits too many for a float: what they say is as plain as for any large number.
-        raise SpecError(f"{what} must be >= 0, got {shown}" if number < 0 else
-                        f"{what} {shown} is larger than any node ({limit:,} at most)")
-    return _in_range(number, what, limit)
+        raise SpecError(f"{what} must be a finite number, got {_shown_text(text)}")
+    # Digits too many for a float: what they say is as plain as for any large number.
+    raise SpecError(f"{what} must be >= 0, got {_shown_text(text)}" if number < 0 else
+                    f"{what} {_shown_text(text)} is larger than any node ({limit:,} at most)")
 
 
 def _shown_text(text: str) -> str:
-    """A field's text for an error message: a line may hold 65,536 bytes of it."""
+    """A field's text for an error message, without its blanks: a line may hold 65,536 bytes
+    of it."""
+    text = text.strip()
     return repr(text) if len(text) <= 24 else f"{text[:8]!r}... ({len(text)} characters)"
 
 
