@@ -211,8 +211,9 @@ class Worker:
             "version": __version__, "results_dir": self.runner.results,
         }
 
-    def register(self) -> None:
-        """Take the worker's name; clean up what a previous instance of this name left."""
+    def register(self) -> bool:
+        """Take the worker's name; clean up what a previous instance of this name left. False
+        when a stop signal came while another instance held the name."""
         self.registered = self.q.now()  # a stop-workers after this is for this worker
         waited = 0.0
         force = False
@@ -220,6 +221,8 @@ class Worker:
             ok, payload = self.q.register(self.name, self.token, self.ttl_ms, self.info(), force)
             if ok:
                 break
+            if self.stopping:
+                return False
             if payload.get("host") == self.host and not _alive(payload):
                 log.info("previous instance of %s (pid %s) is gone; taking over its lease",
                          self.name, payload.get("pid"))
@@ -228,7 +231,7 @@ class Worker:
             if waited == 0:
                 log.warning("worker name %r is held by pid %s on %s; waiting for its lease to "
                             "expire", self.name, payload.get("pid"), payload.get("host"))
-            time.sleep(1.0)
+            select.select([self._wake_r], [], [], 1.0)  # a stop signal's byte ends the wait
             waited += 1.0
         leftovers = payload
         if leftovers:
@@ -246,6 +249,7 @@ class Worker:
                      "of %s had recorded", renamed, self.name)
         if pending:
             self.q.outputs_kept(self.name, [tid for tid, _ in pending])
+        return True
 
     def kill_orphans(self, ids: list[str]) -> dict[str, int]:
         """Processes a crashed instance left behind on this host die before their tasks rerun.
@@ -1097,9 +1101,13 @@ class Worker:
                 self.runner.discard(task)  # superseded (``supersede``): reported by nobody
 
     def run(self) -> int:
-        self.register()
+        # Handlers first: a stop signal between taking the name and installing them killed
+        # the worker, and its lease held the name for a term after.
         self.prepare_process()
         self.install_signals()
+        if not self.register():
+            log.info("worker %s stopped before it could take its name", self.name)
+            return 0
         log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s%s), results in %s",
                  self.name, self.cores, gib(self.capacity), gib(self.reserve),
                  gib(self.evict_below),

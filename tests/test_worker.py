@@ -574,6 +574,21 @@ def test_a_stop_signal_requeues_running_tasks_promptly(queue, workers, tmp_path,
     assert not client.exists(queue.key("lease", "w1"))
 
 
+def test_a_stop_signal_while_waiting_for_a_held_name_stops_the_worker_cleanly(queue, workers,
+                                                                              client):
+    """The worker installed its stop handlers only after taking its name: a TERM before that,
+    here while another instance's lease holds the name, killed it by the signal."""
+    assert queue.register("w1", "other", 3_600_000, {"host": "elsewhere", "pid": 1,
+                                                     "room_mb": 1024, "cores": 2})[0]
+    w1 = workers("w1", wait_registered=False)
+    wait_for(lambda: "waiting for its lease to expire" in w1.output(), 30,
+             "the worker to wait for the name")
+    w1.signal(signal.SIGTERM)
+    assert w1.wait(30) == 0, w1.output()
+    assert "worker w1 stopped before it could take its name" in w1.output()
+    assert client.hget(queue.key("w", "w1"), "host") == b"elsewhere"
+
+
 def start_worker_through(code: str, redis_server, namespace: str, tmp_path: Path,
                          *args: str) -> tuple[subprocess.Popen, Path]:
     """A worker run by the Python ``code``, which gets the worker's command line (what
