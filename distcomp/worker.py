@@ -452,18 +452,23 @@ class Worker:
         than up to that. It stops growing there, and the rate alone would have it go on and set
         off an eviction at every forecast peak, and in a node packed by declarations, where
         little more than the reserve is left once every task is at its peak, at every peak.
-        A task already beyond its declaration keeps its rate."""
+        Without a forecast the expected peak is the larger of the declaration and the class's
+        charge, as admission took it. A task already beyond what is expected of it keeps its
+        rate: the forecast or the declaration was wrong, and it is the task to watch."""
         out = 0.0
         for task, gained in gains:
             more = gained * scale
-            forecast = self.forecast(task) if more else None
-            declared = task.claim.mem_mb * 2**20
+            if not more:
+                continue
+            expected = self.expected_mb(task.claim) * 2**20
+            forecast = self.forecast(task)
             if forecast is not None:
                 prof, age = forecast
-                top = prof.peak_of(age, task.peak_rss, self.expected_mb(task.claim) * 2**20)
-                more = min(more, max(0.0, top - task.rss))
-            elif task.rss < declared:
-                more = min(more, declared - task.rss)
+                top = prof.peak_of(age, task.peak_rss, expected)
+                if top > task.peak_rss:
+                    more = min(more, top - task.rss)
+            elif task.rss < expected:
+                more = min(more, expected - task.rss)
             out += more
         return out
 

@@ -270,3 +270,34 @@ def test_eviction_projects_a_task_below_its_declaration_no_further_than_that(tmp
     assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
     assert w.ahead([(below, 2 * MiB)], 3.0) == pytest.approx(6 * MiB)  # slower than that
     assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
+
+
+def test_a_task_beyond_what_its_forecast_expects_keeps_its_rate(tmp_path, queue):
+    """Early in its life a task of a learned class is expected to reach the class's peak; one
+    already beyond it was projected not to grow at all (its forecast peak was its size), and
+    the one task the forecast got wrong, still growing, was left to the kernel's OOM killer."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=4 << 30,
+                                          name="fb")), queue)
+    for _ in range(SHAPE_TASKS):
+        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    young = _running(Claim("young", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 300)
+    beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 500)
+    assert w.ahead([(young, 50 * MiB)], 3.0) == pytest.approx(100 * MiB)  # up to 400
+    assert w.ahead([(beyond, 50 * MiB)], 3.0) == pytest.approx(150 * MiB)
+
+
+def test_a_task_below_its_classs_charge_is_projected_no_further_than_that(tmp_path, queue):
+    """Undeclared tasks are admitted by the peak their class learned, not by their declaration
+    of 0: projecting their rate past that peak evicted with memory to spare on a node packed by
+    learned charges, the most common case."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=4 << 30,
+                                          name="fc")), queue)
+    w.learn("0.0", 400 * MiB)
+    below = _running(Claim("below", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 390)
+    beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 410)
+    assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
+    assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
