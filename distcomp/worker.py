@@ -445,6 +445,13 @@ class Worker:
                      "tasks until one ends or they stop growing")
             self.held = True
 
+    def sample_due(self, mono: float) -> bool:
+        """Whether the loop's next sample is due: a sample interval after the last one, the
+        guard's included. The loop sampled again right after a wait the guard had sampled
+        through, and a few MiB gained in those milliseconds, scaled to a whole interval,
+        looked like a flood and evicted."""
+        return mono >= self.last_sample + self.sample_every()
+
     def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> float:
         """Bytes the running tasks may gain before the next sample has acted on it: what each
         gained over the last sample, ``scale``d to that span, but a task with a forecast no more
@@ -792,8 +799,13 @@ class Worker:
         # eviction (requeue with its peak), not a failure of the task. The process it killed
         # may be one the task started (a program under `sh -c "... && ..."`, a pipeline, a
         # pool's worker): then the task ends with the status it makes of that, not SIGKILL.
-        oom = reason is None and rc not in (None, 0) and \
-            oom_kills(self.cgroups) > task.extra.get("oom0", 0)
+        oom = False
+        if reason is None and rc not in (None, 0):
+            # Read now, the count is also the baseline of the tasks claimed into the room this
+            # one leaves: the last sample's, older than this kill, made their own failures look
+            # like the kernel's doing.
+            self.oom_count = max(self.oom_count, oom_kills(self.cgroups))
+            oom = self.oom_count > task.extra.get("oom0", 0)
         if task.peak_rss and task.spawn_error is None and reason is None and \
                 rc is not None and rc != -signal.SIGKILL and not oom:
             # Only a task that ended on its own reached its real peak: one killed early would
@@ -1162,14 +1174,13 @@ class Worker:
         next of these to be due, a task to exit or a notice."""
         hb_every = max(0.5, self.wc.heartbeat_ttl / 4)
         mono = time.monotonic()
-        next_sample = next_hb = next_claim = mono
+        next_hb = next_claim = mono
         requeued = False
         while True:
             mono = time.monotonic()
             self.reap_children()
-            if mono >= next_sample:
+            if self.sample_due(mono):
                 self.sample()
-                next_sample = mono + self.sample_every()
                 if self.room_grew():
                     next_claim = mono
             self.check_deadlines(mono)
@@ -1221,7 +1232,7 @@ class Worker:
                 next_hb = next_claim = mono + 1.0
             if self.stopping and not self.running and not self.ops and not self.unstarted:
                 break
-            wake = min(next_sample, next_hb,
+            wake = min(self.last_sample + self.sample_every(), next_hb,
                        next_claim if not self.stopping and self.has_room() else next_hb,
                        *(t.kill_deadline for t in self.running.values()
                          if t.kill_deadline is not None))

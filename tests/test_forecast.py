@@ -301,3 +301,17 @@ def test_a_task_below_its_classs_charge_is_projected_no_further_than_that(tmp_pa
     beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 410)
     assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
     assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
+
+
+def test_the_loop_does_not_sample_again_right_after_the_guard(tmp_path, queue):
+    """The guard samples while the loop waits on Redis; the loop then sampled again at once,
+    and what tasks gained in those milliseconds, scaled to a sample interval, was projected as
+    a flood that evicted a task with memory to spare."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name="gs")), queue)
+    assert w.sample_due(time.monotonic())  # never sampled
+    w.sample()  # the guard's
+    assert not w.sample_due(time.monotonic())
+    assert w.sample_due(w.last_sample + w.sample_every())

@@ -833,6 +833,26 @@ def test_a_task_the_kernel_kills_for_memory_is_requeued_as_an_eviction(
     assert w.proc.poll() is None, "the worker survives"
 
 
+def test_a_task_started_after_a_kernel_oom_kill_is_not_taken_for_its_victim(
+        queue, client, workers, memory_cgroup, tmp_path):
+    """A task is measured against the OOM count of the worker's last sample: one claimed into
+    the room an OOM-killed task left, before the next sample, counted that kill as its own,
+    and its failure (exit 2) was taken for an eviction, retried against the eviction budget.
+    Samples a minute apart keep the worker from evicting first and from reading the count."""
+    (tmp_path / "none.conf").write_text("[worker]\nsample_interval = 60\n")
+    big, small = submit(queue, [f"python:5:0:1:{GROW} 600 0.001 5",
+                                json.dumps({"type": "shell", "params": "exit 2",
+                                            "max_retries": 0})])
+    group = memory_cgroup(300)
+    w = workers("cg", "--memory-reserve", "60M", "--evict-below", "40M", "--max-tasks", "1",
+                cgroup=group)
+    wait_for(lambda: state(queue, small) == "failed", 60, "the small task to fail")
+    assert _oom_kills(group) == 1, w.output()
+    assert queue.task(big).get("evictions"), (queue.task(big), w.output())
+    task = queue.task(small)
+    assert task["reason"] == "exit code 2" and "evictions" not in task, (task, w.output())
+
+
 def _waiting_for_a_reply(port: int) -> bool:
     """Whether a connection to the Redis at ``port`` has bytes Redis has not read yet (from
     /proc/net/tcp: its local end, established, with a receive queue)."""
