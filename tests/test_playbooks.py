@@ -569,3 +569,46 @@ def test_every_apt_task_waits_out_a_fresh_nodes_own_upgrades():
     assert len(apt_tasks) >= 8
     short = [task for task in apt_tasks if task[2] < 600]
     assert not short, short
+
+
+def _user_directories() -> list[tuple[str, dict]]:
+    """The role tasks that make a directory the distcomp user owns, as (name, module args)."""
+    import yaml
+
+    found = []
+    for path in sorted((REPO / "roles").glob("*/tasks/*.yml")):
+        for task in _tasks(yaml.safe_load(path.read_text())):
+            args = task.get("ansible.builtin.file") or {}
+            owners = [args.get("owner", "")] + [i.get("owner", "") for i in task.get("loop", [])
+                                               if isinstance(i, dict)]
+            if args.get("state") == "directory" and any("_user }}" in o for o in owners):
+                found.append((f"{path.relative_to(REPO)}: {task['name']}", args))
+    return found
+
+
+def test_a_directory_a_task_replaced_with_a_symlink_is_not_handed_over():
+    """Tasks run as the distcomp user, who can rename a directory of theirs (the results, the
+    scratch, the spool, all in directories the user owns) and leave a symlink to /root there:
+    the file module follows links by default, and the next site.yml run as root gave the
+    link's target to the distcomp user, a way to root on every node."""
+    tasks = _user_directories()
+    assert len(tasks) >= 5, tasks
+    following = [name for name, args in tasks if args.get("follow", True) is not False]
+    assert not following, following
+
+
+def test_the_roles_directory_step_refuses_a_symlink_and_leaves_its_target(tmp_path):
+    """The results directory's step as the role has it, run as root against a symlink a task
+    put in the directory's place: the run fails and the link's target keeps its owner."""
+    name, args = next(t for t in _user_directories() if "results directory" in t[0])
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o700)
+    (tmp_path / "results").symlink_to(target)
+    task = {**args, "path": str(tmp_path / "results"), "owner": "nobody", "group": "nogroup"}
+    (tmp_path / "play.yml").write_text(json.dumps([{
+        "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "tasks": [{"name": name, "ansible.builtin.file": task}]}]))
+    proc = playbook("-i", "localhost,", str(tmp_path / "play.yml"))
+    assert proc.returncode != 0, proc.stdout
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.getuid(), os.getgid(), 0o700)
