@@ -423,22 +423,25 @@ def _redis_conf(tmp_path: Path, version: str | None, port: int = 6379) -> Path:
 
 
 @pytest.mark.parametrize(("version", "kept"), [
-    ("7.0.15", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"}),
+    ("7.0.15", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN", "FUNCTION"}),
     ("6.0.16", {"CONFIG", "ACL", "SHUTDOWN"}),  # Ubuntu 22.04: no FAILOVER before 6.2
     ("5.0.7", {"CONFIG", "SHUTDOWN"}),
-    ("unknown", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"}),
+    ("unknown", {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN", "FUNCTION"}),
 ])
 def test_redis_is_started_without_only_the_commands_its_release_has(tmp_path, version, kept):
     """rename-command of a command the server does not have stops Redis from starting: the
-    role disables FAILOVER only from 6.2 and ACL from 6.0. Output it cannot read keeps all."""
+    role disables FUNCTION only from 7.0, FAILOVER from 6.2 and ACL from 6.0. Output it cannot
+    read keeps all."""
     conf = _redis_conf(tmp_path, version).read_text()
     renamed = {line.split()[1] for line in conf.splitlines() if line.startswith("rename-command")}
-    assert renamed & {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN"} == kept, conf
+    assert renamed & {"CONFIG", "ACL", "FAILOVER", "SHUTDOWN", "FUNCTION"} == kept, conf
 
 
 def test_redis_starts_from_the_roles_configuration_without_config(tmp_path):
-    """This machine's Redis started from what the role writes: it answers, and refuses CONFIG
-    to a client that holds the password."""
+    """This machine's Redis started from what the role writes: it answers, refuses to a client
+    that holds the password (every task can read it) the commands that reach past the queue
+    (MIGRATE made Redis connect to any host and send what the task chose), and the runtime
+    still does all it does: submit, claim, report, purge."""
     port = free_port()
     conf = _redis_conf(tmp_path, None, port)
     server = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.PIPE,
@@ -447,8 +450,19 @@ def test_redis_starts_from_the_roles_configuration_without_config(tmp_path):
         client = redis.Redis(port=port, password="not-a-secret")
         wait_for(lambda: server.poll() is not None or _pings(client), 30, "Redis to answer")
         assert server.poll() is None, server.communicate()[0]
-        with pytest.raises(redis.ResponseError, match="unknown command"):
-            client.config_get("bind")
+        for command in (["CONFIG", "GET", "bind"], ["MIGRATE", "127.0.0.1", str(port), "", "0",
+                                                    "1000", "KEYS", "k"],
+                        ["FLUSHALL"], ["FLUSHDB"], ["SWAPDB", "0", "1"], ["BGSAVE"], ["SAVE"],
+                        ["BGREWRITEAOF"], ["FUNCTION", "LIST"]):
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.execute_command(*command)
+        q = Queue(Redis(f"redis://:not-a-secret@127.0.0.1:{port}/0"), "roles")
+        q.submit([parse_line(b"shell:0:0:1:true")])
+        assert q.register("w", "tok", 60_000, {"host": "h", "room_mb": 1024})[0]
+        (claim,) = q.claim("w", "tok", 1024, 1, 1)
+        assert q.finish(claim.task_id, "w", claim.attempt, {"exit_code": 0}) == 1
+        assert q.counts()["finished"] == 1
+        assert q.purge() > 0 and not client.keys("*")
     finally:
         server.kill()
         server.wait(10)
