@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ from .runner import Runner, RunningTask, close_inherited_fds, kill_session, sign
 log = logging.getLogger("distcomp.worker")
 
 EXIT_STOPPED = 10
+PR_SET_DUMPABLE = 4  # prctl(2)
 MAX_CLAIM_BATCH = 64
 PEAK_WINDOW = 32  # recent peaks behind what a task is expected to use
 # A smaller memory_limit is a size given without its unit (bytes): no task runs in it.
@@ -263,7 +265,8 @@ class Worker:
         return attempts
 
     def prepare_process(self) -> None:
-        """Tasks are spawned without Popen's fd closing, and each running task holds three
+        """The worker is made not dumpable (``not_dumpable``). Tasks are spawned without
+        Popen's fd closing, and each running task holds three
         descriptors (its pidfd and two output files): close inherited descriptors on exec, and
         raise the soft descriptor limit only as far as ``max_tasks`` needs, because tasks
         inherit it (programs that close every descriptor up to the limit slow down with a
@@ -271,6 +274,7 @@ class Worker:
         exec), the kernel reaps the tasks itself and their exit statuses are lost."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         close_inherited_fds()
+        not_dumpable()
         need = 3 * self.max_tasks + 64
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < need:
@@ -1254,13 +1258,26 @@ class Worker:
 
 
 def withheld_from_tasks(cfg: Config) -> tuple[str, ...]:
-    """The worker's environment variables its tasks do not get: the Redis password, and the
-    Redis URL when it holds one. A task that runs the CLI itself reads the config file."""
-    names = ["DISTCOMP_REDIS_PASSWORD"]
+    """The worker's environment variables its tasks do not get: the Redis password, the Redis
+    URL when it holds one, redis-cli's REDISCLI_AUTH, and any other variable holding the
+    password. A task that runs the CLI itself reads the config file."""
+    names = ["DISTCOMP_REDIS_PASSWORD", "REDISCLI_AUTH"]
     url = os.environ.get("DISTCOMP_REDIS_URL", "")
     if url and Config(url=url).redacted_url() != url:
         names.append("DISTCOMP_REDIS_URL")
+    if cfg.password:
+        names.extend(k for k, v in os.environ.items() if cfg.password in v and k not in names)
     return tuple(names)
+
+
+def not_dumpable() -> None:
+    """Make this process's /proc files root's: a task runs as the worker's user, and read the
+    password the worker was given in its environment from /proc/PPID/environ. Tasks are
+    dumpable again once they exec (prctl(2), PR_SET_DUMPABLE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("cannot make the worker not dumpable (%s): its tasks can read its "
+                    "environment", os.strerror(ctypes.get_errno()))
 
 
 # The worker's numeric settings: (name, lowest allowed value, what 0 means or "" when the lowest

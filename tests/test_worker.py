@@ -7,10 +7,12 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -1104,18 +1106,24 @@ def test_a_worker_refuses_settings_it_cannot_run_with(redis_server, namespace, q
     assert queue.workers() == []
 
 
-@pytest.mark.parametrize("where", ["DISTCOMP_REDIS_PASSWORD", "the URL"])
+@pytest.mark.parametrize("where", ["DISTCOMP_REDIS_PASSWORD", "the URL", "REDISCLI_AUTH",
+                                   "another variable"])
 def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, where, own_redis):
     """A task that prints its environment (`env` while debugging) would put the password in its
-    output file, on the shared file system."""
+    output file, on the shared file system; redis-cli's REDISCLI_AUTH, or any variable an admin
+    kept it in, got to every task."""
     server = own_redis("s3cret-for-tasks")
     q = Queue(Redis(server.url, "s3cret-for-tasks"), "env")
     (tid,) = submit(q, ["shell:0:0:1:env"])
     url = server.url.replace("//", "//:s3cret-for-tasks@") if where == "the URL" else server.url
     env = {**os.environ, "DISTCOMP_REDIS_URL": url, "DISTCOMP_NAMESPACE": "env",
            "DISTCOMP_CONFIG": ""}
-    if where == "DISTCOMP_REDIS_PASSWORD":
+    if where != "the URL":
         env["DISTCOMP_REDIS_PASSWORD"] = "s3cret-for-tasks"
+    if where == "REDISCLI_AUTH":
+        env["REDISCLI_AUTH"] = "s3cret-for-tasks"
+    if where == "another variable":
+        env["LAB_SECRETS"] = "redis=s3cret-for-tasks"
     proc = subprocess.run([sys.executable, "-m", "distcomp", "worker", "--results-dir",
                            str(tmp_path / "r"), "--exit-when-empty"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -1125,6 +1133,35 @@ def test_tasks_do_not_get_the_redis_password_in_their_environment(tmp_path, wher
     assert "DISTCOMP_TASK_ID=" + tid in seen
     assert "s3cret-for-tasks" not in seen
     assert "s3cret-for-tasks" not in proc.stderr
+
+
+def test_a_task_cannot_read_the_password_from_its_workers_environment(own_redis):
+    """Withheld from its environment, the password was still the task's to read: the task runs
+    as the worker's user, and /proc/PPID/environ is the worker's environment. A worker run as
+    an unprivileged user (as root, a task could read anything)."""
+    server = own_redis("s3cret-in-proc")
+    q = Queue(Redis(server.url, "s3cret-in-proc"), "proc")
+    (tid,) = submit(q, ["shell:0:0:1:tr '\\0' '\\n' < /proc/$PPID/environ; echo read=$?"])
+    results = Path(tempfile.mkdtemp(prefix="distcomp-proc-"))
+    try:
+        results.chmod(0o777)
+        env = {**os.environ, "DISTCOMP_REDIS_URL": server.url, "DISTCOMP_NAMESPACE": "proc",
+               "DISTCOMP_CONFIG": "", "DISTCOMP_REDIS_PASSWORD": "s3cret-in-proc",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-m", "distcomp", "worker", "--results-dir",
+                               str(results), "--workdir", str(results), "--exit-when-empty",
+                               # no python task here; the venv's may be out of that user's reach
+                               "--python", "/bin/sh"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert proc.returncode == 0, proc.stderr
+        assert state(q, tid) == "finished"
+        seen = (results / tid[:2] / f"{tid}.out").read_text()
+        assert "read=1" in seen, seen  # the redirection refused
+        assert "s3cret-in-proc" not in seen
+    finally:
+        shutil.rmtree(results)
 
 
 def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path, own_redis):
