@@ -187,6 +187,19 @@ def test_a_memory_ceiling_systemd_would_not_read_stops_the_run(tmp_path):
         assert not (tmp_path / "distcomp-worker.service").exists()
 
 
+def test_a_memory_ceiling_too_small_to_run_in_stops_the_run(tmp_path):
+    """MemoryMax=4096 is 4 KiB: the kernel killed the worker as it started, systemd restarted
+    it for ever, and site.yml reported success."""
+    for value, size in (("4096", 4096), ("0", 0), ("1K", 1024), ("63M", 63 << 20)):
+        run = _worker_unit(tmp_path, value)
+        assert run.returncode != 0, (value, run.stdout)
+        assert f"distcomp_worker_memory_max ({value}) is {size} bytes, too little" in \
+            " ".join(run.stdout.split()), run.stdout
+        assert not (tmp_path / "distcomp-worker.service").exists()
+    for value in ("64M", "67108864", "2G", "1T", "1%"):
+        assert _worker_unit(tmp_path, value).returncode == 0, value
+
+
 @pytest.mark.parametrize("variable, good, bad", [
     ("distcomp_worker_memory_limit", ["1.5g", "512MiB", "0", "16777216"],
      ["lots", "-1G", "4096"]),
@@ -238,9 +251,10 @@ def test_teardown_leaves_a_moosefs_it_was_told_not_to_manage(tmp_path):
         "TASK [moosefs : Validating arguments", ""), run.stdout
 
 
-def test_a_password_given_to_the_redis_role_is_the_workers_too(tmp_path):
+def test_a_password_and_port_given_to_the_redis_role_are_the_workers_too(tmp_path):
     """Two knobs held the one password: setting redis_requirepass (or redis_password_file) in
-    the inventory alone gave Redis one password and every worker another."""
+    the inventory alone gave Redis one password and every worker another. The same for the
+    port: with redis_port 6380 every worker called 6379 and restarted for ever."""
     (tmp_path / "play.yml").write_text(
         "- hosts: localhost\n  connection: local\n  tasks:\n"
         "    - ansible.builtin.include_role:\n        name: distcomp\n"
@@ -251,13 +265,16 @@ def test_a_password_given_to_the_redis_role_is_the_workers_too(tmp_path):
     (tmp_path / "pw").write_text("from-the-file\n")
     base = {"distcomp_redis_host": "10.10.1.1", "distcomp_worker_name": "node1",
             "distcomp_results_dir": str(tmp_path), "distcomp_worker_cores": "2"}
-    for given, password in (({"redis_requirepass": "from-the-redis-role"}, "from-the-redis-role"),
-                            ({"redis_password_file": str(tmp_path / "pw")}, "from-the-file")):
+    for given, password, port in (
+            ({"redis_requirepass": "from-the-redis-role", "redis_port": 6380},
+             "from-the-redis-role", 6380),
+            ({"redis_password_file": str(tmp_path / "pw")}, "from-the-file", 6379)):
         run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
                        json.dumps({**base, **given}))
         assert run.returncode == 0, run.stdout
         conf = (tmp_path / "distcomp.conf").read_text()
         assert f"password = {password}\n" in conf
+        assert f"url = redis://10.10.1.1:{port}/0\n" in conf, conf
         assert password not in run.stdout
 
 
