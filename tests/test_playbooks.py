@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,28 @@ def test_queue_counts_say_when_queued_tasks_fit_no_live_worker(redis_server, nam
     assert "1/2 done, 1 failed, 0 running, 1 todo, 1 workers" in " ".join(out.split()), out
     assert note not in " ".join(out.split()), out
 
+def test_status_does_not_call_a_lost_worker_freshly_heard_from(redis_server, namespace,
+                                                               tmp_path, client):
+    """A worker whose lease ran out has no heartbeat age: status.yml printed it as
+    "heartbeat 0.0s ago", a dead worker looking like the one heard from last."""
+    q = Queue(Redis(redis_server.url), namespace)
+    assert q.register("gone", "tok", 1000, {"host": "h", "room_mb": 1024, "cores": 2})[0]
+    assert q.register("here", "tok", 3_600_000, {"host": "h", "room_mb": 1024, "cores": 2,
+                                                 "ttl_ms": 3_600_000})[0]
+    wait_for(lambda: not client.exists(q.key("lease", "gone")), 30, "the lease to run out")
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n"
+        "        tasks_from: status\n")
+    extra = {"__distcomp_cli": distcomp_cli(redis_server, namespace), "distcomp_venv_dir": VENV,
+             "ansible_become": False}
+    run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e", json.dumps(extra))
+    assert run.returncode == 0, run.stdout
+    out = " ".join(run.stdout.split())
+    assert re.search(r"gone: LOST, [^']*heartbeat none since its lease ran out'", out), out
+    assert re.search(r"here: alive, [^']*heartbeat \d+\.\ds ago'", out), out
+
+
 def test_a_playbook_run_against_an_inventory_without_a_manager_stops(tmp_path):
     """Otherwise the play on manager[0] matches nothing, Ansible only warns, and the run exits
     0 as if the tasks were queued."""
@@ -182,6 +205,23 @@ def test_a_memory_ceiling_lands_in_the_worker_unit_only_when_set(tmp_path):
         unit = (tmp_path / "distcomp-worker.service").read_text()
         assert [x for x in unit.splitlines() if x.startswith("MemoryMax")] == \
             ([line] if line else []), unit
+
+
+def test_the_worker_unit_restarts_without_a_start_limit_and_keeps_tasks_out_of_homes(tmp_path):
+    """A worker exits when Redis is away at its start; with distcomp_worker_restart_sec of 2 s
+    or less, systemd's default limit (5 starts in 10 s) left it down for good once Redis came
+    back late at a boot. (Molecule reads both properties from systemd itself.)"""
+    run = _worker_unit(tmp_path, distcomp_worker_restart_sec=1)
+    assert run.returncode == 0, run.stdout
+    unit = (tmp_path / "distcomp-worker.service").read_text()
+    sections: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line, [])
+        elif line and not line.startswith("#") and sections:
+            current.append(line)
+    assert "StartLimitIntervalSec=0" in sections["[Unit]"], unit
+    assert "ProtectHome=read-only" in sections["[Service]"], unit
 
 
 def test_the_workers_tmpdir_is_the_nodes_scratch_directory(tmp_path):
