@@ -476,6 +476,13 @@ def test_a_bad_way_to_wait_stops_submit_before_anything_is_queued(redis_server, 
     assert run.returncode != 0, run.stdout
     assert message in run.stdout, run.stdout
     assert Queue(Redis(redis_server.url), namespace).counts()["total"] == 0
+    if given.get("wait") == "true":
+        # Without wait=true the same settings are not used, and stopped every plain submit.
+        run = playbook("-i", str(hosts), "submit.yml", "-e", json.dumps(extra), "-e",
+                       f"taskfile={tasks}", *[a for k, v in given.items() if k != "wait"
+                                              for a in ("-e", f"{k}={v}")])
+        assert run.returncode == 0, run.stdout
+        assert Queue(Redis(redis_server.url), namespace).counts()["total"] == 1
 
 
 def test_queue_counts_say_when_no_worker_is_alive(redis_server, namespace, tmp_path):
