@@ -362,6 +362,31 @@ def test_a_password_refused_says_why_without_showing_it(tmp_path, role, variable
     assert password not in run.stdout + run.stderr
 
 
+def test_the_service_account_is_the_common_roles(tmp_path):
+    """Both roles make the account, each from its own variables: a uid set for one of them only
+    had every run change the account back and forth (usermod, then usermod again)."""
+    (tmp_path / "play.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: distcomp\n"
+        "        tasks_from: preflight\n        public: true\n"
+        "    - ansible.builtin.debug:\n        msg: 'account {{ distcomp_user }} "
+        "{{ distcomp_uid }}:{{ distcomp_gid }} {{ distcomp_home }}'\n")
+    base = {"distcomp_redis_host": "10.10.1.1", "distcomp_redis_password": "not-a-secret",
+            "distcomp_worker_name": "node1", "distcomp_results_dir": str(tmp_path),
+            "distcomp_worker_cores": "2"}
+    common = {"common_user": "sim", "common_user_uid": 900, "common_group_gid": 901,
+              "common_user_home": "/srv/sim", "common_group": "sim"}
+    run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
+                   json.dumps({**base, **common}))
+    assert run.returncode == 0, run.stdout
+    assert "account sim 900:901 /srv/sim" in run.stdout, run.stdout
+    run = playbook("-i", "localhost,", str(tmp_path / "play.yml"), "-e",
+                   json.dumps({**base, **common, "distcomp_uid": 902}))
+    assert run.returncode != 0, run.stdout
+    assert "distcomp_uid (902) differs from the common role's common_user_uid (900), the same " \
+        "account: set common_user_uid alone" in " ".join(run.stdout.split()), run.stdout
+
+
 def test_one_moosefs_master_on_the_first_host_of_its_group(tmp_path):
     """Every host of moosefs_master_group got a master, while chunkservers and clients were
     pointed at the first one only."""
