@@ -411,9 +411,9 @@ class Worker:
             self.grew_at = now
         # A task running alone protects nobody by leaving early: it is measured up to the
         # threshold itself, so its peak tells whether it can ever fit this node.
-        ahead = self.ahead(gains, (self.sample_every() + 0.1) / elapsed) \
-            if len(self.running) > 1 and elapsed > 0 else 0
-        projected = avail - ahead
+        shares = self.ahead(gains, (self.sample_every() + 0.1) / elapsed) \
+            if len(self.running) > 1 and elapsed > 0 else {}
+        projected = avail - math.fsum(shares.values())
         if self.held and not self.evicting and \
                 (now - self.grew_at >= SETTLE_S or not self.unforeseen()):
             log.info("taking new tasks again: the running tasks are within their charge or no "
@@ -421,33 +421,36 @@ class Worker:
             self.held = False
         if self.evicting or projected >= self.evict_below:
             return
-        # Evict the youngest tasks until what they hold brings available memory back up to the
-        # reserve: one at a time is too slow when several tasks grow together.
-        candidates = sorted((t for t in self.running.values() if t.kill_reason is None),
-                            key=lambda t: t.started_mono, reverse=True)
         alone = len(self.running) == 1
-        shortfall = self.reserve - projected
-        for victim in candidates:
-            if self.runner.exited(victim):
-                # It ended on its own since the sample: reaping it gives its memory back, and
-                # killing it now would requeue work that is done.
-                shortfall -= victim.rss
-                if shortfall <= 0:
-                    break
-                continue
+        for victim in self.victims(self.reserve - projected, shares):
             victim.extra["alone"] = alone
             log.warning("memory short (%s available, eviction below %s): evicting task %s "
                         "(started last, using %s)", gib(avail), gib(self.evict_below),
                         victim.task_id, gib(victim.rss))
             self.evicting.add(victim.task_id)
             self.runner.kill(victim, "evict", self.wc.kill_grace)
-            shortfall -= victim.rss
-            if shortfall <= 0:
-                break
         if not self.held and self.unforeseen():
             log.info("running tasks hold more memory than they are charged: taking no new "
                      "tasks until one ends or they stop growing")
             self.held = True
+
+    def victims(self, shortfall: float, shares: dict[str, float]) -> list[RunningTask]:
+        """The youngest tasks whose going brings available memory back up to the reserve, short
+        by ``shortfall`` bytes with the growth ``shares`` projected (``ahead``): one at a time is
+        too slow when several tasks grow together. Each gives back what it holds and its share
+        of the projected growth: counting only what it holds, older tasks that were not growing
+        went with it. A task that has ended on its own since the sample counts without being
+        picked: reaping it gives its memory back, and killing it would requeue work that is
+        done."""
+        picked = []
+        for task in sorted((t for t in self.running.values() if t.kill_reason is None),
+                           key=lambda t: t.started_mono, reverse=True):
+            if shortfall <= 0:
+                break
+            if not self.runner.exited(task):
+                picked.append(task)
+            shortfall -= task.rss + shares.get(task.task_id, 0.0)
+        return picked
 
     def sample_due(self, mono: float) -> bool:
         """Whether the loop's next sample is due: a sample interval after the last one, the
@@ -456,8 +459,8 @@ class Worker:
         looked like a flood and evicted."""
         return mono >= self.last_sample + self.sample_every()
 
-    def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> float:
-        """Bytes the running tasks may gain before the next sample has acted on it: what each
+    def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> dict[str, float]:
+        """Bytes each running task may gain before the next sample has acted on it: what each
         gained over the last sample, ``scale``d to that span, but a task with a forecast no more
         than up to the peak its forecast expects, and a task below its declared memory no more
         than up to that. It stops growing there, and the rate alone would have it go on and set
@@ -466,7 +469,7 @@ class Worker:
         Without a forecast the expected peak is the larger of the declaration and the class's
         charge, as admission took it. A task already beyond what is expected of it keeps its
         rate: the forecast or the declaration was wrong, and it is the task to watch."""
-        out = 0.0
+        out = {}
         for task, gained in gains:
             more = gained * scale
             if not more:
@@ -480,7 +483,7 @@ class Worker:
                     more = min(more, top - task.rss)
             elif task.rss < expected:
                 more = min(more, expected - task.rss)
-            out += more
+            out[task.task_id] = more
         return out
 
     def growing_into(self, free: float) -> bool:

@@ -236,6 +236,11 @@ def test_after_an_empty_claim_memory_that_comes_back_is_claimed_at_once(queue, t
     assert not w.room_grew()  # once per empty claim
 
 
+def _ahead(w, gains, scale: float) -> float:
+    """All the running tasks may gain before the next sample has acted (``Worker.ahead``)."""
+    return sum(w.ahead(gains, scale).values())
+
+
 def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp_path, queue):
     """Eviction looks one sample ahead: what each task gained over the last sample, scaled to
     the span until the next has acted. A task of a learned class stops growing at the peak its
@@ -250,9 +255,9 @@ def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp
     known = _running(Claim("known", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 300)
     other = _running(Claim("other", 1, "shell", "true", "", {}, 0, 0, 0.0, "1.0"), 2.5, 300)
     top = 300 * 12 / 10
-    assert w.ahead([(known, 20 * MiB)], 3.0) == pytest.approx((top - 300) * MiB)
-    assert w.ahead([(known, 5 * MiB)], 3.0) == pytest.approx(15 * MiB)  # slower than that
-    assert w.ahead([(known, 20 * MiB), (other, 20 * MiB)], 3.0) == \
+    assert _ahead(w, [(known, 20 * MiB)], 3.0) == pytest.approx((top - 300) * MiB)
+    assert _ahead(w, [(known, 5 * MiB)], 3.0) == pytest.approx(15 * MiB)  # slower than that
+    assert _ahead(w, [(known, 20 * MiB), (other, 20 * MiB)], 3.0) == \
         pytest.approx((top - 300 + 60) * MiB)
 
 
@@ -267,9 +272,9 @@ def test_eviction_projects_a_task_below_its_declaration_no_further_than_that(tmp
                                           name="fd")), queue)
     below = _running(Claim("below", 1, "shell", "true", "", {}, 0, 310, 0.0, "0.3"), 2.5, 300)
     beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 290, 0.0, "0.3"), 2.5, 300)
-    assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
-    assert w.ahead([(below, 2 * MiB)], 3.0) == pytest.approx(6 * MiB)  # slower than that
-    assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
+    assert _ahead(w, [(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
+    assert _ahead(w, [(below, 2 * MiB)], 3.0) == pytest.approx(6 * MiB)  # slower than that
+    assert _ahead(w, [(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
 
 
 def test_a_task_beyond_what_its_forecast_expects_keeps_its_rate(tmp_path, queue):
@@ -284,8 +289,8 @@ def test_a_task_beyond_what_its_forecast_expects_keeps_its_rate(tmp_path, queue)
         w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
     young = _running(Claim("young", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 300)
     beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 500)
-    assert w.ahead([(young, 50 * MiB)], 3.0) == pytest.approx(100 * MiB)  # up to 400
-    assert w.ahead([(beyond, 50 * MiB)], 3.0) == pytest.approx(150 * MiB)
+    assert _ahead(w, [(young, 50 * MiB)], 3.0) == pytest.approx(100 * MiB)  # up to 400
+    assert _ahead(w, [(beyond, 50 * MiB)], 3.0) == pytest.approx(150 * MiB)
 
 
 def test_a_task_below_its_classs_charge_is_projected_no_further_than_that(tmp_path, queue):
@@ -299,8 +304,8 @@ def test_a_task_below_its_classs_charge_is_projected_no_further_than_that(tmp_pa
     w.learn("0.0", 400 * MiB)
     below = _running(Claim("below", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 390)
     beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 410)
-    assert w.ahead([(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
-    assert w.ahead([(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
+    assert _ahead(w, [(below, 20 * MiB)], 3.0) == pytest.approx(10 * MiB)
+    assert _ahead(w, [(beyond, 20 * MiB)], 3.0) == pytest.approx(60 * MiB)
 
 
 def test_the_loop_does_not_sample_again_right_after_the_guard(tmp_path, queue):
@@ -315,3 +320,21 @@ def test_the_loop_does_not_sample_again_right_after_the_guard(tmp_path, queue):
     w.sample()  # the guard's
     assert not w.sample_due(time.monotonic())
     assert w.sample_due(w.last_sample + w.sample_every())
+
+
+def test_an_evicted_tasks_projected_growth_goes_with_it(tmp_path, queue):
+    """A young task growing fast leaves memory short one sample ahead; evicting it gives back
+    what it holds and what it was about to take. Counting only what it held, an old task
+    that was not growing (and had done the most work) was evicted with it."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=4 << 30,
+                                          name="ev")), queue)
+    old = _running(Claim("old", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 30.0, 1500)
+    young = _running(Claim("young", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 1.0, 100)
+    w.running = {"old": old, "young": young}
+    shares = w.ahead([(old, 0), (young, 80 * MiB)], 2.0)
+    assert shares == {"young": 160 * MiB}
+    # 256 MiB of reserve, 160 MiB available now, 0 once the young task has grown
+    assert w.victims(256 * MiB, shares) == [young]
+    assert w.victims(400 * MiB, shares) == [young, old]  # short of more than it gives back
