@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Container, Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -404,7 +404,7 @@ class Worker:
         self.last_sample = now
         self.growth_rate = growth / elapsed if elapsed > 0 else 0.0
         self.tasks_rss = total
-        self.sweep(rss)
+        dying = self.sweep(rss)
         self.available = avail = self.measure_available()
         self.oom_count = oom_kills(self.cgroups)
         if self.growing_into(avail - self.reserve):
@@ -419,7 +419,10 @@ class Worker:
             log.info("taking new tasks again: the running tasks are within their charge or no "
                      "longer growing into the free memory")
             self.held = False
-        if self.evicting or projected >= self.evict_below:
+        # Victims that have not exited, or processes just swept, hold memory the kernel is
+        # about to give back: measured again at the next sample, not taken for a shortage that
+        # running tasks must pay for (a swept 400 MiB process evicted two tasks holding nothing).
+        if self.evicting or dying or projected >= self.evict_below:
             return
         alone = len(self.running) == 1
         for victim in self.victims(self.reserve - projected, shares):
@@ -687,17 +690,23 @@ class Worker:
         self.short_at = None
         return True
 
-    def sweep(self, sessions: Container[int] | None = None) -> None:
+    def sweep(self, sessions: Mapping[int, int] | None = None) -> int:
         """Kill what ended tasks left in their sessions (processes that moved to groups of
-        their own), in ``sessions``, those that had processes at the last sample, or all
-        (None: the worker is leaving, no sample comes after). A session's id is the pid of the
-        task that began it, and the number is free again once nothing is left in the session:
-        a running task's pid is a new task's session, never swept."""
+        their own), in ``sessions`` (session id: resident bytes), those that had processes at
+        the last sample, or all (None: the worker is leaving, no sample comes after). A
+        session's id is the pid of the task that began it, and the number is free again once
+        nothing is left in the session: a running task's pid is a new task's session, never
+        swept. Returns the bytes the killed sessions held, which the kernel has yet to give
+        back."""
         live = {task.pid for task in self.running.values()}
+        dying = 0
         for sid in list(self.sweep_sids):
             if sid in live or (sessions is not None and sid not in sessions) or \
                     not kill_session(sid, signal.SIGKILL):
                 self.sweep_sids.discard(sid)
+            elif sessions is not None:
+                dying += sessions[sid]
+        return dying
 
     def has_room(self) -> bool:
         """Whether a claim could get anything; without room the loop waits for a task to end."""

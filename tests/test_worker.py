@@ -267,6 +267,36 @@ def test_what_a_task_holds_at_its_first_sample_is_not_growth_to_project(queue, t
         os.waitpid(task.pid, 0)
 
 
+def test_memory_a_swept_session_holds_is_not_a_shortage_the_running_tasks_pay_for(queue,
+                                                                                  tmp_path):
+    """What an ended task left in its session is killed by the next sample, which then measured
+    available memory before the kernel had it back: running tasks were evicted for memory on
+    its way back (a swept 400 MiB process evicted two tasks holding nothing). The sample that
+    sweeps waits for the next, as it does for victims that have not exited."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="sw", cores=2)), queue)
+    w.start([Claim(tid, 1, "shell", "sleep 60", "", {}, 0, 0, 0.0, "0") for tid in ("a", "b")])
+    hold = "b = bytearray(20 << 20); b[::4096] = b'x' * len(b[::4096]); print(flush=True); input()"
+    left = subprocess.Popen([sys.executable, "-c", hold],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        left.stdout.readline()  # it holds its 20 MiB
+        w.sweep_sids.add(left.pid)  # as if a task that ended had begun that session
+        w.evict_below = w.reserve = w.capacity  # memory short whatever the node has
+        w.sample()
+        assert left.wait(10) == -signal.SIGKILL
+        assert not w.evicting
+        w.sample()
+        assert w.evicting == {"a", "b"}
+    finally:
+        left.kill()
+        left.communicate()
+        for task in w.running.values():
+            os.killpg(task.pid, signal.SIGKILL)
+            os.waitpid(task.pid, 0)
+
+
 @pytest.mark.parametrize("kill", ["evict", "timeout", "cancel", "shutdown"])
 def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
         queue, tmp_path, kill):
