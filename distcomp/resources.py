@@ -255,10 +255,14 @@ def cgroup_members(procs: Path) -> set[int]:
 
 def task_of(pid: int) -> tuple[str, int] | None:
     """(task id, attempt) from a process's environment, which a task's processes inherit
-    (``DISTCOMP_TASK_ID``, ``DISTCOMP_ATTEMPT``); None if it names none or is gone."""
+    (``DISTCOMP_TASK_ID``, ``DISTCOMP_ATTEMPT``); None if it names none or is gone. Raises
+    PermissionError when the environment is closed to this user: the process made itself not
+    dumpable (ssh-agent, gpg-agent), and cannot say its task."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             env = dict(item.partition(b"=")[::2] for item in fh.read().split(b"\0") if item)
+    except PermissionError:
+        raise
     except OSError:
         return None
     tid, attempt = env.get(b"DISTCOMP_TASK_ID"), env.get(b"DISTCOMP_ATTEMPT", b"")

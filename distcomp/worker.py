@@ -100,6 +100,7 @@ class Worker:
         self.cgroups = memory_cgroups()
         self.cgroup_procs = None
         self.suspects: set[int] = set()  # processes of that cgroup no running task owned
+        self.veiled: dict[int, set[str]] = {}  # of those, hidden ones: the tasks they may be of
         if wc.own_cgroup:
             try:
                 self.cgroup_procs = own_cgroup()
@@ -751,15 +752,25 @@ class Worker:
         """Processes of the worker's own cgroup (``inside``: pid -> session, rss) in no running
         task's session: they left their task's session (``setsid``), or their task has ended.
         One whose environment names a running task's attempt counts toward that task's memory
-        (``rss``, by session); any other is killed once it has been so at two samples in a row:
-        a process in the middle of an ``exec`` shows an empty environment for a moment."""
+        (``rss``, by session); one whose environment is closed to the worker lives while a task
+        that ran when it was first seen runs; any other is killed once it has been so at two
+        samples in a row: a process in the middle of an ``exec`` shows an empty environment for
+        a moment."""
         sessions = {t.pid for t in self.running.values()}
         me = os.getpid()
         suspects, self.suspects = self.suspects, set()
+        self.veiled = {pid: keepers for pid, keepers in self.veiled.items() if pid in inside}
         for pid, (sid, size) in inside.items():
             if pid == me or sid in sessions:
                 continue
-            owner = task_of(pid)
+            try:
+                owner = task_of(pid)
+            except PermissionError:
+                # It cannot say its task (ssh-agent started by a task makes itself not
+                # dumpable): it lives while a task that ran when it was first seen runs.
+                if self.veiled.setdefault(pid, set(self.running)) & self.running.keys():
+                    continue
+                owner = None
             task = self.running.get(owner[0]) if owner else None
             if task is not None and owner is not None and task.claim.attempt == owner[1]:
                 rss[task.pid] = rss.get(task.pid, 0) + size

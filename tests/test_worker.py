@@ -566,6 +566,54 @@ def test_a_worker_that_owns_its_cgroup_kills_what_left_an_ended_tasks_session(
     assert f"killed process {pid}, left running by task {tid} (attempt 1)" in w.output()
 
 
+def test_a_process_that_hides_its_environment_lives_while_its_task_runs(worker_cgroup,
+                                                                       own_redis):
+    """ssh-agent, started by a task (`eval $(ssh-agent -s)` before a `git clone`), leaves the
+    task's session and makes itself not dumpable: its environment, where the worker reads whose
+    process it is, is closed to the worker's user, and it was killed as a stray at the second
+    sample while its task ran on. A worker run as an unprivileged user, as the roles run it
+    (root reads any environment). A canary that names no task shows two samples have passed."""
+    server = own_redis()
+    q = Queue(Redis(server.url), "veil")
+    shared = Path(tempfile.mkdtemp(prefix="distcomp-veil-"))
+    shared.chmod(0o777)
+    veiled, canary, done = shared / "veiled", shared / "canary", shared / "done"
+    hide = (f"import ctypes, os, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+            f"open('{veiled}', 'w').write(str(os.getpid())); time.sleep(300)")
+    # The system's Python: this one's may be out of that user's reach (under /root).
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    (tid,) = submit(q, [(f'shell:0:0:1:setsid {python} -c "{hide}" & '
+                         f"setsid env -i sh -c 'echo $$ > {canary}; exec sleep 300' & "
+                         f"while [ ! -e {done} ]; do sleep 0.05; done")])
+    env = {**os.environ, "DISTCOMP_REDIS_URL": server.url, "DISTCOMP_NAMESPACE": "veil",
+           "DISTCOMP_CONFIG": "", "PYTHONDONTWRITEBYTECODE": "1"}
+    log = shared / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(worker_cgroup),
+             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "distcomp", "worker", "--own-cgroup", "--results-dir",
+             str(shared / "results"), "--workdir", str(shared), "--python", "/bin/sh",
+             "--kill-grace", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        wait_for(lambda: veiled.exists() and veiled.read_text() and canary.exists()
+                 and canary.read_text().strip(), 30, "the task's two processes to start")
+        pid, canary_pid = int(veiled.read_text()), int(canary.read_text())
+        wait_for(lambda: _ended(canary_pid), 30, "the canary, which names no task, to be killed")
+        assert not _ended(pid), log.read_text()
+        assert state(q, tid) == "running"
+        done.touch()
+        wait_for(lambda: state(q, tid) == "finished", 30, "the task to finish")
+        wait_for(lambda: _ended(pid), 30, "the hidden process to be killed once its task ended")
+        assert f"killed process {pid}, left running by no task it names" in log.read_text()
+    finally:
+        worker.kill()
+        worker.wait(10)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_a_worker_that_owns_its_cgroup_counts_what_left_a_running_tasks_session(
         queue, worker_cgroup, workers, tmp_path, client):
     """A process that left its task's session while the task runs is part of the task: its
