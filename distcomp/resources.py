@@ -246,7 +246,12 @@ def own_cgroup(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> Path
         if path is None or not (base / "cgroup.procs").is_file():
             continue
         if path == "/":
-            raise ValueError("this process is in the root cgroup, shared with the whole system")
+            # Only the real root has no cgroup.events: at the top of a cgroup namespace (a
+            # container's), "/" is the container's own cgroup, every process of it together.
+            raise ValueError(
+                "this process is at the top of its container's cgroup, shared with every "
+                "process of the container" if (base / "cgroup.events").is_file() else
+                "this process is in the root cgroup, shared with the whole system")
         procs = base / path.lstrip("/") / "cgroup.procs"
         if procs.is_file():
             return procs

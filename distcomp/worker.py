@@ -107,6 +107,9 @@ class Worker:
             except ValueError as exc:
                 raise ConfigError(f"own_cgroup: {exc}; run the worker in a cgroup of its own "
                                   f"(its systemd unit) or leave own_cgroup off") from None
+        # The worker and what started it (a unit's `sh -c`, `sudo -u`), which may share its
+        # cgroup: never strays.
+        self.lineage = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
         if 0 < wc.memory_limit < MIN_MEMORY_LIMIT:
             raise ConfigError(
                 f"memory_limit is {wc.memory_limit} bytes, too little to run a task in (a number "
@@ -757,11 +760,10 @@ class Worker:
         samples in a row: a process in the middle of an ``exec`` shows an empty environment for
         a moment."""
         sessions = {t.pid for t in self.running.values()}
-        me = os.getpid()
         suspects, self.suspects = self.suspects, set()
         self.veiled = {pid: keepers for pid, keepers in self.veiled.items() if pid in inside}
         for pid, (sid, size) in inside.items():
-            if pid == me or sid in sessions:
+            if pid in self.lineage or sid in sessions:
                 continue
             try:
                 owner = task_of(pid)

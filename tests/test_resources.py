@@ -200,6 +200,17 @@ def test_own_cgroup_refuses_the_root_cgroup_and_a_missing_hierarchy(tmp_path):
         own_cgroup(tmp_path / "elsewhere", f"0::{UNIT}\n")
 
 
+def test_own_cgroup_says_when_it_is_a_containers_whole_cgroup(tmp_path):
+    """In a container with its own cgroup namespace "/" is the container's cgroup, not the
+    system's root (which has no cgroup.events): the refusal said "shared with the whole
+    system". Refused still: every other process of the container would go as a stray."""
+    write(tmp_path / "cgroup.procs", "1\n")
+    write(tmp_path / "cgroup.events", "populated 1\nfrozen 0\n")
+    with pytest.raises(ValueError, match="at the top of its container's cgroup, shared with "
+                                         "every process of the container"):
+        own_cgroup(tmp_path, "0::/\n")
+
+
 def test_a_process_names_its_task_through_its_environment():
     """The children say they are up: Popen returns once the kernel has swapped in the new
     program, a moment before it has laid out the new environment, which reads empty until then."""

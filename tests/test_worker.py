@@ -614,6 +614,36 @@ def test_a_process_that_hides_its_environment_lives_while_its_task_runs(worker_c
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_what_started_the_worker_in_its_cgroup_is_no_stray(queue, worker_cgroup, redis_server,
+                                                          namespace, tmp_path):
+    """A unit's `sh -c "distcomp worker ...; ..."` (or `sudo -u`) stays in the worker's cgroup
+    as its parent, in no task's session and naming no task: it was killed as a stray at the
+    second sample. A canary that names no task shows two samples have passed."""
+    canary = tmp_path / "canary"
+    submit(queue, [(f"shell:0:0:1:setsid env -i sh -c 'echo $$ > {canary}; "
+                    f"exec sleep 300' & sleep 300")])
+    env = {**os.environ, "DISTCOMP_REDIS_URL": redis_server.url, "DISTCOMP_NAMESPACE": namespace,
+           "DISTCOMP_CONFIG": ""}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        wrapper = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec sh -c \'"$@"; echo after\' sh "$@"',
+             str(worker_cgroup), sys.executable, "-m", "distcomp", "worker", "--own-cgroup",
+             "--results-dir", str(tmp_path / "results"), "--kill-grace", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: canary.exists() and canary.read_text().strip(), 30,
+                 "the task's canary to start")
+        wait_for(lambda: _ended(int(canary.read_text())), 30,
+                 "the canary, which names no task, to be killed")
+        assert wrapper.poll() is None, log.read_text()
+        assert "left running by no task it names" in log.read_text()
+        assert f"killed process {wrapper.pid}," not in log.read_text()
+    finally:
+        os.killpg(wrapper.pid, signal.SIGKILL)  # the task's processes go with the cgroup
+        wrapper.wait(10)
+
+
 def test_a_worker_that_owns_its_cgroup_counts_what_left_a_running_tasks_session(
         queue, worker_cgroup, workers, tmp_path, client):
     """A process that left its task's session while the task runs is part of the task: its
