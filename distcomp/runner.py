@@ -28,7 +28,9 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from .forecast import Trace
@@ -180,9 +182,11 @@ class Runner:
         new file, or the default working directory cannot be entered (a MooseFS mount gone,
         read-only or failing). Asked after a task could not start, to tell a fault of the node
         from one of the task (its own directory, its program, one broken shard)."""
-        probe = f"{self.results}/.distcomp-probe-{os.getpid()}"
+        # A name of this probe's own: the results directory is shared, and workers of cloned
+        # node images run with the same pids, removing each other's probes.
+        probe = f"{self.results}/.distcomp-probe-{socket.gethostname()}-{uuid.uuid4().hex}"
         try:
-            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             os.unlink(probe)
         except OSError as exc:
             return f"results directory {self.results}: {exc.strerror}"

@@ -258,6 +258,19 @@ def test_a_node_that_cannot_start_tasks_says_why(tmp_path, monkeypatch):
     assert runner.unusable() == f"results directory {results}: Not a directory"
 
 
+def test_the_probe_does_not_meet_another_workers_of_the_same_pid(tmp_path, monkeypatch):
+    """Workers of cloned node images run with the same pids and share the results directory:
+    each named its probe by its pid alone, and one removed the other's, which then took its
+    node for broken (the task requeued, claims paused). Here the other worker's probe is a
+    directory of that name."""
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    (results / f".distcomp-probe-{os.getpid()}").mkdir(parents=True)
+    runner = Runner(str(results), str(tmp_path), "python3", 4096, {})
+    assert runner.unusable() is None
+    assert [p.name for p in results.iterdir()] == [f".distcomp-probe-{os.getpid()}"]
+
+
 def test_a_relative_python_runs_from_every_working_directory(place, monkeypatch):
     """`--python venv/bin/python` passed the worker's start-up check from its launch directory,
     then every python task failed: the spawn happens in the task's working directory."""
