@@ -426,6 +426,11 @@ class Worker:
         # Victims that have not exited, or processes just swept, hold memory the kernel is
         # about to give back: measured again at the next sample, not taken for a shortage that
         # running tasks must pay for (a swept 400 MiB process evicted two tasks holding nothing).
+        # Unless memory falls below half the threshold meanwhile: victims still in their grace
+        # period (a task that saves its work on TERM, or ignores it) get KILL now, before the
+        # kernel's OOM killer picks a task of its own choosing.
+        if self.evicting and projected < self.evict_below / 2:
+            self.kill_victims_now(avail)
         if self.evicting or dying or projected >= self.evict_below:
             return
         alone = len(self.running) == 1
@@ -440,6 +445,18 @@ class Worker:
             log.info("running tasks hold more memory than they are charged: taking no new "
                      "tasks until one ends or they stop growing")
             self.held = True
+
+    def kill_victims_now(self, avail: int) -> None:
+        """KILL the victims still in their grace period (see ``sample``)."""
+        now = time.monotonic()
+        for tid in self.evicting:
+            victim = self.running.get(tid)
+            if victim is not None and victim.kill_deadline is not None and \
+                    victim.kill_deadline > now + 1.0:
+                log.warning("memory critically short (%s available): killing task %s now, "
+                            "without the rest of its grace period", gib(avail), tid)
+                self.runner.escalate(victim)
+                victim.kill_deadline = now + 1.0  # and again a second later, as at a deadline
 
     def victims(self, shortfall: float, shares: dict[str, float]) -> list[RunningTask]:
         """The youngest tasks whose going brings available memory back up to the reserve, short

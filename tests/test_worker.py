@@ -297,6 +297,35 @@ def test_memory_a_swept_session_holds_is_not_a_shortage_the_running_tasks_pay_fo
             os.waitpid(task.pid, 0)
 
 
+def test_victims_in_their_grace_period_are_killed_when_memory_runs_out(queue, tmp_path):
+    """An evicted task gets TERM and a grace period to save its work; meanwhile the worker
+    only waited, whatever memory did: a victim that ignores TERM held its memory for the whole
+    grace while available memory fell to nothing, left to the kernel's OOM killer. Below half
+    the eviction threshold the victims get KILL at once."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), name="gr", cores=2,
+                                          kill_grace=300)), queue)
+    w.start([Claim(tid, 1, "shell", "trap '' TERM; sleep 300 & wait; sleep 300", "", {}, 0, 0,
+                   0.0, "0") for tid in ("a", "b")])
+    try:
+        w.evict_below = w.reserve = w.capacity  # short, but not critically
+        w.sample()
+        assert w.evicting == {"a", "b"}
+        w.sample()
+        assert not any(w.runner.exited(t) for t in w.running.values())
+        w.evict_below = w.reserve = 4 * w.capacity  # critically short
+        w.sample()
+        for task in w.running.values():
+            wait_for(lambda task=task: w.runner.exited(task), 30, f"task {task.task_id} to die")
+    finally:
+        for task in w.running.values():
+            with contextlib.suppress(OSError):
+                os.killpg(task.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(task.pid, 0)
+
+
 @pytest.mark.parametrize("kill", ["evict", "timeout", "cancel", "shutdown"])
 def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
         queue, tmp_path, kill):
