@@ -274,6 +274,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 line += f"  ({doc['unplaceable']} need a bigger worker)"
             print("\r" + line + "\033[K" if tty else line, end="" if tty else "\n", flush=True)
             if doc["todo"] + doc["running"] == 0:
+                if tty:
+                    print()  # what comes next (the prompt) starts on a line of its own
                 break
             time.sleep(args.interval)
     except KeyboardInterrupt:

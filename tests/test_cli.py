@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import pty
 import resource
 import signal
 import stat
@@ -679,6 +680,25 @@ def test_ctrl_c_during_watch_exits_130(cli, redis_server, namespace, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+
+
+def test_watch_on_a_terminal_ends_its_line_when_the_queue_drains(cli, redis_server, namespace,
+                                                                  tmp_path):
+    """On a terminal `watch` redraws one line; when the queue drained it left the cursor at its
+    end, and the shell's prompt (or `make demo`'s next table) was glued to the bar."""
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    cli("cancel", "--all", check=True)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "distcomp", "watch"], stdout=follower,
+                              stderr=subprocess.PIPE, timeout=60, check=False,
+                              env=_env(redis_server.url, namespace, tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        out = os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert out.startswith("\r[") and out.endswith("\033[K\r\n"), repr(out)
 
 
 def _limited(size: int):
