@@ -1171,11 +1171,13 @@ class Worker:
         if not self.register():
             log.info("worker %s stopped before it could take its name", self.name)
             return 0
-        log.info("worker %s up: %g cores, %s memory (reserve %s, evict below %s%s), results in %s",
-                 self.name, self.cores, gib(self.capacity), gib(self.reserve),
+        log.info("worker %s up: %g cores, %s memory, %s of it for tasks (reserve %s, evict "
+                 "below %s%s), results in %s, tasks run in %s unless they give a cwd",
+                 self.name, self.cores, gib(self.capacity),
+                 gib(max(0, self.capacity - self.reserve)), gib(self.reserve),
                  gib(self.evict_below),
                  f", overcommit {self.wc.overcommit}" if self.wc.overcommit != 1 else "",
-                 self.wc.results_dir)
+                 self.wc.results_dir, self.runner.workdir)
         if self.cgroup_procs:
             log.info("tasks are also tracked by this worker's cgroup (%s): processes that "
                      "leave a task's session count toward it and die once it ends",

@@ -1301,6 +1301,18 @@ def test_a_task_cannot_read_the_password_from_its_workers_environment(own_redis)
         shutil.rmtree(results)
 
 
+def test_a_worker_says_what_room_its_tasks_have_and_where_they_run(queue, workers, tmp_path):
+    """A 2 GiB worker has 1.75 GiB for tasks (its reserve is 256 MiB): its start said "2.00 GiB
+    memory", and a task asking for 2 GB waited for ever beside it. A task's relative path is
+    taken from the working directory, the results directory's parent by default, which the
+    start did not name: `python3 examples/sim.py` failed from another directory."""
+    w = workers("w1", "--memory-limit", "2G", "--memory-reserve", "256M", "--cores", "2")
+    wait_for(lambda: "worker w1 up" in w.output(), 30, "the worker to say it is up")
+    assert ("worker w1 up: 2 cores, 2.00 GiB memory, 1.75 GiB of it for tasks (reserve 0.25 "
+            "GiB") in w.output(), w.output()
+    assert f"tasks run in {workers.results.parent} unless they give a cwd" in w.output()
+
+
 def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(tmp_path, own_redis):
     """While Redis is away the worker retries every second; the loop passes in between make no
     call to Redis and must not be taken for proof that it is back."""
