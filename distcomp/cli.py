@@ -328,8 +328,8 @@ def _report_drained(args: argparse.Namespace, doc: dict[str, int]) -> int:
     """Say that the queue drained; exit 1 when it holds failed tasks."""
     human = f"queue drained: {doc['finished']} finished, {doc['failed']} failed"
     if doc["failed"]:
-        human += (" (why: `distcomp export --state failed`; run them again: "
-                  "`distcomp retry --all`)")
+        human += (" (which and why: `distcomp status --state failed`, a task's output: "
+                  "`distcomp show ID`; run them again: `distcomp retry --all`)")
     _emit(args, doc, human)
     return EXIT_OPERATIONAL if doc["failed"] else 0
 

@@ -1509,8 +1509,9 @@ def test_submit_wait_queues_then_returns_when_the_queue_drains(workers, cli, que
     assert proc.returncode == 1, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == [
         "<stdin>: added 2 task(s), 0 already queued",
-        ("queue drained: 1 finished, 1 failed (why: `distcomp export --state failed`; run them "
-         "again: `distcomp retry --all`)")]
+        # export gives only the reason ("exit code 3"); show has what the task wrote
+        ("queue drained: 1 finished, 1 failed (which and why: `distcomp status --state failed`, "
+         "a task's output: `distcomp show ID`; run them again: `distcomp retry --all`)")]
     assert queue.counts()["finished"] == 1
     proc = cli("submit", "-", "--wait", "--json", input=b"shell:0:0:1:true again\n")
     assert proc.returncode == 1, proc.stderr.decode()  # the queue still holds the failed task
