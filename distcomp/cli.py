@@ -583,6 +583,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
                        EXIT_BAD_INPUT)
     queue = _connect(args)
     n = queue.requeue_worker(args.worker, f"requeued by operator from worker {args.worker}")
+    if not n and not queue.knows_worker(args.worker):
+        raise CliError(f"no worker named {args.worker!r} in namespace {queue.ns!r} (see "
+                       f"`distcomp workers`)", EXIT_BAD_INPUT)
     _emit(args, {"requeued": n}, f"{n} task(s) of {args.worker} back in the queue")
     return 0
 

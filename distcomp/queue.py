@@ -1410,6 +1410,10 @@ class Queue:
     def running_on(self, worker: str) -> set[str]:
         return {_str(x) for x in self.r.smembers(self.key("run", worker))}
 
+    def knows_worker(self, name: str) -> bool:
+        """Whether a worker of this name ever registered in the namespace (alive or not)."""
+        return self.r.sismember(self.key("workers"), name)
+
     def workers(self) -> list[dict[str, Any]]:
         names = sorted(_str(n) for n in self.r.smembers(self.key("workers")))
         pipe = self.r.pipeline()

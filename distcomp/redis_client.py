@@ -401,6 +401,9 @@ class Redis:
     def smembers(self, key: str) -> set[bytes]:
         return set(self.execute("SMEMBERS", key))
 
+    def sismember(self, key: str, member: str) -> bool:
+        return bool(self.execute("SISMEMBER", key, member))
+
     def zrange(self, key: str, start: int, stop: int,
                withscores: bool = False) -> list[Any]:
         if not withscores:

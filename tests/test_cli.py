@@ -800,6 +800,18 @@ def test_status_and_wait_tell_a_lost_workers_tasks_from_a_live_ones(cli, queue, 
         "and go back to the queue once a live worker is\n"), waited.stderr
 
 
+def test_requeue_of_a_worker_nobody_knows_is_refused(cli, queue):
+    """A mistyped name said '0 task(s) of nosuch back in the queue', exit 0: the user took the
+    requeue for done while the real worker's tasks stayed where they were."""
+    assert queue.register("w1", "tok", 60_000, {"host": "h", "room_mb": 1024})[0]
+    proc = cli("requeue", "--worker", "nosuch")
+    assert proc.returncode == 2 and proc.stderr.decode() == (
+        f"distcomp: error: no worker named 'nosuch' in namespace {queue.ns!r} (see `distcomp "
+        f"workers`)\n")
+    known = cli("requeue", "--worker", "w1", check=True)
+    assert known.stdout.decode() == "0 task(s) of w1 back in the queue\n"
+
+
 def test_requeue_of_an_empty_worker_name_is_refused(cli):
     """`requeue --worker "$W"` with W unset said '0 task(s) of  back in the queue', exit 0."""
     proc = cli("requeue", "--worker", "")
