@@ -339,11 +339,18 @@ def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     outage = _Outage()
     drained = _Drained(queue)
+    noted = False
     try:
         while True:
             doc = outage.poll(queue)
             if doc is not None and doc["todo"] + doc["running"] == 0:
                 break
+            if doc is not None and doc["todo"] and not doc["workers_alive"] and not noted:
+                # Said once: waiting in silence, the user could not tell it from slow work.
+                print("distcomp: note: no live worker; the queued tasks wait until one starts "
+                      "(`distcomp worker`, or the distcomp-worker service)", file=sys.stderr,
+                      flush=True)
+                noted = True
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 if doc is None:
@@ -351,6 +358,8 @@ def _wait_drained(args: argparse.Namespace, queue: Queue) -> dict[str, int]:
                                    f"{args.cfg.redacted_url()}")
                 stuck = (f"; {doc['unplaceable']} of the todo need more memory or cores than "
                          f"any live worker offers") if doc["unplaceable"] else ""
+                if doc["todo"] and not doc["workers_alive"]:
+                    stuck += "; no worker is alive to take the todo"
                 if doc["stranded"]:
                     stuck += (f"; {doc['stranded']} of the running belong to workers no longer "
                               f"heard from, and go back to the queue once a live worker is")

@@ -615,6 +615,11 @@ def test_ctrl_c_during_submit_says_what_was_queued_and_a_rerun_queues_the_rest(
     assert json.loads(again.stdout) == {"added": n - queued, "existing": queued, "duplicates": 0, "invalid": 0}
 
 
+# What `wait` says once on stderr when tasks are queued and no worker is alive.
+NO_WORKER = ("distcomp: note: no live worker; the queued tasks wait until one starts (`distcomp "
+             "worker`, or the distcomp-worker service)\n")
+
+
 def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, queue, tmp_path):
     cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
     proc = subprocess.Popen([sys.executable, "-m", "distcomp", "wait"], stdout=subprocess.PIPE,
@@ -626,7 +631,7 @@ def test_ctrl_c_during_wait_is_one_line(cli, redis_server, namespace, client, qu
         err = proc.communicate(timeout=30)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+    assert proc.returncode == 130 and err.decode() == NO_WORKER + "distcomp: error: interrupted\n"
 
 
 def test_ctrl_c_during_submit_wait_json_still_says_what_was_added(
@@ -645,7 +650,7 @@ def test_ctrl_c_during_submit_wait_json_still_says_what_was_added(
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and err.decode() == "distcomp: error: interrupted\n", err
+    assert proc.returncode == 130 and err.decode() == NO_WORKER + "distcomp: error: interrupted\n"
     doc = json.loads(out)
     assert (doc["added"], doc["interrupted"]) == (2, True), doc
 
@@ -778,6 +783,17 @@ def test_wait_and_watch_say_when_queued_tasks_fit_no_live_worker(cli, queue, red
         proc.kill()
         proc.communicate()
     assert line.rstrip().endswith("workers 1  (1 need a bigger worker)"), line
+
+
+def test_wait_says_once_that_no_worker_is_alive(cli):
+    """With no live worker `wait` blocked in silence until its timeout or Ctrl-C, which the
+    user could not tell from slow work."""
+    cli("submit", "-", input=b"shell:0:0:1:true\n", check=True)
+    waited = cli("wait", "--timeout", "1", "--interval", "0.1")
+    assert waited.returncode == 1
+    assert waited.stderr.decode() == NO_WORKER + (
+        "distcomp: error: timed out after 1s with 1 todo and 0 running; no worker is alive to "
+        "take the todo\n")
 
 
 def test_status_and_wait_tell_a_lost_workers_tasks_from_a_live_ones(cli, queue, client):
