@@ -1474,9 +1474,11 @@ class Queue:
         return len(self.liveness()[0])
 
     def unplaceable(self, live: list[str] | None = None) -> int:
-        """Todo tasks in resource classes that no live worker (``live``, as ``liveness`` names
-        them) could ever take: they would wait for a bigger node. Cost: one read per live
-        worker and per resource class."""
+        """Todo tasks that no live worker (``live``, as ``liveness`` names them) could ever
+        take: they would wait for a bigger node. A resource class wholly beyond the largest
+        room or core count counts whole; one that straddles it (2 GB tasks in the class of
+        1-2 GB, beside 1.75 GB of room) by its tasks, the first ``UNPLACEABLE_SCAN`` of it in
+        claim order. Cost: one read per live worker and per class, and per task read."""
         if live is None:
             live = self.liveness()[0]
         if not live:
@@ -1490,15 +1492,28 @@ class Queue:
         stuck = 0
         for b in self.r.smembers(self.key("buckets")):
             m, c = (int(x) for x in _str(b)[1:].split("c"))
-            mem_floor = 2 ** (m - 1) if m > 0 else 0
-            cpu_floor = 2 ** (c - 1) / 4 if c > 0 else 0
+            # bucket_of: sizes in (2^(m-1), 2^m] MiB and (2^(c-1), 2^c] quarter cores (class
+            # m0 from 0 MiB, c0 from 0 cores, c-1 no core at all)
+            mem_floor, mem_top = 2 ** (m - 1) if m > 0 else 0, 2 ** m
+            cpu_floor, cpu_top = 2 ** (c - 1) / 4 if c > 0 else 0, 2 ** c / 4 if c >= 0 else 0
             if mem_floor >= room or cpu_floor >= cores:
                 stuck += self.r.zcard(self.key("q", _str(b)))
+            elif mem_top > room or cpu_top > cores:
+                ids = self.r.zrange(self.key("q", _str(b)), 0, UNPLACEABLE_SCAN - 1)
+                pipe = self.r.pipeline()
+                for tid in ids:
+                    pipe.hmget(self.key("t", _str(tid)), "req_mem", "cpu")
+                stuck += sum(float(mem or 0) > room or float(cpu or 0) > cores
+                             for mem, cpu in pipe.execute())
         return stuck
 
     def purge(self) -> int:
         """Delete every key of this namespace (and nothing else), atomically."""
         return int(self._run("purge"))
+
+
+# Of a resource class that straddles the largest room, how many tasks ``unplaceable`` reads.
+UNPLACEABLE_SCAN = 1000
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -1023,6 +1023,18 @@ def test_unplaceable_counts_tasks_no_live_worker_can_take(queue, client):
     assert queue.unplaceable() == 2
 
 
+def test_unplaceable_counts_the_tasks_of_a_class_that_straddles_the_largest_room(queue, client):
+    """A class spans sizes up to twice its floor: 2 GB tasks (the README's example) in the class
+    of 1-2 GiB beside 1.75 GiB of room, or 4-core tasks in the class of 2-4 cores beside 3
+    cores, waited for ever while `status` and `wait` counted none of them as needing a bigger
+    worker: only classes wholly beyond the room counted."""
+    queue.submit([spec("too big", mem_gb=2), spec("fits", mem_gb=1.5),
+                  spec("too wide", cpu=4), spec("narrow enough", cpu=2.5), spec("free", cpu=0)])
+    register(queue, "w", room_mb=1792)
+    client.hset(queue.key("w", "w"), "cores", 3)
+    assert queue.unplaceable() == 2
+
+
 def test_a_claim_in_a_pipeline_runs_once_when_redis_lost_some_scripts(queue, client):
     """The worker sends its reports and its next claim in one pipeline. When Redis has lost
     scripts (restart, SCRIPT FLUSH) only the commands it refused are sent again: a claim that
