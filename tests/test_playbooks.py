@@ -728,7 +728,8 @@ def _user_directories() -> list[tuple[str, dict]]:
             args = task.get("ansible.builtin.file") or {}
             owners = [args.get("owner", "")] + [i.get("owner", "") for i in task.get("loop", [])
                                                if isinstance(i, dict)]
-            if args.get("state") == "directory" and any("_user }}" in o for o in owners):
+            if args.get("state") == "directory" and \
+                    {"{{ distcomp_user }}", "{{ common_user }}"} & set(owners):
                 found.append((f"{path.relative_to(REPO)}: {task['name']}", args))
     return found
 

@@ -986,7 +986,9 @@ def test_a_task_started_after_a_kernel_oom_kill_is_not_taken_for_its_victim(
     w = workers("cg", "--memory-reserve", "60M", "--evict-below", "40M", "--max-tasks", "1",
                 cgroup=group)
     wait_for(lambda: state(queue, small) == "failed", 60, "the small task to fail")
-    assert _oom_kills(group) == 1, w.output()
+    # Killed once, or again and again when the kernel struck before it outgrew the room (a
+    # loaded machine's page cache in the cgroup): the small task starts after the last kill.
+    assert _oom_kills(group) >= 1, w.output()
     assert queue.task(big).get("evictions"), (queue.task(big), w.output())
     task = queue.task(small)
     assert task["reason"] == "exit code 2" and "evictions" not in task, (task, w.output())
