@@ -1271,3 +1271,87 @@ def test_a_task_cancelled_while_its_worker_reports_it_back_lists_the_attempts_fi
     assert queue.cancel([s.task_id]) == (0, 1)
     assert RETURNS[way](queue, c) == 1
     assert client.sismember(queue.key("out", "w"), s.task_id)
+
+
+def test_a_worker_whose_lease_is_gone_or_taken_claims_nothing(queue, client):
+    """The claim is fenced by the lease: an old instance whose name was taken over, or whose
+    lease ran out, would claim tasks into the new instance's running list (which hands them
+    back as never started while the old one runs them: run twice), and never learn that its
+    lease is gone (it learns from the claim's refusal)."""
+    queue.submit([spec("a")])
+    register(queue, "w")
+    assert queue.register("w", "tok-new", 60_000, {"host": "test", "pid": 2,
+                                                    "room_mb": 8192}, True)[0]
+    assert queue.claim("w", "tok-w", 1e9, 1e9, 1) is None
+    client.delete(queue.key("lease", "w"))
+    assert queue.claim("w", "tok-new", 1e9, 1e9, 1) is None
+    assert queue.counts()["todo"] == 1
+
+
+def test_reports_are_fenced_by_the_worker_as_well_as_the_attempt(queue):
+    """A report from another worker with the same attempt number (a requeue decided on an
+    attempt read after another worker had claimed the task) took the task out of the wrong
+    worker's running list and recorded an outcome nobody had."""
+    s = spec("a")
+    queue.submit([s])
+    register(queue, "w1")
+    register(queue, "w2")
+    c = claim_one(queue, "w1")
+    assert queue.finish(c.task_id, "w2", c.attempt, {"exit_code": 0}) == 0
+    assert queue.requeue(c.task_id, "w2", c.attempt, "requeued") == 0
+    task = queue.task(s.task_id)
+    assert task["state"] == "running" and task["worker"] == "w1"
+    assert queue.finish(c.task_id, "w1", c.attempt, {"exit_code": 0}) == 1
+
+
+def test_retry_runs_only_failed_tasks_again_with_fresh_budgets(queue):
+    """retry of a finished task ran completed work again and took the failed count below zero;
+    and a task failed for its evictions kept its count, failing for good at its next
+    eviction, and the workers that failed it still avoided it (docs: fresh budgets)."""
+    done, evicted = spec("done"), spec("evicted")
+    queue.submit([done, evicted])
+    register(queue, "w1")
+    register(queue, "w2")
+    c = queue.claim("w1", "tok-w1", 1e9, 1e9, 2)
+    by_id = {x.task_id: x for x in c}
+    assert queue.finish(done.task_id, "w1", by_id[done.task_id].attempt, {"exit_code": 0}) == 1
+    assert queue.evict(evicted.task_id, "w1", by_id[evicted.task_id].attempt, 10, 0, "evicted",
+                       "over budget", {}) == 1
+    assert queue.retry([done.task_id, evicted.task_id]) == 1
+    assert queue.task(done.task_id)["state"] == "finished"
+    assert queue.counts() == {"todo": 1, "running": 0, "finished": 1, "failed": 0, "total": 2}
+    task = queue.task(evicted.task_id)
+    assert task.get("evictions", "0") == "0", task
+    c = queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=60)
+    assert [x.task_id for x in c] == [evicted.task_id], "w1 failed it before the retry"
+    assert queue.evict(evicted.task_id, "w1", c[0].attempt, 10, 1, "evicted", "over budget",
+                       {}) == 2
+
+
+def test_an_eviction_peak_equal_to_the_largest_room_is_requeued(queue):
+    """A claim takes a task whose memory equals its room; an eviction whose peak was exactly the
+    largest room failed it as having no live worker with room."""
+    s = spec("exact")
+    queue.submit([s])
+    register(queue, "w", room_mb=1024)
+    c = claim_one(queue, "w")
+    assert queue.evict(c.task_id, "w", c.attempt, 1024, 5, "evicted", "budget", {}) == 2
+    assert claim_one(queue, "w", mem=1024).task_id == s.task_id
+
+
+def test_retry_lets_the_workers_that_failed_a_task_take_it_at_once(queue, client):
+    """A retried task starts afresh: the workers that failed it before kept avoiding it for the
+    avoid window, with another worker alive that might never have room for it."""
+    s = spec("flaky", retries=1)
+    queue.submit([s])
+    for name in ("w1", "w2"):
+        register(queue, name)
+        client.hset(queue.key("w", name), "cores", 16)
+    c = claim_one(queue, "w1")
+    assert queue.fail(c.task_id, "w1", c.attempt, {"reason": "exit code 1"}, True) == 2
+    assert claim_one(queue, "w1") is None  # left to w2 for the avoid window
+    c = claim_one(queue, "w2")
+    assert queue.fail(c.task_id, "w2", c.attempt, {"reason": "exit code 1"}, True) == 1
+    assert queue.retry([s.task_id]) == 1
+    c = queue.claim("w1", "tok-w1", 1e9, 1e9, 1, avoid_window_s=60)
+    assert [x.task_id for x in c] == [s.task_id]

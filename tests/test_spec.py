@@ -137,6 +137,10 @@ def test_a_file_that_is_not_clean_utf8_parses_line_by_line_alike(bad):
     (b'["shell", "echo x"]', "a JSON task must be an object"),
     (b"shell:1:0:1:echo \xff\xfe", "not valid UTF-8 (byte 0xff at column 18)"),
     (b"shell:1:0:1:echo \x00", "line contains a NUL byte"),
+    # Accepted, then every attempt failed at the spawn: "illegal environment variable name".
+    (b'{"type": "shell", "params": "x", "env": {"A=B": "x"}}', "env must be an object"),
+    (b'{"type": "shell", "params": "x", "max_retries": 1001}',
+     "max_retries must be an integer from 0 to 1000"),
 ])
 def test_rejections_say_why(line, reason):
     with pytest.raises(SpecError) as exc:
@@ -268,3 +272,9 @@ def test_a_utf16_file_is_one_error_saying_how_to_save_it():
                                       "UTF-16 -t UTF-8 FILE > NEW, or your editor's encoding "
                                       "menu)"))]
     assert len(parse_taskfile(b"\xef\xbb\xbf" + text.encode()).tasks) == 2
+
+
+def test_a_fraction_of_a_mib_is_a_whole_mib_not_none():
+    """0.0004 GB is 0.41 MiB: cut to 0, the task declared no memory at all."""
+    assert TaskSpec("shell", 0, 0.0004, 1, "x").mem_mb == 1
+    assert TaskSpec("shell", 0, 0, 1, "x").mem_mb == 0

@@ -343,7 +343,8 @@ def test_a_task_that_ended_before_a_kill_reached_it_is_recorded_as_finished(
     task = w.running[tid]
     os.waitid(os.P_PID, task.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped yet
     if kill == "evict":
-        w.evict_below = w.capacity  # memory short whatever the node has
+        # memory short whatever the node has, by more than the task holds: it would be picked
+        w.evict_below = w.reserve = w.capacity
         w.sample()
     elif kill == "timeout":
         w.check_deadlines(task.started_mono + 61)
