@@ -241,16 +241,23 @@ def _ahead(w, gains, scale: float) -> float:
     return sum(w.ahead(gains, scale).values())
 
 
+def _ramp_learned(tmp_path, queue, name: str):
+    """A 1 GiB worker that has seen enough undeclared tasks ramp to 400 MiB over 4 s to
+    forecast the next ones."""
+    from distcomp.worker import Worker
+
+    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
+                                          name=name)), queue)
+    for _ in range(SHAPE_TASKS):
+        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    return w
+
+
 def test_eviction_projects_a_forecast_task_no_further_than_its_forecast_peak(tmp_path, queue):
     """Eviction looks one sample ahead: what each task gained over the last sample, scaled to
     the span until the next has acted. A task of a learned class stops growing at the peak its
     forecast expects, so it is projected no further; a task without a profile keeps its rate."""
-    from distcomp.worker import Worker
-
-    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=1 << 30,
-                                          name="fa")), queue)
-    for _ in range(SHAPE_TASKS):
-        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    w = _ramp_learned(tmp_path, queue, "fa")
     # 2.5 s into its 4 s a task of the class holds 10/12 of its peak: 300 MiB heads for 360.
     known = _running(Claim("known", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 2.5, 300)
     other = _running(Claim("other", 1, "shell", "true", "", {}, 0, 0, 0.0, "1.0"), 2.5, 300)
@@ -281,12 +288,7 @@ def test_a_task_beyond_what_its_forecast_expects_keeps_its_rate(tmp_path, queue)
     """Early in its life a task of a learned class is expected to reach the class's peak; one
     already beyond it was projected not to grow at all (its forecast peak was its size), and
     the one task the forecast got wrong, still growing, was left to the kernel's OOM killer."""
-    from distcomp.worker import Worker
-
-    w = Worker(Config(worker=WorkerConfig(results_dir=str(tmp_path), memory_limit=4 << 30,
-                                          name="fb")), queue)
-    for _ in range(SHAPE_TASKS):
-        w.learn("0.0", 400 * MiB, 0.6, (4.0, RAMP))
+    w = _ramp_learned(tmp_path, queue, "fb")
     young = _running(Claim("young", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 300)
     beyond = _running(Claim("beyond", 1, "shell", "true", "", {}, 0, 0, 0.0, "0.0"), 0.3, 500)
     assert _ahead(w, [(young, 50 * MiB)], 3.0) == pytest.approx(100 * MiB)  # up to 400
