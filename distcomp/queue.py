@@ -1489,7 +1489,7 @@ class Queue:
         rows = pipe.execute()
         room = max(float(r[0] or 0) for r in rows)
         cores = max(float(r[1] or 0) for r in rows)
-        stuck = 0
+        whole, straddling = [], []
         for b in self.r.smembers(self.key("buckets")):
             m, c = (int(x) for x in _str(b)[1:].split("c"))
             # bucket_of: sizes in (2^(m-1), 2^m] MiB and (2^(c-1), 2^c] quarter cores (class
@@ -1497,15 +1497,22 @@ class Queue:
             mem_floor, mem_top = 2 ** (m - 1) if m > 0 else 0, 2 ** m
             cpu_floor, cpu_top = 2 ** (c - 1) / 4 if c > 0 else 0, 2 ** c / 4 if c >= 0 else 0
             if mem_floor >= room or cpu_floor >= cores:
-                stuck += self.r.zcard(self.key("q", _str(b)))
+                whole.append(self.key("q", _str(b)))
             elif mem_top > room or cpu_top > cores:
-                ids = self.r.zrange(self.key("q", _str(b)), 0, UNPLACEABLE_SCAN - 1)
-                pipe = self.r.pipeline()
-                for tid in ids:
-                    pipe.hmget(self.key("t", _str(tid)), "req_mem", "cpu")
-                stuck += sum(float(mem or 0) > room or float(cpu or 0) > cores
-                             for mem, cpu in pipe.execute())
-        return stuck
+                straddling.append(self.key("q", _str(b)))
+        pipe = self.r.pipeline()
+        for key in whole:
+            pipe.zcard(key)
+        for key in straddling:
+            pipe.zrange(key, 0, UNPLACEABLE_SCAN - 1)
+        rows = pipe.execute()
+        stuck = sum(rows[:len(whole)])
+        pipe = self.r.pipeline()
+        for ids in rows[len(whole):]:
+            for tid in ids:
+                pipe.hmget(self.key("t", _str(tid)), "req_mem", "cpu")
+        return stuck + sum(float(mem or 0) > room or float(cpu or 0) > cores
+                           for mem, cpu in pipe.execute())
 
     def purge(self) -> int:
         """Delete every key of this namespace (and nothing else), atomically."""

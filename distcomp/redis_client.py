@@ -469,6 +469,12 @@ class Pipeline:
     def scard(self, key: str) -> Pipeline:
         return self.command("SCARD", key)
 
+    def zcard(self, key: str) -> Pipeline:
+        return self.command("ZCARD", key)
+
+    def zrange(self, key: str, start: int, stop: int) -> Pipeline:
+        return self.command("ZRANGE", key, start, stop)
+
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         commands, self.commands = self.commands, []
         shapes, self.shapes = self.shapes, []

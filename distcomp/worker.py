@@ -476,12 +476,15 @@ class Worker:
             shortfall -= task.rss + shares.get(task.task_id, 0.0)
         return picked
 
-    def sample_due(self, mono: float) -> bool:
-        """Whether the loop's next sample is due: a sample interval after the last one, the
+    def next_sample(self) -> float:
+        """When the loop's next sample is due: a sample interval after the last one, the
         guard's included. The loop sampled again right after a wait the guard had sampled
         through, and a few MiB gained in those milliseconds, scaled to a whole interval,
         looked like a flood and evicted."""
-        return mono >= self.last_sample + self.sample_every()
+        return self.last_sample + self.sample_every()
+
+    def sample_due(self, mono: float) -> bool:
+        return mono >= self.next_sample()
 
     def ahead(self, gains: list[tuple[RunningTask, int]], scale: float) -> dict[str, float]:
         """Bytes each running task may gain before the next sample has acted on it: what each
@@ -1280,7 +1283,7 @@ class Worker:
                 next_hb = next_claim = mono + 1.0
             if self.stopping and not self.running and not self.ops and not self.unstarted:
                 break
-            wake = min(self.last_sample + self.sample_every(), next_hb,
+            wake = min(self.next_sample(), next_hb,
                        next_claim if not self.stopping and self.has_room() else next_hb,
                        *(t.kill_deadline for t in self.running.values()
                          if t.kill_deadline is not None))
